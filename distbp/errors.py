@@ -1,0 +1,38 @@
+"""Exceptions that carry distbp's exit-code contract.
+
+`UsageError` and its subclasses are bad input: the command line, a TOML file, a data file or a
+checkpoint that cannot be used. The CLI prints their message as ONE line on stderr (no traceback)
+and exits with code 2. Their messages must name the problem and the file or option it is in.
+"""
+
+__all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "CollectiveTimeout",
+           "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+
+
+class UsageError(ValueError):
+    """Bad input found before (or instead of) training: exit code 2, one line, no traceback."""
+
+
+class ConfigError(UsageError):
+    """A bad option, TOML key or value."""
+
+
+class DataError(UsageError):
+    """A data file that is missing, unreadable or inconsistent with the configuration."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, truncated, corrupt or of another architecture."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective call did not complete within the deadline (a peer rank died or hangs)."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN or infinite."""

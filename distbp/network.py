@@ -1,0 +1,247 @@
+"""A fully-connected network: forward pass, backpropagation, and the parameters as one flat array.
+
+Notation follows the seed note (../shared/seed-backpropagation.md) with the batch as rows:
+layer j takes the activations a_k of the layer k before it,
+
+    z_j = a_k W_jᵀ + b_j                       (B, n_j)      forward, `_forward`
+    a_j = g(z_j)                               (B, n_j)
+    δ_j = Δa_j ⊙ g′(z_j)                       (B, n_j)      backward, `_backward`
+    ΔW_j = δ_jᵀ a_k                            (n_j, n_k)    Δw_{k→j} = (Δa_j | g′ z_j) | a_kᵀ
+    Δb_j = Σ_rows δ_j                          (n_j,)
+    Δa_k = δ_j W_j                             (B, n_k)      Δa_k = w_{k→j}ᵀ | (Δa_j | g′ z_j)
+
+ΔW_j and Δb_j are SUMS over the rows, written straight into views of one flat gradient buffer laid
+out like `params`; callers divide once by the number of samples (the global batch, under MPI).
+The update w′ = w − α Δw lives in distbp.optim. Buffers are kept per batch size, so after the
+first call with a given B a step allocates no arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from distbp.activations import get_hidden
+from distbp.losses import Scratch, check_output_loss, loss_delta, output_forward
+
+__all__ = ["Network", "DTYPES"]
+
+DTYPES = ("float32", "float64")
+_RELU_FAMILY = ("relu", "leaky_relu")
+
+
+class _Workspace:
+    """Everything one forward + backward pass over B rows needs, allocated once per B."""
+
+    def __init__(self, layers: Sequence[int], batch: int, dtype: np.dtype):
+        self.a = [np.empty((batch, n), dtype) for n in layers]  # a[0] is x
+        self.z = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
+        self.delta = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
+        self.t = np.empty((batch, layers[-1]), dtype)  # targets T
+        self.rows = np.arange(batch)
+        self.scratch = Scratch(batch, layers[-1], dtype)
+
+
+class Network:
+    """Fully-connected network with hand-written backpropagation.
+
+    Args:
+        layers: widths [n_0 (inputs), n_1, ..., n_L (outputs)], at least two, each ≥ 1.
+        activation: hidden g: sigmoid, tanh, relu, leaky_relu, identity.
+        output: softmax, sigmoid or identity.
+        loss: cross_entropy (softmax: categorical; sigmoid: binary per output) or mse.
+        seed: initialisation seed; the same seed gives the same bits on every machine and rank.
+        dtype: float32 (default, fast) or float64 (exactness tests).
+
+    `params` is one flat array: W_1, b_1, W_2, b_2, ... (each W row-major, shape (n_j, n_k));
+    `weights[j]` and `biases[j]` (j = 0 .. L−1) are views into it.
+    """
+
+    def __init__(self, layers: Sequence[int], activation: str = "sigmoid",
+                 output: str = "softmax", loss: str = "cross_entropy", seed: int = 0,
+                 dtype: str = "float32"):
+        self.layers = _check_layers(layers)
+        self.activation, self.output, self.loss = activation, output, loss
+        self.g = get_hidden(activation)
+        check_output_loss(output, loss)
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}: choose float32 or float64")
+        self.dtype = np.dtype(dtype)
+        self.params = np.zeros(n_params(self.layers), self.dtype)
+        self.weights, self.biases = param_views(self.params, self.layers)
+        self._init_params(seed)
+        self._workspaces: dict[int, _Workspace] = {}
+        self._grad_views: tuple = (None, [], [])
+
+    @property
+    def n_inputs(self) -> int:
+        return self.layers[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layers[-1]
+
+    def _init_params(self, seed: int) -> None:
+        # Drawn in float64 and then cast: identical bits for float32 and float64 runs of one seed.
+        rng = np.random.default_rng(seed)
+        for W, b in zip(self.weights, self.biases):
+            n_out, n_in = W.shape
+            if self.activation in _RELU_FAMILY:  # He: Var = 2 / n_in
+                W[...] = rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)
+            else:  # Glorot/Xavier uniform: Var = 2 / (n_in + n_out)
+                limit = np.sqrt(6.0 / (n_in + n_out))
+                W[...] = rng.uniform(-limit, limit, (n_out, n_in))
+            b.fill(0.0)
+
+    # ---------------------------------------------------------------- public API
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Output activations a_L (B, n_out) for inputs x (B, n_in), a new array."""
+        return self._forward(self._check_x(x)).copy()
+
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(mean loss over the B rows, mean gradient as a new flat array laid out like params)."""
+        grad = np.empty_like(self.params)
+        total = self.loss_grad_sum(x, y, grad)
+        grad /= len(x)
+        return total / len(x), grad
+
+    def loss_grad_sum(self, x: np.ndarray, y: np.ndarray, grad: np.ndarray) -> float:
+        """Forward and backward over the rows of x; write Σ_rows ∂L/∂params into `grad`.
+
+        Returns the loss summed over the rows. `grad` (n_params,) is overwritten, not added to.
+        Zero rows give a zero gradient and a zero loss (a rank with an empty shard).
+        """
+        if len(x) == 0:
+            grad.fill(0.0)
+            return 0.0
+        ws = self._workspace(len(x))
+        self._forward(self._check_x(x), ws)
+        self._targets(y, ws)
+        total = loss_delta(self.output, self.loss, ws.z[-1], ws.a[-1], ws.t, ws.delta[-1],
+                           ws.scratch)
+        self._backward(ws, grad)
+        return total
+
+    def loss_sum(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """(loss summed over the rows, number of rows classified correctly); no gradient."""
+        if len(x) == 0:
+            return 0.0, 0
+        ws = self._workspace(len(x))
+        self._forward(self._check_x(x), ws)
+        self._targets(y, ws)
+        total = loss_delta(self.output, self.loss, ws.z[-1], ws.a[-1], ws.t, ws.delta[-1],
+                           ws.scratch)
+        return total, self.count_correct(ws.a[-1], y)
+
+    def count_correct(self, a: np.ndarray, y: np.ndarray) -> int:
+        """Rows whose prediction matches y: argmax for several outputs, a > ½ for one."""
+        y = np.asarray(y)
+        if self.n_outputs == 1:
+            truth = (y.reshape(-1) > 0.5) if y.ndim == 1 else (y[:, 0] > 0.5)
+            return int(np.count_nonzero((a[:, 0] > 0.5) == truth))
+        truth = y if y.ndim == 1 else np.argmax(y, axis=1)
+        return int(np.count_nonzero(np.argmax(a, axis=1) == truth))
+
+    # ---------------------------------------------------------------- the equations
+
+    def _forward(self, x: np.ndarray, ws: _Workspace | None = None) -> np.ndarray:
+        ws = ws or self._workspace(len(x))
+        np.copyto(ws.a[0], x, casting="unsafe")  # a_0 = x, in the network's dtype
+        L = len(self.layers) - 1
+        for j in range(1, L + 1):
+            k = j - 1
+            W, b = self.weights[k], self.biases[k]
+            np.matmul(ws.a[k], W.T, out=ws.z[j])  # z_j = a_k W_jᵀ          (B, n_j)
+            ws.z[j] += b  #                           + b_j
+            if j < L:
+                self.g.g(ws.z[j], ws.a[j])  # a_j = g(z_j)               (B, n_j)
+        output_forward(self.output, ws.z[L], ws.a[L], ws.scratch)  # a_L = g_out(z_L)
+        return ws.a[L]
+
+    def _backward(self, ws: _Workspace, grad: np.ndarray) -> None:
+        # δ_L is already in ws.delta[L] (distbp.losses.loss_delta).
+        if self._grad_views[0] is not grad:  # views of the caller's buffer, made once
+            self._grad_views = (grad, *param_views(grad, self.layers))
+        _, dW, db = self._grad_views
+        L = len(self.layers) - 1
+        for j in range(L, 0, -1):
+            k = j - 1
+            delta = ws.delta[j]  # δ_j                                  (B, n_j)
+            np.matmul(delta.T, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k         (n_j, n_k)
+            np.sum(delta, axis=0, out=db[k])  # Δb_j = Σ_rows δ_j            (n_j,)
+            if k > 0:
+                np.matmul(delta, self.weights[k], out=ws.delta[k])  # Δa_k = δ_j W_j   (B, n_k)
+                self.g.gprime(ws.z[k], ws.a[k], ws.z[k])  # g′(z_k), over z_k (no longer needed)
+                ws.delta[k] *= ws.z[k]  # δ_k = Δa_k ⊙ g′(z_k)          (B, n_k)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _workspace(self, batch: int) -> _Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            if len(self._workspaces) >= 8:  # bounded: shard sizes differ by at most one
+                self._workspaces.clear()
+            ws = self._workspaces[batch] = _Workspace(self.layers, batch, self.dtype)
+        return ws
+
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.n_inputs:
+            raise ValueError(f"x must have shape (B, {self.n_inputs}), got {x.shape}")
+        return x
+
+    def _targets(self, y: np.ndarray, ws: _Workspace) -> None:
+        """T (B, n_out) in ws.t: one-hot rows for integer labels, y itself for targets."""
+        y = np.asarray(y)
+        batch, k = ws.t.shape
+        if y.ndim == 2 and y.shape == (batch, k):
+            np.copyto(ws.t, y, casting="unsafe")
+            return
+        if y.ndim == 2 and k == 1 and y.shape == (batch, 1):
+            np.copyto(ws.t, y, casting="unsafe")
+            return
+        if y.ndim != 1 or len(y) != batch:
+            raise ValueError(f"y must have shape ({batch},) labels or ({batch}, {k}) targets, "
+                             f"got {y.shape}")
+        if y.dtype.kind not in "iub":
+            raise ValueError(f"1-D y must hold integer class labels, got dtype {y.dtype}")
+        lo, hi = (int(y.min()), int(y.max())) if batch else (0, 0)
+        if k == 1:  # one output: labels are the binary target itself
+            if lo < 0 or hi > 1:
+                raise ValueError(f"labels for a single output must be 0 or 1, got {lo}..{hi}")
+            ws.t[:, 0] = y
+            return
+        if lo < 0 or hi >= k:
+            raise ValueError(f"label out of range: labels must be in 0..{k - 1}, got {lo}..{hi}")
+        ws.t.fill(0.0)
+        ws.t[ws.rows, y] = 1.0
+
+
+def _check_layers(layers: Sequence[int]) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(n) for n in layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be a sequence of integers, got {layers!r}") from None
+    if len(sizes) < 2:
+        raise ValueError(f"layers needs at least two sizes (inputs and outputs), got {sizes}")
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"every layer needs at least one unit (width 0 found), got {sizes}")
+    return sizes
+
+
+def n_params(layers: Sequence[int]) -> int:
+    """Number of parameters: Σ_j n_j (n_k + 1)."""
+    return sum(n_out * (n_in + 1) for n_in, n_out in zip(layers[:-1], layers[1:]))
+
+
+def param_views(flat: np.ndarray, layers: Sequence[int]) -> tuple[list, list]:
+    """Views W_j (n_j, n_k) and b_j (n_j,) into a flat array laid out like Network.params."""
+    weights, biases, offset = [], [], 0
+    for n_in, n_out in zip(layers[:-1], layers[1:]):
+        weights.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
+        offset += n_out * n_in
+        biases.append(flat[offset:offset + n_out])
+        offset += n_out
+    return weights, biases
