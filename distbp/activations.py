@@ -12,7 +12,8 @@ for any finite input: sigmoid is computed as ½(1 + tanh(z/2)), which cannot ove
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -106,4 +107,5 @@ def get_hidden(name: str) -> Activation:
     try:
         return HIDDEN[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(HIDDEN)}") from None
+        choices = ", ".join(HIDDEN)
+        raise ValueError(f"unknown activation {name!r}: choose one of {choices}") from None

@@ -10,8 +10,8 @@ almost zero (an elementwise relative error is noise there).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

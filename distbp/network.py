@@ -18,7 +18,7 @@ first call with a given B a step allocates no arrays.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -73,6 +73,7 @@ class Network:
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
         self._grad_views: tuple = (None, [], [])
+        self.last_output = np.empty((0, self.layers[-1]), self.dtype)
 
     @property
     def n_inputs(self) -> int:
@@ -158,6 +159,7 @@ class Network:
             if j < L:
                 self.g.g(ws.z[j], ws.a[j])  # a_j = g(z_j)               (B, n_j)
         output_forward(self.output, ws.z[L], ws.a[L], ws.scratch)  # a_L = g_out(z_L)
+        self.last_output = ws.a[L]  # (B, n_L) view, valid until the next pass
         return ws.a[L]
 
     def _backward(self, ws: _Workspace, grad: np.ndarray) -> None:

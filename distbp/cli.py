@@ -1,0 +1,231 @@
+"""The `distbp` command.
+
+    mpiexec -n 2 distbp train                      # the bundled digits data, 2 ranks
+    distbp train --config run.toml --steps 1000    # one process, no MPI needed
+    distbp gradcheck --layers 784,30,10 --activation sigmoid --output sigmoid --loss mse
+    python -m distbp train --help
+
+Exit codes: 0 done · 2 bad input or configuration (one line on stderr) · 75 preempted, a
+checkpoint was written: run the same command with --resume auto to continue · 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from distbp import __version__
+from distbp.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, NonFiniteError, UsageError
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the
+problem); 75 preempted (SIGTERM/SIGUSR1): a checkpoint was written, run the same command with
+--resume auto to continue; 1 anything else (the failing rank prints its traceback and every
+rank stops)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage through UsageError (exit 2, one line) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distbp", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_gradcheck(sub)
+    _add_train(sub)
+    return parser
+
+
+def _add_gradcheck(sub) -> None:
+    p = sub.add_parser("gradcheck", help="compare backprop with finite differences (float64)",
+                       description="Build a network, compare backpropagation with central finite "
+                       "differences on random data, print the relative error per layer; "
+                       "exit 1 above --tolerance.")
+    p.add_argument("--layers", default="784,30,10", help="layer widths, e.g. 784,30,10")
+    p.add_argument("--activation", default="sigmoid")
+    p.add_argument("--output", default="softmax")
+    p.add_argument("--loss", default="cross_entropy")
+    p.add_argument("--batch", type=int, default=8, help="random rows (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
+    p.add_argument("--tolerance", type=float, default=1e-7)
+    p.set_defaults(run=_run_gradcheck)
+
+
+def _run_gradcheck(args: argparse.Namespace, job: _Job) -> int:
+    from distbp.gradcheck import gradcheck
+
+    try:
+        layers = [int(v) for v in args.layers.split(",")]
+    except ValueError:
+        raise UsageError(f"--layers must be comma-separated integers, got {args.layers!r}"
+                         ) from None
+    try:
+        rows = gradcheck(layers, args.activation, args.output, args.loss, batch=args.batch,
+                         seed=args.seed, eps=args.eps)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"gradcheck {','.join(map(str, layers))} {args.activation}/{args.output}/{args.loss}"
+          f" float64, {args.batch} rows, eps {args.eps:g}")
+    print(f"{'block':>6} {'params':>8} {'rel error':>11} {'max abs error':>14}")
+    for r in rows:
+        print(f"{r.name:>6} {r.size:>8} {r.rel_error:>11.3e} {r.max_abs_error:>14.3e}")
+    worst = max(r.rel_error for r in rows)
+    verdict = "OK" if worst <= args.tolerance else "FAIL"
+    print(f"worst relative error {worst:.3e} (tolerance {args.tolerance:g}): {verdict}")
+    return EXIT_OK if worst <= args.tolerance else EXIT_ERROR
+
+
+def _add_train(sub) -> None:
+    from distbp.config import add_train_arguments
+
+    p = sub.add_parser("train", help="train a network (under mpiexec/srun: data-parallel)",
+                       description="Train a fully-connected network. Every option is also a key "
+                       "of the TOML file given with --config (underscores for dashes); the "
+                       "command line wins over the file, the file over the preset.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(run=_run_train)
+
+
+class _Job:
+    """What the failure path needs to know: the communicator, once there is one."""
+
+    comm = None
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank if self.comm is not None else _env_rank()
+
+
+class _AgreedExit(Exception):
+    """Another rank reported the problem; this rank exits with the same code, silently."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _env_rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def agree(comm, build: Callable):
+    """Run `build()` on every rank; if it raises UsageError anywhere, every rank stops (exit 2).
+
+    The lowest failing rank re-raises its error (printed once); the others raise _AgreedExit.
+    One small collective, so a file readable on one node but not another cannot hang the job.
+    """
+    result, failure = None, None
+    try:
+        result = build()
+    except UsageError as e:
+        failure = e
+    first = np.array([comm.rank if failure is not None else comm.size], np.int64)
+    comm.allreduce_min(first)
+    if first[0] == comm.size:
+        return result
+    if failure is not None and first[0] == comm.rank:
+        raise failure
+    raise _AgreedExit(EXIT_USAGE)
+
+
+def _run_train(args: argparse.Namespace, job: _Job) -> int:
+    from distbp.comm import get_comm
+    from distbp.config import resolve_config
+    from distbp.session import build_session
+    from distbp.trainer import Trainer
+
+    cfg = resolve_config(args)
+    job.comm = comm = get_comm(timeout=cfg.collective_timeout)
+    threads = _set_threads(cfg.threads, comm.local_size)
+    session = agree(comm, lambda: build_session(cfg))
+    if comm.rank == 0:
+        _print_header(session, comm, threads)
+    return Trainer(session, comm).train()
+
+
+def _set_threads(requested: int | None, local_size: int) -> str:
+    """BLAS threads per rank: --threads, else the user's *_NUM_THREADS, else cores / local ranks."""
+    from threadpoolctl import threadpool_limits
+
+    if requested is None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            if os.environ.get(var):
+                return f"{os.environ[var]} BLAS thread(s) per rank (from {var})"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        requested = max(1, (cores or 1) // max(local_size, 1))
+        why = f"{cores} cores / {local_size} rank(s) on this node"
+    else:
+        why = "--threads"
+    threadpool_limits(requested)
+    return f"{requested} BLAS thread(s) per rank ({why})"
+
+
+def _print_header(s, comm, threads: str) -> None:
+    from distbp.data import shard_bounds
+
+    cfg, net = s.cfg, s.net
+    sizes = sorted({b - a for a, b in (shard_bounds(cfg.batch_size, r, comm.size)
+                                       for r in range(comm.size))})
+    print(f"distbp {__version__}: {comm.size} rank(s), {comm.name}; {threads}")
+    print(f"data: {s.train.source} ({s.train.n} rows, {s.train.n_features} features)"
+          + (f"; validation: {s.val.source} ({s.val.n} rows)" if s.val is not None else ""))
+    print(f"model: {'-'.join(map(str, net.layers))} {net.activation}/{net.output}/{net.loss} "
+          f"{net.dtype}, {net.params.size:,} parameters; optimizer {s.optimizer.name}")
+    print(f"global batch {cfg.batch_size} -> per-rank shard {'..'.join(map(str, sizes))} rows; "
+          f"{s.steps_per_epoch} steps per epoch; steps {s.start_step} -> {s.total_steps}")
+    print("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
+    if s.resumed_from is not None:
+        print(f"resumed from {s.resumed_from} at step {s.start_step}")
+    for note in s.notes:
+        print(note)
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `distbp` console script; returns the exit code.
+
+    Bad input: one line on stderr, exit 2 (printed by rank 0, or by the one rank that found
+    it). A non-finite loss: all ranks agree, exit 1. Any other exception: the failing rank prints
+    its rank and traceback and aborts the whole MPI job, so no rank is left waiting.
+    """
+    job = _Job()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args, job)
+    except _AgreedExit as e:
+        return e.code
+    except UsageError as e:
+        if job.comm is not None or job.rank == 0:
+            print(f"distbp: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteError as e:
+        if job.rank == 0:
+            print(f"distbp: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BaseException as e:  # noqa: BLE001 -- the designed failure path
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        print(f"distbp: rank {job.rank}: error: {type(e).__name__}: {e}\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        if job.comm is not None and job.comm.size > 1:
+            job.comm.abort(EXIT_ERROR)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Rank 0's record of a run: JSON-lines metrics and progress (a bar on a terminal, lines in logs).
+
+Each metrics record is one JSON object per line, for example
+
+    {"kind": "train", "step": 200, "epoch": 3, "loss": 0.21, "accuracy": 0.94, "lr": 0.1,
+     "samples_per_s": 5230.0, "compute_ms": 1.2, "comm_ms": 0.3, "time": 12.5}
+    {"kind": "val", "step": 230, "epoch": 3, "loss": 0.25, "accuracy": 0.93, "samples": 360}
+
+`step` counts optimizer steps taken so far. The same records go into every checkpoint, so a resumed
+run rewrites the file up to the checkpoint and continues it: no duplicated or missing lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["MetricsLog", "Progress", "Interval"]
+
+
+class MetricsLog:
+    """Append-only JSON-lines file owned by rank 0, plus the in-memory history checkpoints carry."""
+
+    def __init__(self, path: Path, history: list[dict]):
+        self.path = path
+        self.history = list(history)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:  # rewrite up to the resumed step
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        self._file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Interval:
+    """Sums over the steps since the last report: loss, correct rows, samples, seconds."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss_sum = self.correct = self.samples = 0.0
+        self.compute_s = self.comm_s = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: float, correct: float, samples: float, compute_s: float,
+            comm_s: float) -> None:
+        self.steps += 1
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.samples += samples
+        self.compute_s += compute_s
+        self.comm_s += comm_s
+
+    def record(self, step: int, epoch: int, lr: float, elapsed: float) -> dict:
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        n = max(self.samples, 1.0)
+        return {"kind": "train", "step": step, "epoch": epoch,
+                "loss": self.loss_sum / n, "accuracy": self.correct / n, "lr": lr,
+                "samples_per_s": round(self.samples / wall, 1),
+                "compute_ms": round(1e3 * self.compute_s / max(self.steps, 1), 4),
+                "comm_ms": round(1e3 * self.comm_s / max(self.steps, 1), 4),
+                "time": round(elapsed, 3)}
+
+
+class Progress:
+    """A bar redrawn in place on a terminal; plain periodic lines otherwise (SLURM logs)."""
+
+    def __init__(self, total: int, every: int, stream: TextIO | None = None):
+        self.total, self.every = total, every
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._last_draw = 0.0
+
+    def step(self, step: int, text: str) -> None:
+        """Called every step on rank 0; draws at most ten times a second on a terminal."""
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if now - self._last_draw < 0.1 and step < self.total:
+            return
+        self._last_draw = now
+        width = 24
+        filled = width * step // max(self.total, 1)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r[{bar}] {step}/{self.total} {text}\x1b[K")
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        """A permanent line (periodic report, evaluation, checkpoint)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def format_train(r: dict, total: int) -> str:
+    return (f"step {r['step']}/{total} epoch {r['epoch']} loss {r['loss']:.4f} "
+            f"acc {r['accuracy']:.4f} lr {r['lr']:.4g} {r['samples_per_s']:.0f} samples/s "
+            f"compute {r['compute_ms']:.2f} ms comm {r['comm_ms']:.2f} ms")

@@ -1,0 +1,166 @@
+"""Everything a run needs, built from its configuration on every rank alike, with no collective.
+
+`build_session` opens and validates the data, derives the layer sizes, builds the network and the
+optimizer, and loads the checkpoint to resume from. Every check that can fail on bad input happens
+here, identically on every rank, so a bad run stops before the first collective (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distbp import checkpoint, data
+from distbp.config import TrainConfig
+from distbp.errors import CheckpointError, ConfigError
+from distbp.network import Network
+from distbp.optim import Schedule, make_optimizer
+
+__all__ = ["Session", "build_session", "DEFAULT_HIDDEN", "default_epochs"]
+
+DEFAULT_HIDDEN = 128
+default_epochs = 10
+# Settings that decide the trajectory: a resumed run must use the checkpoint's values.
+_FIXED_ON_RESUME = ("data", "val_data", "val_fraction", "x_name", "y_name", "batch_size",
+                    "drop_last", "seed", "optimizer", "scale", "standardize")
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig
+    train: data.Dataset
+    val: data.Dataset | None
+    net: Network
+    optimizer: object
+    opt_state: dict[str, np.ndarray]
+    schedule: Schedule
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int = 0
+    checkpoint_dir: Path = Path(".")
+    metrics_path: Path = Path("metrics.jsonl")
+    history: list[dict] = field(default_factory=list)
+    preprocess: dict[str, np.ndarray] = field(default_factory=dict)
+    resumed_from: Path | None = None
+    notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
+
+
+def build_session(cfg: TrainConfig) -> Session:
+    """Open data, build model and optimizer, pick the checkpoint to resume; raises UsageError."""
+    ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
+    resume, notes = _find_resume(cfg, ckpt_dir)
+    if resume is not None:
+        cfg = _merge_resumed_config(cfg, resume, notes)
+    train, val = _open_data(cfg)
+    layers = cfg.layers or _derive_layers(cfg, train)
+    int_labels = cfg.output == "softmax" and cfg.loss == "cross_entropy"
+    for ds in (train, val):
+        if ds is not None:
+            data.validate_dataset(ds, layers[0], layers[-1], int_labels_required=int_labels)
+    net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
+                  seed=cfg.seed, dtype=cfg.dtype)
+    optimizer = _make_optimizer(cfg)
+    spe = data.steps_per_epoch(train.n, cfg.batch_size, cfg.drop_last)
+    total = cfg.steps or spe * (cfg.epochs or default_epochs)
+    schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total, cfg.lr_step_size,
+                        cfg.lr_gamma, min(cfg.min_lr, cfg.lr))
+    s = Session(cfg, train, val, net, optimizer, optimizer.init(net.params), schedule, spe, total,
+                checkpoint_dir=ckpt_dir, notes=notes,
+                metrics_path=Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl"))
+    if resume is not None:
+        _restore(s, resume)
+    return s
+
+
+def _make_optimizer(cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        return make_optimizer("sgd", momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay)
+    return make_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay)
+
+
+def _open_data(cfg: TrainConfig) -> tuple[data.Dataset, data.Dataset | None]:
+    train = data.open_dataset(cfg.data, cfg.x_name, cfg.y_name, split="train")
+    if cfg.val_fraction is not None:
+        return data.split_validation(train, cfg.val_fraction, cfg.seed)
+    if cfg.val_data is not None:
+        return train, data.open_dataset(cfg.val_data, cfg.x_name, cfg.y_name)
+    if cfg.data is None:  # the bundled digits come with their test split
+        return train, data.open_dataset(None, split="test")
+    return train, None
+
+
+def _derive_layers(cfg: TrainConfig, train: data.Dataset) -> tuple[int, ...]:
+    """[n_features, 128, n_outputs]: n_outputs from the target width or the largest label + 1."""
+    if len(train.y_shape) == 2:
+        n_out = train.y_shape[1]
+    else:
+        n_out = 0
+        for lo in range(0, train.n, 1 << 16):
+            rows = np.arange(lo, min(lo + (1 << 16), train.n))
+            n_out = max(n_out, int(np.max(train.read_y(rows))) + 1)
+        if cfg.output == "sigmoid" and n_out <= 2:
+            n_out = 1
+    return (train.n_features, DEFAULT_HIDDEN, max(n_out, 1))
+
+
+def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[checkpoint.Checkpoint | None, list]:
+    if cfg.resume == "none":
+        return None, []
+    if cfg.resume == "auto":
+        path, skipped = checkpoint.latest_valid(ckpt_dir)
+        notes = [f"skipping checkpoint {p}: {why}" for p, why in skipped]
+        if path is None:
+            notes.append(f"--resume auto: no valid checkpoint in '{ckpt_dir}', starting fresh")
+            return None, notes
+        return checkpoint.load(path), notes
+    return checkpoint.load(cfg.resume), []
+
+
+def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConfig:
+    """Refuse changes that alter the trajectory; report the (safe) ones that are allowed."""
+    old = ckpt.config
+    fixed = [f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _FIXED_ON_RESUME
+             if k in old and _norm(old[k]) != _norm(getattr(cfg, k))]
+    if fixed:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' was written with other settings that "
+                              f"decide the trajectory: {'; '.join(fixed)}")
+    layers = cfg.layers or tuple(ckpt.layers)
+    checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
+                                output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
+    ignore = set(_FIXED_ON_RESUME) | {"resume", "layers"}
+    changed = [f"{k} {_norm(old[k])!r} -> {_norm(v)!r}" for k, v in cfg.to_dict().items()
+               if k in old and k not in ignore and _norm(old[k]) != _norm(v)]
+    if changed:
+        notes.append("resuming with changed settings: " + "; ".join(changed))
+    return dataclasses.replace(cfg, layers=tuple(layers))
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _restore(s: Session, ckpt) -> None:
+    if ckpt.optimizer_name != s.optimizer.name:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' holds {ckpt.optimizer_name} state, "
+                              f"the configuration asks for {s.optimizer.name}")
+    np.copyto(s.net.params, ckpt.params)
+    for key, value in ckpt.optimizer_state.items():
+        if key not in s.opt_state:
+            raise CheckpointError(f"checkpoint '{ckpt.path}': unexpected optimizer state {key!r}")
+        np.copyto(s.opt_state[key], value)
+    missing = set(s.opt_state) - set(ckpt.optimizer_state) - {"_scratch"}
+    if missing:
+        raise CheckpointError(f"checkpoint '{ckpt.path}': optimizer state lacks {sorted(missing)}")
+    s.start_step = ckpt.step
+    s.history = [r for r in ckpt.metrics if r.get("step", 0) <= ckpt.step]
+    s.preprocess = dict(ckpt.preprocess)
+    s.resumed_from = ckpt.path
+    if ckpt.step >= s.total_steps:
+        s.notes.append(f"checkpoint '{ckpt.path}' is at step {ckpt.step}, the run's total is "
+                       f"{s.total_steps}: nothing left to train")

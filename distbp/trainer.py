@@ -1,0 +1,251 @@
+"""The training loop, as DESIGN.md draws one step:
+
+    this rank's shard of the global batch -> forward/backward: gradient SUMS into one flat buffer
+    (plus loss sum, sample count, correct count and a stop flag in the same buffer)
+    -> ONE in-place Allreduce(SUM) -> divide by the global count -> optimizer step, same everywhere
+    -> rank 0: metrics, progress, checkpoint
+
+    mpiexec -n 2 distbp train --steps 200
+    python -m distbp train --preset digits
+
+Preemption (SIGTERM, SIGUSR1) only sets a flag; the flag rides in the step's own allreduce, so all
+ranks see it at the same step, rank 0 writes a checkpoint, and `train` returns EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import time
+
+import numpy as np
+
+from distbp import checkpoint, data
+from distbp.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteError
+from distbp.metrics import Interval, MetricsLog, Progress, format_train
+from distbp.session import Session
+
+__all__ = ["Trainer", "FAULT_ENV"]
+
+FAULT_ENV = "DISTBP_FAULT"  # test-only fault injection: "raise|kill|hang|perturb:RANK:STEP"
+_TAIL = 4  # loss sum, samples, correct, stop flag
+
+
+class Trainer:
+    """Runs a Session on a communicator. Only rank 0 writes checkpoints, metrics and progress."""
+
+    def __init__(self, session: Session, comm, log=print):
+        self.s, self.comm, self.log = session, comm, log
+        self.rank0 = comm.rank == 0
+        net = session.net
+        # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
+        self.buf = np.zeros(net.params.size + _TAIL, net.dtype)
+        self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
+        self.stop_signal: int | None = None
+        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+        self._x: dict[int, np.ndarray] = {}
+        self.fault = _parse_fault(os.environ.get(FAULT_ENV), comm.rank)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        s, cfg, comm = self.s, self.s.cfg, self.comm
+        self._install_signal_handlers()
+        self._setup_preprocess()
+        metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
+        every = cfg.log_every or max(1, s.total_steps // 20)
+        progress = Progress(s.total_steps, every)
+        interval, started = Interval(), time.perf_counter()
+        step = s.start_step
+        while step < s.total_steps:
+            epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)
+            x, y = self._read_shard(epoch, in_epoch)
+            t0 = time.perf_counter()
+            loss_sum = s.net.loss_grad_sum(x, y, self.grad)
+            correct = s.net.count_correct(s.net.last_output, y) if len(y) else 0
+            self.tail[:] = (loss_sum, len(y), correct, self.stop_signal is not None)
+            t1 = time.perf_counter()
+            comm.allreduce_sum(self.buf)  # the one collective of the step
+            t2 = time.perf_counter()
+            count = float(self.tail[1])
+            self._check_finite(step)
+            self.grad /= count  # the exact mean over the global batch
+            lr = s.schedule.lr_at(step)
+            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
+            step += 1
+            interval.add(float(self.tail[0]), float(self.tail[2]), count, t1 - t0, t2 - t1)
+            self._inject_fault(step)
+            if self.rank0:
+                if step % every == 0 or step == s.total_steps:
+                    record = interval.record(step, epoch, lr, time.perf_counter() - started)
+                    metrics.write(record)
+                    progress.line(format_train(record, s.total_steps))
+                    interval.reset()
+                progress.step(step, f"loss {float(self.tail[0]) / count:.4f}")
+            end_of_epoch = step % s.steps_per_epoch == 0
+            if end_of_epoch and s.val is not None:
+                self._evaluate(step, epoch, metrics, progress)
+            if self.tail[3] > 0:
+                self._save(step, metrics, progress)
+                self.log(f"preempted by a signal: checkpoint at step {step} written; run again "
+                         f"with --resume auto to continue")
+                comm.barrier()
+                return EXIT_PREEMPTED
+            if cfg.check_every and step % cfg.check_every == 0:
+                self.check_replicas(step)
+            if self._checkpoint_due(step, end_of_epoch):
+                self._save(step, metrics, progress)
+        if s.start_step >= s.total_steps and self.rank0:
+            progress.line(f"nothing to do: already at step {s.start_step} of {s.total_steps}")
+        if metrics:
+            metrics.close()
+        comm.barrier()
+        return EXIT_OK
+
+    def _checkpoint_due(self, step: int, end_of_epoch: bool) -> bool:
+        every = self.s.cfg.checkpoint_every
+        due = step % every == 0 if every else end_of_epoch
+        return due or step == self.s.total_steps
+
+    # ------------------------------------------------------------------ data
+
+    def _read_shard(self, epoch: int, in_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        s, comm = self.s, self.comm
+        if epoch != self._perm_epoch:
+            self._perm = data.epoch_permutation(s.cfg.seed, epoch, s.train.n)
+            self._perm_epoch = epoch
+        rows = data.shard_indices(self._perm, in_epoch, s.cfg.batch_size, comm.rank, comm.size)
+        x, y = s.train.read(rows)
+        return self._preprocess(x), y
+
+    def _preprocess(self, x: np.ndarray) -> np.ndarray:
+        """x (B, n_in) in its on-disk dtype -> a reused buffer of the network's dtype, scaled and
+        standardized."""
+        buf = self._x.get(len(x))
+        if buf is None:
+            buf = self._x[len(x)] = np.empty((len(x), self.s.net.n_inputs), self.s.net.dtype)
+        np.copyto(buf, x.reshape(len(x), -1), casting="unsafe")
+        p = self.s.preprocess
+        if "scale" in p:
+            buf *= p["scale"]
+        if "mean" in p:
+            buf -= p["mean"]
+            buf /= p["std"]
+        return buf
+
+    def _setup_preprocess(self) -> None:
+        """Scale: --scale, else the data file's `scale` attribute; mean/std over the training set,
+        computed in parallel (or restored from the checkpoint)."""
+        s, cfg = self.s, self.s.cfg
+        scale = cfg.scale if cfg.scale is not None else getattr(s.train, "scale", None)
+        if scale is not None:
+            s.preprocess["scale"] = np.asarray(scale, s.net.dtype)
+        if cfg.standardize and "mean" not in s.preprocess:
+            s.preprocess["mean"], s.preprocess["std"] = self._feature_stats()
+
+    def _feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        # Each rank sums its contiguous share of rows (after scaling) in float64; one allreduce.
+        s, comm = self.s, self.comm
+        n_in = s.net.n_inputs
+        sums = np.zeros(2 * n_in + 1, np.float64)
+        lo, hi = data.shard_bounds(s.train.n, comm.rank, comm.size)
+        for start in range(lo, hi, 4096):
+            rows = np.arange(start, min(start + 4096, hi))
+            x = s.train.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
+            if "scale" in s.preprocess:
+                x *= float(s.preprocess["scale"])
+            sums[:n_in] += x.sum(axis=0)
+            sums[n_in:2 * n_in] += (x * x).sum(axis=0)
+            sums[-1] += len(rows)
+        comm.allreduce_sum(sums)
+        mean = sums[:n_in] / sums[-1]
+        var = np.maximum(sums[n_in:2 * n_in] / sums[-1] - mean * mean, 0.0)
+        std = np.where(var > 1e-12, np.sqrt(var), 1.0)  # constant features pass through
+        return mean.astype(s.net.dtype), std.astype(s.net.dtype)
+
+    # ------------------------------------------------------------------ checks and events
+
+    def _check_finite(self, step: int) -> None:
+        # All ranks hold the same reduced buffer, so they all agree to stop at this step.
+        if not (math.isfinite(float(self.tail[0])) and math.isfinite(float(self.grad.sum()))):
+            raise NonFiniteError(f"non-finite loss or gradient at step {step + 1}: the run "
+                                 f"diverged (try a smaller --lr); the last good checkpoint is kept")
+
+    def check_replicas(self, step: int) -> bool:
+        """Compare every rank's parameters with rank 0's by checksum; re-broadcast on mismatch."""
+        digest = hashlib.blake2b(self.s.net.params.data, digest_size=8).digest()
+        h = int.from_bytes(digest, "little", signed=True) >> 1  # keep −h representable
+        pair = np.array([h, -h], np.int64)
+        self.comm.allreduce_max(pair)  # [max h, −min h]
+        if pair[0] == -pair[1] == h:
+            return True
+        if self.rank0:
+            self.log(f"replica check at step {step}: parameters differ between ranks; "
+                     f"re-broadcasting rank 0's parameters and optimizer state")
+        self.comm.bcast(self.s.net.params, root=0)
+        for key in sorted(self.s.opt_state):
+            if not key.startswith("_"):
+                self.comm.bcast(self.s.opt_state[key], root=0)
+        return False
+
+    def _evaluate(self, step: int, epoch: int, metrics, progress) -> None:
+        """Exact loss and accuracy over the validation set: each rank takes a contiguous share."""
+        s, comm = self.s, self.comm
+        totals = np.zeros(3, np.float64)  # loss sum, correct, rows
+        lo, hi = data.shard_bounds(s.val.n, comm.rank, comm.size)
+        for start in range(lo, hi, s.cfg.batch_size):
+            x, y = s.val.read(np.arange(start, min(start + s.cfg.batch_size, hi)))
+            loss, correct = s.net.loss_sum(self._preprocess(x), y)
+            totals += (loss, correct, len(y))
+        comm.allreduce_sum(totals)
+        if self.rank0:
+            n = max(totals[2], 1.0)
+            record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
+                      "accuracy": totals[1] / n, "samples": int(totals[2])}
+            metrics.write(record)
+            progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
+                          f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
+
+    def _save(self, step: int, metrics, progress) -> None:
+        self.check_replicas(step)
+        if not self.rank0:
+            return
+        s = self.s
+        epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)
+        path = checkpoint.save(
+            s.checkpoint_dir, step=step, epoch=epoch, step_in_epoch=in_epoch, seed=s.cfg.seed,
+            layers=s.net.layers, activation=s.net.activation, output=s.net.output,
+            loss=s.net.loss, params=s.net.params, optimizer_name=s.optimizer.name,
+            optimizer_state=s.opt_state, config=s.cfg.to_dict(), metrics=metrics.history,
+            world_size=self.comm.size, preprocess=s.preprocess, keep=s.cfg.keep)
+        progress.line(f"checkpoint {path}")
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _inject_fault(self, step: int) -> None:
+        if self.fault is None or self.fault[1] != step:
+            return
+        kind = self.fault[0]
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at step {step}")
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            time.sleep(3600)
+        if kind == "perturb":
+            self.s.net.params[0] += 1e-3
+
+
+def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:
+    """DISTBP_FAULT="KIND:RANK:STEP" (test-only): act on rank RANK right after step STEP."""
+    if not spec:
+        return None
+    kind, r, step = spec.split(":")
+    return (kind, int(step)) if int(r) == rank else None
