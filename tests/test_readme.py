@@ -1,0 +1,46 @@
+"""README claims that can drift: the equation table's line numbers, the opening commands, CI."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+# README row -> a fragment that must appear in the cited lines
+EQUATIONS = {
+    "z_j = a_k W_jᵀ + b_j": "z_j = a_k W_jᵀ",
+    "a_j = g(z_j)": "a_j = g(z_j)",
+    "δ_L = ∂L/∂z_L": "δ_L",
+    "ΔW_j = δ_jᵀ a_k": "ΔW_j = δ_jᵀ a_k",
+    "Δb_j = Σ_rows δ_j": "Δb_j = Σ_rows δ_j",
+    "Δa_k = δ_j W_j": "Δa_k = δ_j W_j",
+    "δ_k = Δa_k ⊙ g′(z_k)": "δ_k = Δa_k ⊙ g′(z_k)",
+    "grad /= count": "self.grad /= count",
+    "w = w − α·u": "w = w − α·u",
+}
+
+
+def _row(key: str) -> str:
+    rows = [line for line in README.splitlines() if line.startswith("|") and key in line]
+    assert len(rows) == 1, key
+    return rows[0]
+
+
+def test_every_cited_line_range_holds_its_equation():
+    for key, fragment in EQUATIONS.items():
+        m = re.search(r"`(distbp/[\w/]+\.py)` L(\d+)(?:–(\d+))?", _row(key))
+        assert m, key
+        path, first, last = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
+        lines = (ROOT / path).read_text().splitlines()[first - 1:last]
+        assert any(fragment in line for line in lines), (key, path, first, last)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = ".venv/bin/python -m pytest -q"
+    assert f"&& {command}\n" in README
+    assert ci.rstrip().splitlines()[-1] == command
+    first_block = README.split("```")[1]
+    assert "mpiexec -n 2 .venv/bin/distbp train" in first_block
