@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from distbp import __version__
+from distbp import __version__, bench
 from distbp.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, NonFiniteError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distbp", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_gradcheck(sub)
     _add_train(sub)
+    _add_gradcheck(sub)
+    # Other commands live in their own modules, each with add_commands(sub):
+    # (evaluate/predict/inspect)
+    # (data)
+    bench.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,41 @@
+"""`distbp bench` measures and reports the performance model's figures, serially and under MPI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_mpi, run_py
+
+KEYS = {"step_ms", "compute_ms", "allreduce_ms", "update_ms", "gemm_peak_gflops", "mfu",
+        "params", "samples_per_s"}
+ARGS = ["-m", "distbp", "bench", "--layers", "64,32,10", "--batch-size", "64", "--steps", "5",
+        "--warmup", "1", "--gemm-size", "128", "--json"]
+
+
+def test_bench_reports_consistent_figures_serially():
+    out = run_py(ARGS, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert KEYS <= r.keys() and r["ranks"] == 1
+    assert r["params"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert r["step_ms"] == pytest.approx(r["compute_ms"] + r["allreduce_ms"] + r["update_ms"])
+    assert r["gemm_peak_gflops"] > 0 and r["mfu"] > 0
+    assert r["mfu"] == pytest.approx(6 * r["params"] * 64 / (r["compute_ms"] / 1e3)
+                                     / (r["gemm_peak_gflops"] * 1e9))
+
+
+def test_bench_under_mpi_prints_once_with_allreduce_bandwidth():
+    out = run_mpi(2, ARGS, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 only
+    r = json.loads(lines[0])
+    assert r["ranks"] == 2 and r["allreduce_bytes"] == (r["params"] + 2) * 4
+    assert r["allreduce_algbw_gbs"] > 0 and r["allreduce_busbw_gbs"] == pytest.approx(
+        r["allreduce_algbw_gbs"])  # 2(p−1)/p = 1 for p = 2
+
+
+def test_bench_rejects_bad_layers_with_one_line():
+    out = run_py(["-m", "distbp", "bench", "--layers", "64,x"], timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--layers" in out.stderr
