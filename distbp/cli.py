@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -21,7 +22,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from distbp import __version__, bench
-from distbp.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, NonFiniteError, UsageError
+from distbp.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    CollectiveTimeout,
+    NonFiniteError,
+    UsageError,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -45,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_gradcheck(sub)
     # Other commands live in their own modules, each with add_commands(sub):
-    # (evaluate/predict/inspect)
-    # (data)
+    from distbp import cli_eval  # imported here: cli_eval imports agree from this module
+    cli_eval.add_commands(sub)
+    from distbp import cli_data
+    cli_data.add_commands(sub)
     bench.add_commands(sub)
     return parser
 
@@ -114,10 +124,11 @@ class _Job:
 
 
 class _AgreedExit(Exception):
-    """Another rank reported the problem; this rank exits with the same code, silently."""
+    """Every rank knows of the problem and exits with `code` normally (no abort needed); only
+    the rank that carries `message` prints it, so the user reads it once."""
 
-    def __init__(self, code: int):
-        self.code = code
+    def __init__(self, code: int, message: str | None = None):
+        self.code, self.message = code, message
 
 
 def _env_rank() -> int:
@@ -130,7 +141,7 @@ def _env_rank() -> int:
 def agree(comm, build: Callable):
     """Run `build()` on every rank; if it raises UsageError anywhere, every rank stops (exit 2).
 
-    The lowest failing rank re-raises its error (printed once); the others raise _AgreedExit.
+    Every rank raises _AgreedExit; the lowest failing rank's carries the message (printed once).
     One small collective, so a file readable on one node but not another cannot hang the job.
     """
     result, failure = None, None
@@ -139,27 +150,36 @@ def agree(comm, build: Callable):
     except UsageError as e:
         failure = e
     first = np.array([comm.rank if failure is not None else comm.size], np.int64)
-    comm.allreduce_min(first)
+    try:
+        comm.allreduce_min(first)
+    except CollectiveTimeout as e:
+        raise CollectiveTimeout(f"{e} (at setup: opening the data and checkpoint)") from None
     if first[0] == comm.size:
         return result
-    if failure is not None and first[0] == comm.rank:
-        raise failure
-    raise _AgreedExit(EXIT_USAGE)
+    mine = failure is not None and first[0] == comm.rank
+    raise _AgreedExit(EXIT_USAGE, str(failure) if mine else None)
 
 
 def _run_train(args: argparse.Namespace, job: _Job) -> int:
     from distbp.comm import get_comm
     from distbp.config import resolve_config
     from distbp.session import build_session
-    from distbp.trainer import Trainer
+    from distbp.trainer import Trainer, catch_stop_signals
 
+    stop = catch_stop_signals()
     cfg = resolve_config(args)
     job.comm = comm = get_comm(timeout=cfg.collective_timeout)
     threads = _set_threads(cfg.threads, comm.local_size)
-    session = agree(comm, lambda: build_session(cfg))
+    session = agree(comm, lambda: build_session(cfg, local_size=comm.local_size))
     if comm.rank == 0:
         _print_header(session, comm, threads)
-    return Trainer(session, comm).train()
+    code = Trainer(session, comm, stop=stop).train()
+    # Saved or done: from here a late SIGTERM/SIGUSR1 (a burst from scancel, hydra forwarding a
+    # second one) is moot. Ignored, not defaulted: Python resets its handlers to the default
+    # (terminate) while finalizing, which would turn this rank's 75 or 0 into "killed by signal".
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def _set_threads(requested: int | None, local_size: int) -> str:
@@ -203,32 +223,59 @@ def _print_header(s, comm, threads: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `distbp` console script; returns the exit code.
 
-    Bad input: one line on stderr, exit 2 (printed by rank 0, or by the one rank that found
-    it). A non-finite loss: all ranks agree, exit 1. Any other exception: the failing rank prints
-    its rank and traceback and aborts the whole MPI job, so no rank is left waiting.
+    A rank may return normally only when every rank returns (MPICH's MPI_Finalize waits for
+    the others, so a lone early return hangs the job), and returns 0 only when the command
+    finished. Hence:
+      - bad input found before the first collective (config: identical everywhere; data and
+        checkpoints: through `agree`): one line on stderr, printed once, every rank exits 2;
+      - a non-finite loss: every rank sees it in the same reduced buffer, exit 1, one line;
+      - anything else once there is a communicator of several ranks (bad data read on one rank
+        mid-run, a collective timeout, an exception, even SystemExit(0)): this rank prints its
+        rank and the error (a traceback for unexpected errors) and aborts the whole job with
+        MPI_Abort: exit 2 for bad input, else 1. A dead rank is the launcher's to clean up
+        (hydra kills the rest) or, failing that, the collective deadline's.
     """
     job = _Job()
     try:
         args = build_parser().parse_args(argv)
         return args.run(args, job)
     except _AgreedExit as e:
+        if e.message is not None:
+            print(f"distbp: error: {e.message}", file=sys.stderr)
         return e.code
     except UsageError as e:
-        if job.comm is not None or job.rank == 0:
+        if _ranks_may_diverge(job):
+            return _abort(job, EXIT_USAGE, f"distbp: rank {job.rank}: error: {e}")
+        if job.rank == 0:  # before the communicator every rank fails alike: say it once
             print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteError as e:
         if job.rank == 0:
             print(f"distbp: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except CollectiveTimeout as e:  # this rank is fine; the message names the step, not a bug
+        return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: {e}")
+    except KeyboardInterrupt:
+        return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: interrupted")
     except BaseException as e:  # noqa: BLE001 -- the designed failure path
-        if isinstance(e, SystemExit) and e.code in (0, None):
-            raise
-        print(f"distbp: rank {job.rank}: error: {type(e).__name__}: {e}\n"
-              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
-        if job.comm is not None and job.comm.size > 1:
-            job.comm.abort(EXIT_ERROR)
-        return EXIT_ERROR
+        if isinstance(e, SystemExit) and e.code in (0, None) and job.comm is None:
+            raise  # --help, --version: nothing ran
+        return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: {type(e).__name__}: "
+                                       f"{e}\n{traceback.format_exc()}")
+
+
+def _ranks_may_diverge(job: _Job) -> bool:
+    """True once other ranks may be at another point of the run than this one."""
+    return job.comm is not None and job.comm.size > 1
+
+
+def _abort(job: _Job, code: int, message: str) -> int:
+    """Print `message`, then end every rank with `code` (never 0): MPI_Abort when other ranks
+    may be waiting in a collective, a plain return otherwise."""
+    print(message.rstrip("\n"), file=sys.stderr, flush=True)
+    if _ranks_may_diverge(job):
+        job.comm.abort(code or EXIT_ERROR)
+    return code or EXIT_ERROR
 
 
 if __name__ == "__main__":

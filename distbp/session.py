@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data
+from distbp import checkpoint, data, loader
 from distbp.config import TrainConfig
 from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
@@ -48,20 +48,21 @@ class Session:
     notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
 
 
-def build_session(cfg: TrainConfig) -> Session:
-    """Open data, build model and optimizer, pick the checkpoint to resume; raises UsageError."""
+def build_session(cfg: TrainConfig, local_size: int = 1) -> Session:
+    """Open data, build model and optimizer, pick the checkpoint to resume; raises UsageError.
+
+    `local_size`: ranks on this node, which share its memory (`--in-memory auto`)."""
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
         cfg = _merge_resumed_config(cfg, resume, notes)
-    train, val = _open_data(cfg)
+    train, val = _open_data(cfg, local_size, notes)
     layers = cfg.layers or _derive_layers(cfg, train)
-    int_labels = cfg.output == "softmax" and cfg.loss == "cross_entropy"
     for ds in (train, val):
         if ds is not None:
-            data.validate_dataset(ds, layers[0], layers[-1], int_labels_required=int_labels)
+            data.validate_dataset(ds, layers[0], layers[-1])  # int labels or (N, out) targets
     net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)
@@ -84,12 +85,19 @@ def _make_optimizer(cfg: TrainConfig):
     return make_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay)
 
 
-def _open_data(cfg: TrainConfig) -> tuple[data.Dataset, data.Dataset | None]:
-    train = data.open_dataset(cfg.data, cfg.x_name, cfg.y_name, split="train")
+def _open_data(cfg: TrainConfig, local_size: int,
+               notes: list[str]) -> tuple[data.Dataset, data.Dataset | None]:
+    def place(ds: data.Dataset) -> data.Dataset:  # --in-memory: load whole or read on demand
+        ds, note = loader.place_in_memory(ds, cfg.in_memory, local_size)
+        if note:
+            notes.append(note)
+        return ds
+
+    train = place(data.open_dataset(cfg.data, cfg.x_name, cfg.y_name, split="train"))
     if cfg.val_fraction is not None:
         return data.split_validation(train, cfg.val_fraction, cfg.seed)
     if cfg.val_data is not None:
-        return train, data.open_dataset(cfg.val_data, cfg.x_name, cfg.y_name)
+        return train, place(data.open_dataset(cfg.val_data, cfg.x_name, cfg.y_name))
     if cfg.data is None:  # the bundled digits come with their test split
         return train, data.open_dataset(None, split="test")
     return train, None
@@ -157,6 +165,14 @@ def _restore(s: Session, ckpt) -> None:
     missing = set(s.opt_state) - set(ckpt.optimizer_state) - {"_scratch"}
     if missing:
         raise CheckpointError(f"checkpoint '{ckpt.path}': optimizer state lacks {sorted(missing)}")
+    # The cursor is derived from the step; a stored one that disagrees means the epoch length
+    # changed (the data file has another number of rows): the batches would not continue.
+    cursor = data.step_cursor(ckpt.step, s.steps_per_epoch)
+    if cursor != (ckpt.epoch, ckpt.step_in_epoch):
+        raise CheckpointError(
+            f"checkpoint '{ckpt.path}' is at epoch {ckpt.epoch}, step {ckpt.step_in_epoch} of "
+            f"its epoch, but with {s.train.n} training rows step {ckpt.step} is epoch "
+            f"{cursor[0]}, step {cursor[1]}: the training data changed since it was written")
     s.start_step = ckpt.step
     s.history = [r for r in ckpt.metrics if r.get("step", 0) <= ckpt.step]
     s.preprocess = dict(ckpt.preprocess)

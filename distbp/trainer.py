@@ -22,37 +22,76 @@ import time
 
 import numpy as np
 
-from distbp import checkpoint, data
-from distbp.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteError
+from distbp import checkpoint, data, preprocess
+from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
+from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, format_train
 from distbp.session import Session
 
-__all__ = ["Trainer", "FAULT_ENV"]
+__all__ = ["FAULT_ENV", "StopFlag", "Trainer", "catch_stop_signals"]
 
-FAULT_ENV = "DISTBP_FAULT"  # test-only fault injection: "raise|kill|hang|perturb:RANK:STEP"
+FAULT_ENV = "DISTBP_FAULT"  # test-only: "raise|kill|hang|perturb|exit0:RANK:STEP"
 _TAIL = 4  # loss sum, samples, correct, stop flag
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; read at each step boundary (never acted on inside the handler)."""
+
+    signum: int | None = None
+
+
+def catch_stop_signals() -> StopFlag:
+    """Route SIGTERM and SIGUSR1 into a StopFlag. Called first thing by `distbp train`, so a
+    preemption signal during start-up (imports, MPI init, data checks) is not fatal: the first
+    step sees it, rank 0 checkpoints and every rank exits 75."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        flag.signum = signum
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+        # SA_RESTART: a signal (or a burst of them) must not fail a system call inside HDF5 or
+        # MPI with EINTR, e.g. while rank 0 writes the checkpoint
+        signal.siginterrupt(sig, False)
+    return flag
 
 
 class Trainer:
     """Runs a Session on a communicator. Only rank 0 writes checkpoints, metrics and progress."""
 
-    def __init__(self, session: Session, comm, log=print):
+    def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None):
         self.s, self.comm, self.log = session, comm, log
         self.rank0 = comm.rank == 0
         net = session.net
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
         self.buf = np.zeros(net.params.size + _TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
-        self.stop_signal: int | None = None
-        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+        self.stop = stop or catch_stop_signals()
+        self.loader: ShardLoader | None = None  # open while train() runs
         self._x: dict[int, np.ndarray] = {}
         self.fault = _parse_fault(os.environ.get(FAULT_ENV), comm.rank)
+        self._at_step = session.start_step  # 1-based step in progress, for error messages
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
+        """Run to the end (EXIT_OK) or to a preemption checkpoint (EXIT_PREEMPTED). A collective
+        that times out is re-raised as CollectiveTimeout naming the step. NumPy's overflow
+        warnings are silenced: a diverging run is stopped by NonFiniteError with one message,
+        not by a screenful of RuntimeWarnings from every rank."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                    self._open_loader():
+                return self._train()
+        except CollectiveTimeout:
+            raise CollectiveTimeout(
+                f"collective at step {self._at_step} did not complete within "
+                f"{self.s.cfg.collective_timeout:g} s (--collective-timeout): a peer rank may "
+                f"have died or hung") from None
+
+    def _train(self) -> int:
         s, cfg, comm = self.s, self.s.cfg, self.comm
-        self._install_signal_handlers()
         self._setup_preprocess()
         metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
         every = cfg.log_every or max(1, s.total_steps // 20)
@@ -60,12 +99,13 @@ class Trainer:
         interval, started = Interval(), time.perf_counter()
         step = s.start_step
         while step < s.total_steps:
+            self._at_step = step + 1
             epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)
             x, y = self._read_shard(epoch, in_epoch)
             t0 = time.perf_counter()
             loss_sum = s.net.loss_grad_sum(x, y, self.grad)
             correct = s.net.count_correct(s.net.last_output, y) if len(y) else 0
-            self.tail[:] = (loss_sum, len(y), correct, self.stop_signal is not None)
+            self.tail[:] = (loss_sum, len(y), correct, self.stop.signum is not None)
             t1 = time.perf_counter()
             comm.allreduce_sum(self.buf)  # the one collective of the step
             t2 = time.perf_counter()
@@ -87,10 +127,11 @@ class Trainer:
             end_of_epoch = step % s.steps_per_epoch == 0
             if end_of_epoch and s.val is not None:
                 self._evaluate(step, epoch, metrics, progress)
-            if self.tail[3] > 0:
+            if self.tail[3] > 0 and step < s.total_steps:  # at the last step: just finish
                 self._save(step, metrics, progress)
-                self.log(f"preempted by a signal: checkpoint at step {step} written; run again "
-                         f"with --resume auto to continue")
+                if self.rank0:
+                    self.log(f"preempted by a signal: checkpoint at step {step} written; run "
+                             f"again with --resume auto to continue")
                 comm.barrier()
                 return EXIT_PREEMPTED
             if cfg.check_every and step % cfg.check_every == 0:
@@ -111,29 +152,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
+    def _open_loader(self) -> ShardLoader:
+        """This rank's shards of steps start..total, read one step ahead by a background thread
+        (no MPI in it); closed by train() on every way out."""
+        s, cfg = self.s, self.s.cfg
+        plan = BatchPlan(cfg.seed, s.steps_per_epoch, cfg.batch_size, self.comm.rank,
+                         self.comm.size)
+        self.loader = ShardLoader(s.train, plan, s.start_step, max(s.start_step, s.total_steps))
+        return self.loader
+
     def _read_shard(self, epoch: int, in_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        s, comm = self.s, self.comm
-        if epoch != self._perm_epoch:
-            self._perm = data.epoch_permutation(s.cfg.seed, epoch, s.train.n)
-            self._perm_epoch = epoch
-        rows = data.shard_indices(self._perm, in_epoch, s.cfg.batch_size, comm.rank, comm.size)
-        x, y = s.train.read(rows)
+        x, y = self.loader.get(epoch * self.s.steps_per_epoch + in_epoch)
         return self._preprocess(x), y
 
     def _preprocess(self, x: np.ndarray) -> np.ndarray:
         """x (B, n_in) in its on-disk dtype -> a reused buffer of the network's dtype, scaled and
-        standardized."""
+        standardized (distbp.preprocess, shared with `distbp evaluate`/`predict`)."""
         buf = self._x.get(len(x))
         if buf is None:
             buf = self._x[len(x)] = np.empty((len(x), self.s.net.n_inputs), self.s.net.dtype)
-        np.copyto(buf, x.reshape(len(x), -1), casting="unsafe")
-        p = self.s.preprocess
-        if "scale" in p:
-            buf *= p["scale"]
-        if "mean" in p:
-            buf -= p["mean"]
-            buf /= p["std"]
-        return buf
+        return preprocess.apply(x, self.s.preprocess, buf)
 
     def _setup_preprocess(self) -> None:
         """Scale: --scale, else the data file's `scale` attribute; mean/std over the training set,
@@ -210,6 +248,11 @@ class Trainer:
 
     def _save(self, step: int, metrics, progress) -> None:
         self.check_replicas(step)
+        # The update of a finite gradient can still overflow; such a checkpoint is not "good".
+        # The replicas are equal now, so every rank decides alike.
+        if not np.isfinite(self.s.net.params).all():
+            raise NonFiniteError(f"non-finite parameters after step {step}: the run diverged "
+                                 f"(try a smaller --lr); the last good checkpoint is kept")
         if not self.rank0:
             return
         s = self.s
@@ -221,13 +264,6 @@ class Trainer:
             optimizer_state=s.opt_state, config=s.cfg.to_dict(), metrics=metrics.history,
             world_size=self.comm.size, preprocess=s.preprocess, keep=s.cfg.keep)
         progress.line(f"checkpoint {path}")
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
 
     def _inject_fault(self, step: int) -> None:
         if self.fault is None or self.fault[1] != step:
@@ -241,6 +277,8 @@ class Trainer:
             time.sleep(3600)
         if kind == "perturb":
             self.s.net.params[0] += 1e-3
+        if kind == "exit0":  # a rank leaving "successfully" mid-run must not look like success
+            raise SystemExit(0)
 
 
 def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:

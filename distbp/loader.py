@@ -1,0 +1,273 @@
+"""Training rows from the data source to the step: this rank's shard of every global batch,
+read one step ahead by a background thread, and the `--in-memory` choice.
+
+    plan = BatchPlan(seed, steps_per_epoch, batch_size, rank, size)
+    with ShardLoader(train_ds, plan, start_step, total_steps) as loader:
+        for step in range(start_step, total_steps):
+            x, y = loader.get(step)        # rows read while step - 1 computed
+
+The rows of a step are exactly data.shard_indices(epoch_permutation(seed, epoch, n), step_in_epoch,
+batch_size, rank, size), increasing, as the trainer always read them: prefetching changes when a
+batch is read, never which rows, so trajectories are unchanged. The thread reads, nothing else: no
+MPI call, no preprocessing (the trainer converts on the main thread into reused buffers). Memory
+is depth + 2 batches (queued, being read, in use) whatever the size of the data set; the thread
+allocates each batch it reads (off the hot path; h5py allocates anyway). h5py (>= 3) releases the
+GIL inside HDF5's read, so the read overlaps the step's NumPy/BLAS work.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import resource
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distbp import data
+from distbp.errors import DataError, UsageError
+
+__all__ = ["IN_MEMORY_MAX_BYTES", "BatchPlan", "ReaderError", "ShardLoader", "in_memory_budget",
+           "place_in_memory"]
+
+IN_MEMORY_MAX_BYTES = 1 << 30  # auto: never load more than this (x and y) into one rank
+_BUDGET_SHARE = 4              # auto: and at most 1/4 of the memory a rank may use
+_POLL_S = 0.05                 # how often a waiting thread checks for close()
+_JOIN_S = 10.0                 # close() waits this long for a read in progress to finish
+_open_loaders: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
+
+
+class ReaderError(RuntimeError):
+    """A read in the background thread failed with an unexpected error; raised in the main
+    thread at the step the rows belonged to, naming the data source (the cause is chained)."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which rows rank `rank` of `size` reads at each global step (DESIGN.md's batch plan)."""
+
+    seed: int
+    steps_per_epoch: int
+    batch_size: int
+    rank: int
+    size: int
+
+    def shard_rows(self, n: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(step, rows) for start <= step < stop: rows (k,) int64, increasing; one permutation
+        of the n rows is computed per epoch."""
+        perm_epoch, perm = -1, np.empty(0, np.int64)
+        for step in range(start, stop):
+            epoch, in_epoch = data.step_cursor(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = data.epoch_permutation(self.seed, epoch, n), epoch
+            yield step, data.shard_indices(perm, in_epoch, self.batch_size, self.rank, self.size)
+
+
+class ShardLoader:
+    """This rank's (x, y) rows for steps start..stop-1, read by one daemon thread while the
+    previous step computes. x is (k, n_features) in the on-disk dtype, y (k,) or (k, outputs).
+
+    `get(step)` must be called for consecutive steps from `start`. An error in the thread is
+    raised by the `get` of the step whose rows failed: a UsageError (e.g. DataError for a corrupt
+    chunk) as it is, it names the file already; anything else as ReaderError naming the source.
+    `close()` (also by `with`, and at interpreter exit) stops the thread; it is idempotent.
+    """
+
+    def __init__(self, ds: data.Dataset, plan: BatchPlan, start: int, stop: int, depth: int = 1):
+        if not 0 <= start <= stop or depth < 1:
+            raise ValueError(f"need 0 <= start <= stop and depth >= 1, got {start}, {stop}, "
+                             f"{depth}")
+        self.ds, self.plan, self.next_step, self.stop = ds, plan, start, stop
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"distbp-reader-{plan.rank}",
+                                        daemon=True)
+        _open_loaders.add(self)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the reader thread
+
+    def _run(self) -> None:
+        for step, rows in self.plan.shard_rows(self.ds.n, self.next_step, self.stop):
+            if self._closing.is_set():
+                return
+            try:
+                item = (step, *self.ds.read(rows), None)
+            except BaseException as err:  # noqa: BLE001 -- handed to the main thread
+                item = (step, None, None, err)
+            if not self._put(item) or item[3] is not None:
+                return
+
+    def _put(self, item: tuple) -> bool:
+        """Queue `item`, waiting while the queue is full; False when closed meanwhile."""
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    # ------------------------------------------------------------------ the main thread
+
+    def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of global `step`: x (k, n_features), y (k, ...); k may be 0."""
+        if step != self.next_step or step >= self.stop or self._closing.is_set():
+            state = "closed" if self._closing.is_set() else f"next is {self.next_step}"
+            raise RuntimeError(f"ShardLoader.get({step}): steps run {self.next_step}.."
+                               f"{self.stop - 1} in order ({state})")
+        got, x, y, err = self._take()
+        assert got == step, (got, step)  # one producer, one consumer, in order
+        self.next_step += 1
+        if err is not None:
+            self.close()
+            if isinstance(err, UsageError):
+                raise err
+            raise ReaderError(f"data file {self.ds.source!r}: reading this rank's rows of step "
+                              f"{step + 1} failed: {type(err).__name__}: {err}") from err
+        return x, y
+
+    def _take(self) -> tuple:
+        # Wait in slices, so that a reader thread that died without a word cannot hang us.
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:
+                        return self._queue.get_nowait()
+                    except queue.Empty:
+                        raise ReaderError(f"data file {self.ds.source!r}: the background "
+                                          f"reader stopped before step {self.next_step + 1}"
+                                          ) from None
+
+    def __iter__(self):
+        """(x, y) for each remaining step, in order."""
+        while self.next_step < self.stop:
+            yield self.get(self.next_step)
+
+    def close(self) -> None:
+        """Stop the thread: drop queued batches, wait for a read in progress (up to _JOIN_S)."""
+        self._closing.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_S)
+        _open_loaders.discard(self)
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    # Registered after h5py's exit handler (h5py is imported first), so it runs before it: no
+    # read is in flight while h5py shuts down. Daemon threads never block the exit itself.
+    for loader in list(_open_loaders):
+        loader.close()
+
+
+# ----------------------------------------------------------------------------- --in-memory
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this job's cgroup (v2 or v1), if any: SLURM and containers set one."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def _address_space_left() -> int | None:
+    """Bytes left under RLIMIT_AS (ulimit -v), if one is set."""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        used = 0
+    return max(0, soft - used)
+
+
+def in_memory_budget(local_size: int) -> int | None:
+    """Bytes one rank may plan to use: physical memory (or the cgroup limit, if lower) shared by
+    the `local_size` ranks of this node, and no more than RLIMIT_AS leaves; None if unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        total = None
+    limits = [v for v in (total, _cgroup_limit()) if v is not None and v > 0]
+    per_rank = min(limits) // max(1, local_size) if limits else None
+    left = _address_space_left()
+    candidates = [v for v in (per_rank, left) if v is not None]
+    return min(candidates) if candidates else None
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # not reached
+
+
+def _auto_limit(local_size: int) -> tuple[int, str]:
+    budget = in_memory_budget(local_size)
+    if budget is None:
+        return IN_MEMORY_MAX_BYTES, f"{_size(IN_MEMORY_MAX_BYTES)}; memory size unknown"
+    limit = min(IN_MEMORY_MAX_BYTES, budget // _BUDGET_SHARE)
+    return limit, (f"min({_size(IN_MEMORY_MAX_BYTES)}, 1/{_BUDGET_SHARE} of {_size(budget)} "
+                   f"per rank for {local_size} rank(s) on this node)")
+
+
+def place_in_memory(ds: data.Dataset, mode: str, local_size: int = 1
+                    ) -> tuple[data.Dataset, str | None]:
+    """Apply `--in-memory MODE` to an opened source: (the source to train from, a note or None).
+
+    "yes": an HDF5 file is loaded whole (DataError if it does not fit); "no": it is read on
+    demand, batch by batch; "auto": loaded when x+y take at most min(IN_MEMORY_MAX_BYTES,
+    in_memory_budget / 4), else read on demand, and the note says which and why. Sources that
+    are in memory already (NPZ, bundled, synthetic) are returned as they are.
+    """
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"--in-memory must be auto, yes or no, got {mode!r}")
+    if not isinstance(ds, data.HDF5Dataset):
+        note = (f"--in-memory no: {ds.source!r} is not HDF5 and is held in memory whole"
+                if mode == "no" and Path(ds.source).exists() else None)
+        return ds, note
+    if mode == "no":
+        return ds, None
+    what = f"{ds.source!r} (x+y {_size(ds.nbytes)})"
+    note = None
+    if mode == "auto":
+        limit, why = _auto_limit(local_size)
+        if ds.nbytes > limit:
+            return ds, (f"--in-memory auto: {what} is read from disk batch by batch, in the "
+                        f"background (in memory up to {why})")
+        note = f"--in-memory auto: {what} is loaded into memory (up to {why})"
+    try:
+        loaded = ds.load()
+    except MemoryError:
+        if mode == "auto":
+            return ds, (f"--in-memory auto: {what} did not fit in memory; it is read from disk "
+                        f"batch by batch")
+        ds.close()
+        raise DataError(f"data file {ds.source!r}: --in-memory yes: x and y need "
+                        f"{_size(ds.nbytes)}, more than this process can allocate; use "
+                        f"--in-memory no (or auto) to read batches from disk") from None
+    return loaded, note
