@@ -40,6 +40,8 @@ class _Workspace:
         self.delta = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
         self.rows = np.arange(batch)
+        self.pred = np.empty(batch, np.intp)  # argmax per row, for count_correct
+        self.hit = np.empty(batch, bool)
         self.scratch = Scratch(batch, layers[-1], dtype)
 
 
@@ -142,6 +144,11 @@ class Network:
         if self.n_outputs == 1:
             truth = (y.reshape(-1) > 0.5) if y.ndim == 1 else (y[:, 0] > 0.5)
             return int(np.count_nonzero((a[:, 0] > 0.5) == truth))
+        if y.ndim == 1 and len(a) in self._workspaces:  # the training step: no allocation
+            ws = self._workspaces[len(a)]
+            np.argmax(a, axis=1, out=ws.pred)
+            np.equal(ws.pred, y, out=ws.hit)
+            return int(np.count_nonzero(ws.hit))
         truth = y if y.ndim == 1 else np.argmax(y, axis=1)
         return int(np.count_nonzero(np.argmax(a, axis=1) == truth))
 
