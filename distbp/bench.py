@@ -60,7 +60,7 @@ def _timed(fn) -> float:
 
 
 def run_bench(args: argparse.Namespace, job) -> int:
-    from distbp.cli import _set_threads
+    from distbp.cli import set_threads
     from distbp.comm import get_comm
     from distbp.data import shard_bounds
     from distbp.network import Network
@@ -70,7 +70,7 @@ def run_bench(args: argparse.Namespace, job) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.gemm_size < 1:
         raise UsageError("--batch-size, --steps and --gemm-size must be >= 1, --warmup >= 0")
     job.comm = comm = get_comm()
-    threads = _set_threads(args.threads, comm.local_size)
+    threads = set_threads(args.threads, comm.local_size)
     net = Network(layers, activation=args.activation, seed=0, dtype=args.dtype)
     lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
     rng = np.random.default_rng(comm.rank)

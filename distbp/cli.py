@@ -169,7 +169,7 @@ def _run_train(args: argparse.Namespace, job: _Job) -> int:
     stop = catch_stop_signals()
     cfg = resolve_config(args)
     job.comm = comm = get_comm(timeout=cfg.collective_timeout)
-    threads = _set_threads(cfg.threads, comm.local_size)
+    threads = set_threads(cfg.threads, comm.local_size)
     session = agree(comm, lambda: build_session(cfg, local_size=comm.local_size))
     if comm.rank == 0:
         _print_header(session, comm, threads)
@@ -182,20 +182,33 @@ def _run_train(args: argparse.Namespace, job: _Job) -> int:
     return code
 
 
-def _set_threads(requested: int | None, local_size: int) -> str:
-    """BLAS threads per rank: --threads, else the user's *_NUM_THREADS, else cores / local ranks."""
+def set_threads(requested: int | None, local_size: int) -> str:
+    """Set BLAS threads per rank and say why: --threads, else the user's OMP/OPENBLAS/MKL
+    variable, else SLURM_CPUS_PER_TASK, else the CPUs this rank may use divided by the ranks on
+    the node — unless the launcher pinned each rank to its own share of the node, then that
+    share. Never more threads than CPUs on the node."""
     from threadpoolctl import threadpool_limits
 
-    if requested is None:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            if os.environ.get(var):
-                return f"{os.environ[var]} BLAS thread(s) per rank (from {var})"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        requested = max(1, (cores or 1) // max(local_size, 1))
-        why = f"{cores} cores / {local_size} rank(s) on this node"
-    else:
+    if requested is not None:
         why = "--threads"
-    threadpool_limits(requested)
+    else:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+                requested, why = int(os.environ[var]), f"from {var}"
+                break
+    if requested is None:
+        total = os.cpu_count() or 1
+        mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+        cpt = os.environ.get("SLURM_CPUS_PER_TASK", "")
+        if cpt.isdigit() and int(cpt) > 0:
+            requested, why = min(int(cpt), mine), "SLURM_CPUS_PER_TASK"
+        elif mine * local_size <= total and mine < total:
+            # bound by the launcher to a share of the node small enough to be ours alone
+            requested, why = mine, f"{mine} CPUs this rank is bound to"
+        else:
+            requested = max(1, mine // max(local_size, 1))
+            why = f"{mine} CPUs / {local_size} rank(s) on this node"
+    threadpool_limits(requested)  # every BLAS/OpenMP pool, whichever variable was set
     return f"{requested} BLAS thread(s) per rank ({why})"
 
 

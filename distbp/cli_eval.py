@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from distbp import __version__, checkpoint, data, preprocess
-from distbp.cli import _set_threads, agree
+from distbp.cli import agree, set_threads
 from distbp.comm import get_comm
 from distbp.errors import EXIT_OK, CheckpointError, ConfigError, DataError
 from distbp.network import Network
@@ -172,7 +172,7 @@ def _load(args: argparse.Namespace, labels: bool) -> Loaded:
 
 def _start(args: argparse.Namespace, job):
     job.comm = comm = get_comm(timeout=_TIMEOUT_S)
-    _set_threads(getattr(args, "threads", None), comm.local_size)
+    set_threads(getattr(args, "threads", None), comm.local_size)
     return comm
 
 

@@ -75,7 +75,8 @@ class TrainConfig:
     lr: float = _opt(0.1, "learning rate (peak rate when a schedule is used)", check="positive")
     optimizer: str = _opt("sgd", "update rule (SGD with momentum, Adam, AdamW)",
                           choices=("sgd", "adam", "adamw"))
-    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", check="unit_from_zero")
+    momentum: float | None = _opt(None, "SGD momentum, in [0, 1); none: 0.9 with sgd (adam and "
+                                        "adamw have no momentum option)", check="unit_from_zero")
     nesterov: bool = _opt(False, "Nesterov momentum (SGD with --momentum > 0)")
     weight_decay: float = _opt(0.0, "L2 weight decay (decoupled for adamw)", check="nonneg")
     schedule: str = _opt("constant", "learning-rate schedule after warmup",
@@ -278,6 +279,9 @@ def _cross_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
                                f"--val-data {c.val_data!r} and --val-fraction {c.val_fraction}")
     if c.nesterov and c.optimizer != "sgd":
         yield "nesterov", f"--nesterov needs --optimizer sgd, got --optimizer {c.optimizer}"
+    if c.momentum is not None and c.optimizer != "sgd":
+        yield "momentum", (f"--momentum applies to --optimizer sgd only, got --optimizer "
+                           f"{c.optimizer} (Adam's first-moment decay is fixed at beta1 = 0.9)")
     if c.nesterov and c.momentum == 0:
         yield "nesterov", f"--nesterov needs --momentum > 0, got --momentum {c.momentum}"
     if c.schedule == "step" and c.lr_step_size is None:

@@ -143,7 +143,11 @@ class Adam:
     eps: float = 1e-8
     weight_decay: float = 0.0
     decoupled: bool = False
-    name: ClassVar[str] = "adam"
+
+    @property
+    def name(self) -> str:
+        """"adamw" with decoupled weight decay, "adam" otherwise (as in checkpoints and logs)."""
+        return "adamw" if self.decoupled else "adam"
 
     def __post_init__(self) -> None:
         owner = "optimizer adamw" if self.decoupled else "optimizer adam"

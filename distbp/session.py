@@ -80,7 +80,8 @@ def build_session(cfg: TrainConfig, local_size: int = 1) -> Session:
 
 def _make_optimizer(cfg: TrainConfig):
     if cfg.optimizer == "sgd":
-        return make_optimizer("sgd", momentum=cfg.momentum, nesterov=cfg.nesterov,
+        momentum = 0.9 if cfg.momentum is None else cfg.momentum
+        return make_optimizer("sgd", momentum=momentum, nesterov=cfg.nesterov,
                               weight_decay=cfg.weight_decay)
     return make_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay)
 

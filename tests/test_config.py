@@ -58,7 +58,7 @@ def test_digits_preset_parses_validates_and_leaves_data_and_layers_derived():
     assert preset_path("digits").is_file()
     cfg = resolve("--preset", "digits")
     assert (cfg.epochs, cfg.schedule, cfg.batch_size) == (30, "cosine", 32)
-    assert (cfg.lr, cfg.momentum, cfg.activation) == (0.1, 0.9, "relu")
+    assert (cfg.lr, cfg.momentum, cfg.activation) == (0.1, None, "relu")  # sgd: 0.9
     assert cfg.data is None and cfg.val_data is None and cfg.layers is None
 
 
@@ -305,3 +305,9 @@ def test_validate_type_checks_values_set_by_replace():
         validate(dataclasses.replace(cfg, batch_size=2.5))
     with pytest.raises(ConfigError, match=r"^--run-dir must be a string, got None$"):
         validate(dataclasses.replace(cfg, run_dir=None))
+
+
+def test_momentum_is_refused_for_adam_instead_of_silently_ignored():
+    message = config_error("--optimizer", "adam", "--momentum", "0.5", "--data", "d.h5")
+    assert "--momentum applies to --optimizer sgd only" in message
+    assert resolve("--optimizer", "adamw", "--data", "d.h5").momentum is None

@@ -374,3 +374,8 @@ def test_adam_step_count_restored_as_numpy_scalar_keeps_counting():
     got, restored = run(Adam(), params, grads[2:], LRS[2:], restored)
     np.testing.assert_array_equal(got, want)
     assert int(restored["step"]) == len(LRS)
+
+
+def test_adamw_is_named_adamw_in_logs_and_checkpoints():
+    assert make_optimizer("adamw").name == "adamw"
+    assert make_optimizer("adam").name == "adam" and make_optimizer("sgd").name == "sgd"

@@ -1,0 +1,59 @@
+"""BLAS threads per rank: never more than the CPUs, the user's choice wins, printed at start."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from distbp.cli import set_threads
+
+VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in VARS:
+        monkeypatch.delenv(var, raising=False)
+    before = _blas_threads()
+    yield monkeypatch
+    if before:
+        threadpool_limits(max(before))  # leave this test process as it was
+
+
+def _fake_cpus(monkeypatch, total: int, mine: int) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: total)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(mine)))
+
+
+def _blas_threads() -> set[int]:
+    return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+
+@pytest.mark.parametrize("total,mine,local,expected", [
+    (16, 16, 4, 4),   # unbound: the node's CPUs shared by its ranks
+    (16, 16, 32, 1),  # more ranks than CPUs: one thread each, never zero
+    (16, 4, 4, 4),    # the launcher bound each rank to its own 4 CPUs
+    (16, 8, 4, 2),    # a job cpuset of 8 CPUs shared by 4 ranks: 8 / 4
+    (2, 1, 2, 1),     # mpiexec -bind-to core on 2 cores
+])
+def test_default_threads_divide_the_cpus_without_oversubscribing(clean_env, total, mine, local,
+                                                                  expected):
+    _fake_cpus(clean_env, total, mine)
+    text = set_threads(None, local)
+    assert text.startswith(f"{expected} BLAS thread(s) per rank")
+    if _blas_threads():
+        assert _blas_threads() == {expected}
+
+
+def test_threads_option_and_environment_variables_win(clean_env):
+    _fake_cpus(clean_env, 16, 16)
+    assert set_threads(3, 2).startswith("3 BLAS thread(s) per rank (--threads)")
+    clean_env.setenv("MKL_NUM_THREADS", "2")
+    assert set_threads(None, 1) == "2 BLAS thread(s) per rank (from MKL_NUM_THREADS)"
+    if _blas_threads():
+        assert _blas_threads() == {2}  # applied to OpenBLAS too, not only reported
+    clean_env.setenv("SLURM_CPUS_PER_TASK", "5")
+    clean_env.delenv("MKL_NUM_THREADS")
+    assert set_threads(None, 2).startswith("5 BLAS thread(s) per rank (SLURM_CPUS_PER_TASK)")
