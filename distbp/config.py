@@ -109,10 +109,15 @@ class TrainConfig:
     metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl")
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
                                         "none: only at checkpoints", check="positive")
+    progress: str = _opt("auto", "rank 0's progress: a bar redrawn in place, periodic lines, or "
+                                 "both per terminal (auto: bar on a terminal, lines otherwise; "
+                                 "under mpiexec stdout is a pipe, so ask for bar)",
+                         choices=("auto", "bar", "lines"))
     log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run",
                                  check="positive")
-    threads: int | None = _opt(None, "BLAS threads per rank; none: cores per node / ranks per "
-                                     "node", check="positive")
+    threads: int | None = _opt(None, "BLAS threads per rank; none: OMP/OPENBLAS/MKL_NUM_THREADS, "
+                                     "else SLURM_CPUS_PER_TASK, else this rank's CPUs / ranks "
+                                     "per node (never more than the CPUs)", check="positive")
     collective_timeout: float | None = _opt(600.0, "seconds before a stuck collective aborts the "
                                                    "job; none: wait forever", check="positive")
     in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)",

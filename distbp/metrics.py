@@ -75,10 +75,11 @@ class Interval:
 class Progress:
     """A bar redrawn in place on a terminal; plain periodic lines otherwise (SLURM logs)."""
 
-    def __init__(self, total: int, every: int, stream: TextIO | None = None):
+    def __init__(self, total: int, every: int, stream: TextIO | None = None, mode: str = "auto"):
         self.total, self.every = total, every
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
+        # "bar" also when stdout is a pipe that ends at a terminal (mpiexec forwards rank 0's)
+        self.tty = mode == "bar" or (mode == "auto" and self.stream.isatty())
         self._last_draw = 0.0
 
     def step(self, step: int, text: str) -> None:

@@ -40,6 +40,7 @@ class _Workspace:
         self.delta = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
         self.rows = np.arange(batch)
+        self.flat = np.empty(batch, np.intp)  # one-hot positions, for _targets
         self.pred = np.empty(batch, np.intp)  # argmax per row, for count_correct
         self.hit = np.empty(batch, bool)
         self.scratch = Scratch(batch, layers[-1], dtype)
@@ -225,7 +226,9 @@ class Network:
         if lo < 0 or hi >= k:
             raise ValueError(f"label out of range: labels must be in 0..{k - 1}, got {lo}..{hi}")
         ws.t.fill(0.0)
-        ws.t[ws.rows, y] = 1.0
+        np.multiply(ws.rows, k, out=ws.flat)  # flat index of (row, y[row]) in T
+        ws.flat += y
+        ws.t.reshape(-1).put(ws.flat, 1.0)
 
 
 def _check_layers(layers: Sequence[int]) -> tuple[int, ...]:

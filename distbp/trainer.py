@@ -95,7 +95,7 @@ class Trainer:
         self._setup_preprocess()
         metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
         every = cfg.log_every or max(1, s.total_steps // 20)
-        progress = Progress(s.total_steps, every)
+        progress = Progress(s.total_steps, every, mode=cfg.progress)
         interval, started = Interval(), time.perf_counter()
         step = s.start_step
         while step < s.total_steps:
@@ -105,7 +105,9 @@ class Trainer:
             t0 = time.perf_counter()
             loss_sum = s.net.loss_grad_sum(x, y, self.grad)
             correct = s.net.count_correct(s.net.last_output, y) if len(y) else 0
-            self.tail[:] = (loss_sum, len(y), correct, self.stop.signum is not None)
+            tail = self.tail  # element by element: no temporary array per step
+            tail[0], tail[1], tail[2] = loss_sum, len(y), correct
+            tail[3] = self.stop.signum is not None
             t1 = time.perf_counter()
             comm.allreduce_sum(self.buf)  # the one collective of the step
             t2 = time.perf_counter()
