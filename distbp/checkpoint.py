@@ -230,7 +230,8 @@ def load(path) -> Checkpoint:
     if not path.is_file():
         raise _error(path, "not found" if not path.exists() else "is not a file")
     try:
-        f = h5py.File(path, "r")
+        # no HDF5 file locking, like data files: it fails on NFS/Lustre, and a reader needs none
+        f = h5py.File(path, "r", locking=False)
     except OSError as e:
         raise _error(path, f"not a readable HDF5 file (truncated or not HDF5): {_line(e)}") from e
     try:

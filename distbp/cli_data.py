@@ -10,8 +10,9 @@
 Files written here hold `x` (N, features) in the source's dtype (uint8 pixels stay uint8), `y`
 (N,) labels, the root attribute `scale` (1/255 for uint8 images: the trainer multiplies inputs by
 it unless --scale is given) and `source`. They are written to a temporary file in the target
-directory and renamed into place, so a reader never sees a half-written file. Under mpiexec only
-rank 0 acts: these are one-process jobs.
+directory and renamed into place, so a reader never sees a half-written file; they get the mode
+of any new file (0644 less the umask). Data is streamed in blocks: memory stays bounded by a block
+whatever the file's size. Under mpiexec only rank 0 acts: these are one-process jobs.
 """
 
 from __future__ import annotations
@@ -73,9 +74,7 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
     (e.g. a checksum that fails after the last block) leaves no file behind.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = _temp_beside(out)
     row_bytes = math.prod(x_row) * np.dtype(x_dtype).itemsize
     filters = {"compression": "gzip", "compression_opts": 4, "shuffle": True} \
         if compression == "gzip" else {}
@@ -94,13 +93,47 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
             if done != n:
                 raise RuntimeError(f"blocks hold {done} rows, expected {n}")
         _fsync(tmp)
-        os.replace(tmp, out)
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp made it 0600: readable like any new file
+        _replace(tmp, out)
         _fsync(out.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return out
+
+
+def _cannot_write(out: Path, err: OSError) -> UsageError:
+    return UsageError(f"--out '{out}': cannot write there ({err.strerror or err})")
+
+
+def _temp_beside(out: Path) -> str:
+    """An empty temporary file in out's directory (created if needed), for an atomic rename;
+    UsageError (one line, exit 2) when `out` is a directory or its directory is not writable."""
+    if out.is_dir():
+        raise UsageError(f"--out '{out}' is a directory; give a file name, e.g. "
+                         f"'{out / 'data.h5'}'")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as err:
+        raise _cannot_write(out, err) from None
+    os.close(fd)
+    return tmp
+
+
+def _replace(tmp: str, out: Path) -> None:
+    try:
+        os.replace(tmp, out)
+    except OSError as err:  # e.g. a directory of that name appeared meanwhile
+        raise _cannot_write(out, err) from None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str | Path) -> None:
@@ -203,7 +236,11 @@ def fashion_mnist(out: str | Path, from_dir: str | Path | None = None, download:
         raise UsageError(f"--out '{out}' exists and is not a directory")
     if from_dir is not None and download:
         raise UsageError("--from and --download are mutually exclusive")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out '{out}': cannot create the directory "
+                         f"({err.strerror or err})") from None
     with contextlib.ExitStack() as stack:
         if from_dir is not None:
             src, how = Path(from_dir), "--from"
@@ -315,14 +352,6 @@ def _print_info(info: dict) -> None:
               + ", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 
-# ----------------------------------------------------------------------------- synthetic
-
-def _synthetic(kind: str, n: int, features: int, classes: int, seed: int) -> data.ArrayDataset:
-    if kind == "spiral":
-        return data.synthetic_spiral(n, features, classes, seed)
-    return data.synthetic_teacher(n, features, classes, seed)
-
-
 # ----------------------------------------------------------------------------- the commands
 
 def _positive_int(text: str) -> int:
@@ -421,12 +450,12 @@ def _add_synthetic(cmds) -> None:
 def _run_synthetic(args: argparse.Namespace, job) -> int:
     if not _rank0(job):
         return EXIT_OK
-    ds = _synthetic(args.kind, args.n, args.features, args.classes, args.seed)
-    step = max(1, BLOCK_BYTES // (ds.x.itemsize * ds.n_features))
-    blocks = ((ds.x[lo:lo + step], ds.y[lo:lo + step]) for lo in range(0, ds.n, step))
-    write_data_file(args.out, ds.n, (ds.n_features,), ds.x.dtype, ds.y.dtype, blocks,
-                    {"source": ds.source}, args.chunk_rows, args.compression)
-    print(f"wrote {args.out}: {ds.source}")
+    shape = (args.kind, args.n, args.features, args.classes, args.seed)
+    blocks = data.synthetic_blocks(*shape)  # generated as written: memory is one block
+    source = data.synthetic_source(*shape)
+    write_data_file(args.out, args.n, (args.features,), np.float32, np.int64, blocks,
+                    {"source": source}, args.chunk_rows, args.compression)
+    print(f"wrote {args.out}: {source}")
     return EXIT_OK
 
 

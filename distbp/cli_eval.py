@@ -147,8 +147,9 @@ def _data_source(args: argparse.Namespace, ckpt) -> tuple[str | None, str, str]:
     return args.data, x_name, y_name
 
 
-def _load(args: argparse.Namespace, labels: bool) -> Loaded:
-    """Load and verify the checkpoint, open and check the data (no collective; UsageError)."""
+def _load(args: argparse.Namespace, labels: bool, rank: int = 0, size: int = 1) -> Loaded:
+    """Load and verify the checkpoint, open and check the data (no collective; UsageError).
+    The label range is checked on rank `rank`'s share of `size` only: call it through agree."""
     ckpt = checkpoint.load(args.checkpoint)
     net = model_from_checkpoint(ckpt)
     path, x_name, y_name = _data_source(args, ckpt)
@@ -160,7 +161,7 @@ def _load(args: argparse.Namespace, labels: bool) -> Loaded:
         if labels:
             int_labels = ckpt.output == "softmax" and ckpt.loss == "cross_entropy"
             data.validate_dataset(ds, net.n_inputs, net.n_outputs,
-                                  int_labels_required=int_labels)
+                                  int_labels_required=int_labels, rank=rank, size=size)
         elif ds.n_features != net.n_inputs:
             raise DataError(f"data file {ds.source!r}: x has {ds.n_features} features but the "
                             f"network's input layer has {net.n_inputs}")
@@ -198,7 +199,7 @@ def evaluate(m: Loaded, comm) -> tuple[float, int, int]:
 
 def _run_evaluate(args: argparse.Namespace, job) -> int:
     comm = _start(args, job)
-    m = agree(comm, lambda: _load(args, labels=True))
+    m = agree(comm, lambda: _load(args, labels=True, rank=comm.rank, size=comm.size))
     try:
         loss_sum, correct, n = evaluate(m, comm)
     finally:
@@ -344,7 +345,8 @@ def _verified_count(ckpt: checkpoint.Checkpoint) -> int:
 
 
 def _inspect_record(ckpt: checkpoint.Checkpoint, net: Network) -> dict:
-    with h5py.File(ckpt.path, "r") as f:  # informational attribute, not part of load()
+    # informational attribute, not part of load(); no file locking, as load() (NFS/Lustre)
+    with h5py.File(ckpt.path, "r", locking=False) as f:
         created = str(f.attrs.get("created", ""))
     vals = [r for r in ckpt.metrics if r.get("kind") == "val"]
     return {"checkpoint": str(ckpt.path), "verified": True,

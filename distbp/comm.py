@@ -238,8 +238,23 @@ def launcher_world_size(environ: Mapping[str, str]) -> int | None:
     return None if found is None else found[1]
 
 
+def _srun_tasks(environ: Mapping[str, str], launched: int) -> str | None:
+    """The Slurm variable that counts `launched` tasks when srun itself started the ranks, else
+    None. Inside an srun step that holds whatever the PMI variables say: srun's pmi2 plugin sets
+    PMI_SIZE even when mpi4py's MPI cannot use it (the Open MPI wheel under --mpi=pmi2). Hydra
+    started by mpiexec inside a batch job has its proxies started by srun: one task per node,
+    not one per rank, so its ranks see a Slurm count that differs from PMI_SIZE."""
+    if "SLURM_STEP_ID" not in environ:
+        return None
+    for var in _SLURM_SIZE_VARS:
+        n = _positive_int(environ.get(var))
+        if n is not None:
+            return var if n == launched else None
+    return None
+
+
 def _mismatch_error(environ: Mapping[str, str], launched: int, size: int) -> ConfigError:
-    source = _launcher_count(environ)[0]
+    source = _srun_tasks(environ, launched) or _launcher_count(environ)[0]
     if source.startswith("SLURM_"):
         return ConfigError(
             f"srun started {launched} tasks ({source}={launched}) but the MPI world has {size} "

@@ -21,11 +21,11 @@ import numpy as np
 
 from distbp.errors import ConfigError, DataError
 
-__all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "SCAN_BYTES", "ArrayDataset", "Dataset", "HDF5Dataset",
-           "SubsetDataset", "batch_bounds", "epoch_permutation", "global_batch_count",
-           "open_dataset", "shard_bounds", "shard_indices", "split_validation", "step_cursor",
-           "steps_per_epoch", "subset", "synthetic_spiral", "synthetic_teacher",
-           "validate_dataset"]
+__all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "SCAN_BYTES", "SYNTHETIC_BLOCK_BYTES", "ArrayDataset",
+           "Dataset", "HDF5Dataset", "SubsetDataset", "batch_bounds", "epoch_permutation",
+           "global_batch_count", "open_dataset", "shard_bounds", "shard_indices",
+           "split_validation", "step_cursor", "steps_per_epoch", "subset", "synthetic_blocks",
+           "synthetic_source", "synthetic_spiral", "synthetic_teacher", "validate_dataset"]
 
 BUNDLED_DIR = Path(__file__).parent / "datasets"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -38,6 +38,8 @@ _VALIDATION_STREAM = 0x7661    # spawn keys: streams that never coincide with ep
 _TEACHER_STREAM = 0x7465
 _SPIRAL_STREAM = 0x7370
 _TEACHER_HIDDEN = 32
+SYNTHETIC_BLOCK_BYTES = 8 << 20  # synthetic rows are made in blocks of ~this much x
+_LABEL_ROWS = 1024              # ... and teacher labels this many rows at a time
 
 
 # ----------------------------------------------------------------------------- the batch plan
@@ -425,17 +427,9 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
 
 def synthetic_teacher(n: int, n_features: int, n_classes: int, seed: int) -> ArrayDataset:
     """n random inputs x ~ N(0, 1) (float32) labelled (int64) by a fixed random teacher network
-    argmax(tanh(x W1^T) W2^T): a learnable task. The teacher does not depend on n."""
-    if n < 1 or n_features < 1 or n_classes < 2:
-        raise ConfigError(f"synthetic data needs n >= 1, features >= 1, classes >= 2; "
-                          f"got {n}, {n_features}, {n_classes}")
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_TEACHER_STREAM,)))
-    w1 = rng.standard_normal((_TEACHER_HIDDEN, n_features)) / math.sqrt(n_features)
-    w2 = rng.standard_normal((n_classes, _TEACHER_HIDDEN)) / math.sqrt(_TEACHER_HIDDEN)
-    x = rng.standard_normal((n, n_features), dtype=np.float32)
-    y = (np.tanh(x.astype(np.float64) @ w1.T) @ w2.T).argmax(axis=1).astype(np.int64)
-    return ArrayDataset(x, y, source=f"synthetic teacher (n={n}, features={n_features}, "
-                                     f"classes={n_classes}, seed={seed})")
+    argmax(tanh(x W1^T) W2^T): a learnable task. The teacher does not depend on n. The rows of
+    `synthetic_blocks("teacher", ...)`, held in memory."""
+    return _in_memory("teacher", n, n_features, n_classes, seed)
 
 
 def synthetic_spiral(n: int, n_features: int, n_classes: int, seed: int) -> ArrayDataset:
@@ -443,54 +437,119 @@ def synthetic_spiral(n: int, n_features: int, n_classes: int, seed: int) -> Arra
 
     Row i has class c = i mod n_classes; with t ~ U[0, 1) the first two features are
     t·(cos θ, sin θ) + N(0, 0.02²) noise, θ = 2πc/n_classes + 3πt (1.5 turns); the other
-    features are N(0, 0.1²) noise. x float32 (n, n_features), y int64 (n,).
+    features are N(0, 0.1²) noise. x float32 (n, n_features), y int64 (n,). The rows of
+    `synthetic_blocks("spiral", ...)`, held in memory.
     """
-    if n < 1 or n_features < 2 or n_classes < 2:
-        raise ConfigError(f"spiral data needs n >= 1, features >= 2, classes >= 2; "
-                          f"got {n}, {n_features}, {n_classes}")
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPIRAL_STREAM,)))
-    y = np.arange(n, dtype=np.int64) % n_classes
-    t = rng.random(n)
-    theta = 2 * np.pi * y / n_classes + 3 * np.pi * t
-    x = 0.1 * rng.standard_normal((n, n_features))
-    x[:, 0] = t * np.cos(theta) + 0.02 * rng.standard_normal(n)
-    x[:, 1] = t * np.sin(theta) + 0.02 * rng.standard_normal(n)
-    return ArrayDataset(x.astype(np.float32), y, source=f"synthetic spiral (n={n}, features="
-                                                         f"{n_features}, classes={n_classes}, "
-                                                         f"seed={seed})")
+    return _in_memory("spiral", n, n_features, n_classes, seed)
+
+
+def _in_memory(kind: str, n: int, n_features: int, n_classes: int, seed: int) -> ArrayDataset:
+    blocks = synthetic_blocks(kind, n, n_features, n_classes, seed)  # checks the sizes first
+    x, y = np.empty((n, n_features), np.float32), np.empty(n, np.int64)
+    lo = 0
+    for xb, yb in blocks:
+        x[lo:lo + len(xb)], y[lo:lo + len(yb)] = xb, yb
+        lo += len(xb)
+    return ArrayDataset(x, y, source=synthetic_source(kind, n, n_features, n_classes, seed))
+
+
+def synthetic_source(kind: str, n: int, n_features: int, n_classes: int, seed: int) -> str:
+    """How a synthetic data set names itself (the `source` of files and messages)."""
+    return (f"synthetic {kind} (n={n}, features={n_features}, classes={n_classes}, "
+            f"seed={seed})")
+
+
+def synthetic_blocks(kind: str, n: int, n_features: int, n_classes: int, seed: int,
+                     block_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows of a seeded synthetic data set ("teacher" or "spiral") as (x, y) blocks in row
+    order: x float32 (k, n_features), y int64 (k,). A block holds `block_rows` rows (default:
+    ~SYNTHETIC_BLOCK_BYTES of x; teacher blocks are rounded up to whole _LABEL_ROWS), so memory
+    is one block, whatever n.
+
+    The values depend on (kind, n, n_features, n_classes, seed) only, never on the block size:
+    every random draw comes from a seeded stream consumed in row order (NumPy's generators give
+    the same values drawn in pieces as at once), and teacher labels are computed _LABEL_ROWS
+    rows at a time from row 0, so BLAS rounds each row alike. A shorter set is a prefix of a
+    longer one (teacher labels: unless the last, partial label unit rounds an exact argmax tie
+    another way). Raises ConfigError (bad sizes) at the call, before any row is made.
+    """
+    if kind == "teacher":
+        if n < 1 or n_features < 1 or n_classes < 2:
+            raise ConfigError(f"synthetic data needs n >= 1, features >= 1, classes >= 2; "
+                              f"got {n}, {n_features}, {n_classes}")
+    elif kind == "spiral":
+        if n < 1 or n_features < 2 or n_classes < 2:
+            raise ConfigError(f"spiral data needs n >= 1, features >= 2, classes >= 2; "
+                              f"got {n}, {n_features}, {n_classes}")
+    else:
+        raise ConfigError(f"synthetic kind must be 'teacher' or 'spiral', got {kind!r}")
+    rows = block_rows or max(1, SYNTHETIC_BLOCK_BYTES // (4 * n_features))
+    if kind == "teacher":
+        return _teacher_blocks(n, n_features, n_classes, seed, -(-rows // _LABEL_ROWS))
+    return _spiral_blocks(n, n_features, n_classes, seed, rows)
+
+
+def _teacher_blocks(n: int, n_features: int, n_classes: int, seed: int, units: int):
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_TEACHER_STREAM,)))
+    w1 = rng.standard_normal((_TEACHER_HIDDEN, n_features)) / math.sqrt(n_features)
+    w2 = rng.standard_normal((n_classes, _TEACHER_HIDDEN)) / math.sqrt(_TEACHER_HIDDEN)
+    rows = units * _LABEL_ROWS
+    for lo in range(0, n, rows):
+        x = rng.standard_normal((min(rows, n - lo), n_features), dtype=np.float32)
+        y = np.empty(len(x), np.int64)
+        for a in range(0, len(x), _LABEL_ROWS):
+            xa = x[a:a + _LABEL_ROWS].astype(np.float64)
+            y[a:a + _LABEL_ROWS] = (np.tanh(xa @ w1.T) @ w2.T).argmax(axis=1)
+        yield x, y
+
+
+def _spiral_blocks(n: int, n_features: int, n_classes: int, seed: int, rows: int):
+    seeds = np.random.SeedSequence(seed, spawn_key=(_SPIRAL_STREAM,)).spawn(2)
+    radii, noise = (np.random.default_rng(s) for s in seeds)   # 1 and n_features draws a row
+    for lo in range(0, n, rows):
+        k = min(rows, n - lo)
+        y = np.arange(lo, lo + k, dtype=np.int64) % n_classes
+        t = radii.random(k)
+        theta = 2 * np.pi * y / n_classes + 3 * np.pi * t
+        z = noise.standard_normal((k, n_features))
+        x = 0.1 * z
+        x[:, 0] = t * np.cos(theta) + 0.02 * z[:, 0]
+        x[:, 1] = t * np.sin(theta) + 0.02 * z[:, 1]
+        yield x.astype(np.float32), y
 
 
 # ----------------------------------------------------------------------------- validation
 
-def _chunks(n: int, row_bytes: int) -> Iterator[np.ndarray]:
-    """Row indices in runs of ~SCAN_BYTES, so a scan's memory is bounded by one chunk."""
+def _chunks(n: int, row_bytes: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Row indices start..n-1 in runs of ~SCAN_BYTES, so a scan's memory is bounded by one
+    chunk."""
     step = max(1, SCAN_BYTES // max(1, row_bytes))
-    for lo in range(0, n, step):
+    for lo in range(start, n, step):
         yield np.arange(lo, min(lo + step, n), dtype=np.int64)
 
 
-def _check_labels(ds: Dataset, n_outputs: int | None) -> None:
+def _check_labels(ds: Dataset, n_outputs: int | None, share: tuple[int, int]) -> None:
     if ds.y_dtype.kind not in "iu":
         raise _fail(ds.source, f"labels y have dtype {ds.y_dtype}; 1-D y must hold integer "
                                f"class labels (store targets as 2-D (rows, outputs))")
-    lo, hi = math.inf, -math.inf          # ints after the first chunk (ds.n >= 1)
-    for rows in _chunks(ds.n, ds.y_dtype.itemsize):
+    lo, hi = math.inf, -math.inf          # ints after the first chunk of a non-empty share
+    for rows in _chunks(share[1], ds.y_dtype.itemsize, share[0]):
         y = ds.read_y(rows)
         lo, hi = min(lo, int(y.min())), max(hi, int(y.max()))
     # One output (a binary sigmoid unit) takes labels 0 and 1, like Network does.
     classes = None if n_outputs is None else max(n_outputs, 2)
-    if lo < 0 or (classes is not None and hi >= classes):
+    if lo <= hi and (lo < 0 or (classes is not None and hi >= classes)):
         need = f"0..{classes - 1} for {n_outputs} outputs" if classes is not None else ">= 0"
         raise _fail(ds.source, f"labels y out of range: min {lo}, max {hi}; need {need}")
 
 
-def _check_finite(ds: Dataset) -> None:
+def _check_finite(ds: Dataset, share: tuple[int, int]) -> None:
     scan_x, scan_y = ds.x_dtype.kind == "f", ds.y_dtype.kind == "f"
     if not (scan_x or scan_y):
         return
     row_bytes = (ds.n_features * ds.x_dtype.itemsize * scan_x
                  + math.prod(ds.y_shape[1:]) * ds.y_dtype.itemsize)
-    for rows in _chunks(ds.n, row_bytes):
+    for rows in _chunks(share[1], row_bytes, share[0]):
         x, y = ds.read(rows) if scan_x else (None, ds.read_y(rows))
         for name, a in (("x", x), ("y", y)):
             if a is None or a.dtype.kind != "f":
@@ -501,21 +560,29 @@ def _check_finite(ds: Dataset) -> None:
 
 
 def validate_dataset(ds: Dataset, n_inputs: int | None, n_outputs: int | None, *,
-                     int_labels_required: bool = False, check_values: bool = True) -> None:
+                     int_labels_required: bool = False, check_values: bool = True,
+                     rank: int = 0, size: int = 1) -> None:
     """Raise DataError unless `ds` fits a network with n_inputs inputs and n_outputs outputs.
 
     1-D y must be an integer dtype with labels in [0, n_outputs) (float labels are rejected,
     even whole numbers: convert them once, in the file). 2-D y must have width n_outputs and is
     refused when `int_labels_required`. The label range is always scanned (y only); with
-    `check_values`, float x and y are scanned for NaN/inf, chunk by chunk: O(file) reads.
+    `check_values`, float x and y are scanned for NaN/inf, chunk by chunk.
+
+    The layout checks (sizes, dtypes, widths) look at every row count on every rank. The value
+    scans read only rank `rank`'s contiguous share of `size`, shard_bounds(n, rank, size): each
+    rank reads O(file / size) rows, and the caller combines the ranks' outcomes (`cli.agree`:
+    the lowest failing rank's message is printed; the shares are in row order, so for one kind
+    of problem it names the first bad row, as a whole scan would). The defaults scan every row.
     """
     if ds.n == 0:
         raise _fail(ds.source, "empty data (0 rows)")
     if n_inputs is not None and ds.n_features != n_inputs:
         raise _fail(ds.source, f"x has {ds.n_features} features but the network's input "
                                f"layer has {n_inputs}")
+    share = shard_bounds(ds.n, rank, size)
     if len(ds.y_shape) == 1:
-        _check_labels(ds, n_outputs)
+        _check_labels(ds, n_outputs, share)
     elif int_labels_required:
         raise _fail(ds.source, f"y holds targets of shape {ds.y_shape}; integer class labels "
                                f"of shape ({ds.n},) are required")
@@ -523,4 +590,4 @@ def validate_dataset(ds: Dataset, n_inputs: int | None, n_outputs: int | None, *
         raise _fail(ds.source, f"targets y have width {ds.y_shape[1]} but the network's output "
                                f"layer has {n_outputs}")
     if check_values:
-        _check_finite(ds)
+        _check_finite(ds, share)

@@ -55,7 +55,8 @@ class Network:
         output: softmax, sigmoid or identity.
         loss: cross_entropy (softmax: categorical; sigmoid: binary per output) or mse.
         seed: initialisation seed; the same seed gives the same bits on every machine and rank.
-        dtype: float32 (default, fast) or float64 (exactness tests).
+        dtype: float32 (default, fast) or float64 (exactness tests), in any spelling numpy
+            accepts ("float64", "f8", "double", np.float64, np.dtype("float64")).
 
     `params` is one flat array: W_1, b_1, W_2, b_2, ... (each W row-major, shape (n_j, n_k));
     `weights[j]` and `biases[j]` (j = 0 .. L−1) are views into it.
@@ -63,14 +64,12 @@ class Network:
 
     def __init__(self, layers: Sequence[int], activation: str = "sigmoid",
                  output: str = "softmax", loss: str = "cross_entropy", seed: int = 0,
-                 dtype: str = "float32"):
+                 dtype: str | np.dtype | type = "float32"):
         self.layers = _check_layers(layers)
         self.activation, self.output, self.loss = activation, output, loss
         self.g = get_hidden(activation)
         check_output_loss(output, loss)
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}: choose float32 or float64")
-        self.dtype = np.dtype(dtype)
+        self.dtype = _check_dtype(dtype)
         self.params = np.zeros(n_params(self.layers), self.dtype)
         self.weights, self.biases = param_views(self.params, self.layers)
         self._init_params(seed)
@@ -105,7 +104,13 @@ class Network:
         return self._forward(self._check_x(x)).copy()
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """(mean loss over the B rows, mean gradient as a new flat array laid out like params)."""
+        """(mean loss over the B rows, mean gradient as a new flat array laid out like params).
+
+        B must be at least 1: a mean over no rows is undefined (ValueError). loss_grad_sum, the
+        sum, accepts zero rows.
+        """
+        if len(self._check_x(x)) == 0:
+            raise ValueError("x has no rows")
         grad = np.empty_like(self.params)
         total = self.loss_grad_sum(x, y, grad)
         grad /= len(x)
@@ -203,8 +208,14 @@ class Network:
         return x
 
     def _targets(self, y: np.ndarray, ws: _Workspace) -> None:
-        """T (B, n_out) in ws.t: one-hot rows for integer labels, y itself for targets."""
+        """T (B, n_out) in ws.t: one-hot rows for integer labels, y itself for targets.
+
+        1-D boolean y holds the labels False = 0 and True = 1 (numpy's own bool → int rule), e.g.
+        the binary target of a single sigmoid output.
+        """
         y = np.asarray(y)
+        if y.dtype == np.bool_:
+            y = y.view(np.uint8)  # same itemsize: a view, no copy; fancy indexing needs ints
         batch, k = ws.t.shape
         if y.ndim == 2 and y.shape == (batch, k):
             np.copyto(ws.t, y, casting="unsafe")
@@ -231,11 +242,33 @@ class Network:
         ws.t.reshape(-1).put(ws.flat, 1.0)
 
 
-def _check_layers(layers: Sequence[int]) -> tuple[int, ...]:
+def _check_dtype(dtype) -> np.dtype:
+    """np.dtype(dtype) if it is float32 or float64; ValueError naming the value otherwise."""
+    # None would silently mean float64 to numpy; a Network's dtype is always said explicitly.
     try:
-        sizes = tuple(int(n) for n in layers)
+        resolved = None if dtype is None else np.dtype(dtype)
     except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: choose float32 or float64")
+    return resolved
+
+
+def _check_layers(layers: Sequence[int]) -> tuple[int, ...]:
+    """The widths as Python ints; ValueError naming any width that is not an int/numpy integer.
+
+    Floats are refused even when integral (2.0): int(2.5) would truncate silently, and a float
+    width means a computation upstream went wrong. A bool or a string is not a width either.
+    """
+    try:
+        items = list(layers)
+    except TypeError:
         raise ValueError(f"layers must be a sequence of integers, got {layers!r}") from None
+    bad = [n for n in items if isinstance(n, bool) or not isinstance(n, (int, np.integer))]
+    if bad:
+        shown = ", ".join(repr(n) for n in bad)
+        raise ValueError(f"layer widths must be integers, got {shown} in {items!r}")
+    sizes = tuple(int(n) for n in items)
     if len(sizes) < 2:
         raise ValueError(f"layers needs at least two sizes (inputs and outputs), got {sizes}")
     if any(n < 1 for n in sizes):

@@ -48,10 +48,13 @@ class Session:
     notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
 
 
-def build_session(cfg: TrainConfig, local_size: int = 1) -> Session:
+def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0,
+                  size: int = 1) -> Session:
     """Open data, build model and optimizer, pick the checkpoint to resume; raises UsageError.
 
-    `local_size`: ranks on this node, which share its memory (`--in-memory auto`)."""
+    `local_size`: ranks on this node, which share its memory (`--in-memory auto`). `rank` of
+    `size`: the data's values (labels, NaN/inf) are checked on this rank's contiguous share of
+    the rows only, so the caller must stop every rank if any rank raises (`cli.agree`)."""
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
@@ -62,7 +65,8 @@ def build_session(cfg: TrainConfig, local_size: int = 1) -> Session:
     layers = cfg.layers or _derive_layers(cfg, train)
     for ds in (train, val):
         if ds is not None:
-            data.validate_dataset(ds, layers[0], layers[-1])  # int labels or (N, out) targets
+            # int labels or (N, out) targets; values on this rank's share of the rows only
+            data.validate_dataset(ds, layers[0], layers[-1], rank=rank, size=size)
     net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)

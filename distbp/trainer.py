@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -35,9 +36,12 @@ _TAIL = 4  # loss sum, samples, correct, stop flag
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; read at each step boundary (never acted on inside the handler)."""
+    """Set by SIGTERM/SIGUSR1; read at each step boundary (never acted on inside the handler).
+    `count` counts the deliveries: a launcher or job script must give each rank the signal once,
+    and a count above 1 at the preemption checkpoint shows it did not (see Trainer)."""
 
     signum: int | None = None
+    count: int = 0
 
 
 def catch_stop_signals() -> StopFlag:
@@ -48,6 +52,7 @@ def catch_stop_signals() -> StopFlag:
 
     def handler(signum, frame):
         flag.signum = signum
+        flag.count += 1
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
@@ -133,8 +138,13 @@ class Trainer:
                 self._save(step, metrics, progress)
                 if self.rank0:
                     self.log(f"preempted by a signal: checkpoint at step {step} written; run "
-                             f"again with --resume auto to continue")
+                             f"again with --resume auto to continue ({self._signals_seen()})")
                 comm.barrier()
+                if not self.rank0 and self.stop.count > 1:  # counted while rank 0 saved
+                    print(f"distbp: warning: rank {comm.rank} received the stop signal "
+                          f"{self.stop.count} times (last {self._signal_name()}): each rank "
+                          f"should get it once; is it sent both directly and forwarded?",
+                          file=sys.stderr, flush=True)
                 return EXIT_PREEMPTED
             if cfg.check_every and step % cfg.check_every == 0:
                 self.check_replicas(step)
@@ -146,6 +156,16 @@ class Trainer:
             metrics.close()
         comm.barrier()
         return EXIT_OK
+
+    def _signal_name(self) -> str:
+        """'USR1', 'TERM': the last stop signal this rank received."""
+        return signal.Signals(self.stop.signum).name.removeprefix("SIG")
+
+    def _signals_seen(self) -> str:
+        """'USR1 received 1 time(s) on rank 0': what reached this rank (the last signal's name)."""
+        if self.stop.signum is None:
+            return f"no signal on rank {self.comm.rank}: another rank got it"
+        return f"{self._signal_name()} received {self.stop.count} time(s) on rank {self.comm.rank}"
 
     def _checkpoint_due(self, step: int, end_of_epoch: bool) -> bool:
         every = self.s.cfg.checkpoint_every
@@ -186,22 +206,23 @@ class Trainer:
             s.preprocess["mean"], s.preprocess["std"] = self._feature_stats()
 
     def _feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        # Each rank sums its contiguous share of rows (after scaling) in float64; one allreduce.
+        """Per-feature mean and population std of the (scaled) training rows, in float64.
+
+        Each rank reads its contiguous share once for its count, mean and M2 (the sum of squared
+        deviations from its own mean); Chan et al.'s parallel formula combines them exactly:
+        mean = Σ n_r·mean_r / n, M2 = Σ (M2_r + n_r·(mean_r − mean)²): two small allreduces.
+        Unlike E[x²] − E[x]², nothing cancels when a feature's offset dwarfs its spread."""
         s, comm = self.s, self.comm
         n_in = s.net.n_inputs
-        sums = np.zeros(2 * n_in + 1, np.float64)
         lo, hi = data.shard_bounds(s.train.n, comm.rank, comm.size)
-        for start in range(lo, hi, 4096):
-            rows = np.arange(start, min(start + 4096, hi))
-            x = s.train.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
-            if "scale" in s.preprocess:
-                x *= float(s.preprocess["scale"])
-            sums[:n_in] += x.sum(axis=0)
-            sums[n_in:2 * n_in] += (x * x).sum(axis=0)
-            sums[-1] += len(rows)
+        scale = float(s.preprocess["scale"]) if "scale" in s.preprocess else None
+        n_r, mean_r, m2_r = _share_moments(s.train, lo, hi, scale, n_in)
+        sums = np.append(mean_r * n_r, float(n_r))
         comm.allreduce_sum(sums)
         mean = sums[:n_in] / sums[-1]
-        var = np.maximum(sums[n_in:2 * n_in] / sums[-1] - mean * mean, 0.0)
+        m2 = m2_r + n_r * (mean_r - mean) ** 2
+        comm.allreduce_sum(m2)
+        var = m2 / sums[-1]
         std = np.where(var > 1e-12, np.sqrt(var), 1.0)  # constant features pass through
         return mean.astype(s.net.dtype), std.astype(s.net.dtype)
 
@@ -281,6 +302,27 @@ class Trainer:
             self.s.net.params[0] += 1e-3
         if kind == "exit0":  # a rank leaving "successfully" mid-run must not look like success
             raise SystemExit(0)
+
+
+def _share_moments(ds, lo: int, hi: int, scale: float | None, n_in: int
+                   ) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows, mean (n_in,), M2 (n_in,)) of rows lo..hi-1 of `ds` times `scale`, float64, read in
+    blocks of 4096 rows: each block's own mean and M2 (two passes over the block in memory),
+    merged into the running ones by Chan et al.'s pairwise update. (0, zeros, zeros) if empty."""
+    n, mean, m2 = 0, np.zeros(n_in), np.zeros(n_in)
+    for start in range(lo, hi, 4096):
+        rows = np.arange(start, min(start + 4096, hi))
+        x = ds.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
+        if scale is not None:
+            x *= scale
+        k, block_mean = len(rows), x.mean(axis=0)
+        x -= block_mean
+        block_m2 = np.einsum("ij,ij->j", x, x)
+        delta, total = block_mean - mean, n + k
+        mean += delta * (k / total)
+        m2 += block_m2 + delta * delta * (n * k / total)
+        n = total
+    return n, mean, m2
 
 
 def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:

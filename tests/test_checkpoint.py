@@ -426,3 +426,56 @@ def test_check_compatible_names_every_difference_at_once(tmp_path):
                  "dtype float64 but the configuration asks for float32"):
         assert part in message
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------------- shared file systems
+
+HOLD_OPEN = """
+import sys
+import h5py
+files = [h5py.File(path, "r+") for path in sys.argv[1:]]   # open for writing: HDF5 locks them
+print("open", flush=True)
+sys.stdin.read()                                           # until the test closes stdin
+"""
+
+
+def test_resume_evaluate_and_inspect_read_files_another_process_holds_open_for_writing(
+        tmp_path, monkeypatch, capsys):
+    # HDF5's file locks fail on NFS/Lustre, and a writer's lock blocks a locking reader; distbp
+    # opens what it reads with locking=False (data files, checkpoints), so neither stops it.
+    from distbp import data
+    from distbp.cli import main
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((30, 4)), rng.integers(0, 3, 30)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    train = ["train", "--data", str(tmp_path / "d.h5"), "--layers", "4,5,3", "--batch-size",
+             "10", "--dtype", "float64", "--run-dir", str(tmp_path / "run")]
+    assert main([*train, "--steps", "3"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000003.h5"
+    saved = ck.load(ckpt)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(tmp_path / "d.h5"), str(ckpt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=child_env())
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(OSError, match="unable to lock file"):   # what a locking reader gets
+            h5py.File(ckpt, "r")
+        assert ck.load(ckpt).params.tobytes() == saved.params.tobytes()
+        ds = data.open_dataset(tmp_path / "d.h5")
+        np.testing.assert_array_equal(ds.read(np.arange(30))[0], x)
+        ds.close()
+        capsys.readouterr()
+        assert main(["inspect", str(ckpt)]) == 0
+        assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "d.h5")]) == 0
+        assert main([*train, "--steps", "6", "--resume", "auto"]) == 0
+        out = capsys.readouterr().out
+        assert f"checkpoint {ckpt}: OK" in out and "(step 3) on" in out
+        assert f"resumed from {ckpt} at step 3" in out
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert ck.load(tmp_path / "run" / "checkpoints" / "ckpt-00000006.h5").step == 6

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import run_py
 
 from distbp import data
 from distbp.cli import main
@@ -144,6 +147,97 @@ def test_synthetic_bad_sizes_exit_2(tmp_path, capsys):
                     "--classes", "2", "--kind", "spiral"], "features >= 2")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                     "--classes", "1"], "classes >= 2")
+
+
+def _synthetic_file(tmp_path: Path, name: str, kind: str, *extra: str) -> Path:
+    out = tmp_path / name
+    assert main(["data", "synthetic", "--out", str(out), "--n", "5000", "--features", "6",
+                 "--classes", "3", "--seed", "9", "--kind", kind, *extra]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["teacher", "spiral"])
+def test_synthetic_rows_do_not_depend_on_the_block_size_they_are_made_in(tmp_path, monkeypatch,
+                                                                        capsys, kind):
+    whole = _synthetic_file(tmp_path, "whole.h5", kind)     # default: one block of 5000 rows
+    sizes, made = [], data.synthetic_blocks
+
+    def recorded(*args, **kwargs):
+        for xb, yb in made(*args, **kwargs):
+            sizes.append(len(xb))
+            yield xb, yb
+
+    monkeypatch.setattr(data, "synthetic_blocks", recorded)
+    monkeypatch.setattr(data, "SYNTHETIC_BLOCK_BYTES", 100 * 6 * 4)   # 100 rows of x a block
+    blocks = _synthetic_file(tmp_path, "blocks.h5", kind)
+    assert len(sizes) > 1 and max(sizes) <= 1024 and sum(sizes) == 5000   # teacher: whole 1024s
+    with h5py.File(whole) as a, h5py.File(blocks) as b:
+        assert np.array_equal(a["x"][...], b["x"][...])
+        assert np.array_equal(a["y"][...], b["y"][...])
+
+
+CAPPED = """
+import os, resource, sys
+import h5py, numpy
+from distbp import cli, cli_data, data   # all the command imports, before the cap
+
+margin = int(sys.argv[1])
+vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (vm + margin, vm + margin))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_synthetic_data_larger_than_a_memory_cap_is_generated_block_by_block(tmp_path):
+    # RLIMIT_AS caps the process at (its VM after the imports) + 96 MiB; x takes 3x that.
+    margin, n, features = 96 << 20, 75_000, 1024
+    assert n * features * 4 > 3 * margin
+    (tmp_path / "capped.py").write_text(CAPPED)
+    out = tmp_path / "big.h5"
+    try:
+        done = run_py([str(tmp_path / "capped.py"), str(margin), "data", "synthetic", "--out",
+                       str(out), "--n", str(n), "--features", str(features), "--classes", "10",
+                       "--compression", "none"], timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with h5py.File(out) as f:
+            assert f["x"].shape == (n, features) and f["y"].shape == (n,)
+            first = data.synthetic_teacher(2048, features, 10, seed=0)   # a prefix: the same
+            assert np.array_equal(f["x"][:2048], first.x)
+            assert np.array_equal(f["y"][:2048], first.y)
+    finally:
+        out.unlink(missing_ok=True)              # pytest keeps old tmp dirs: free the disk
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_data_files_get_the_mode_of_a_new_file_not_mkstemps_0600(tmp_path, capsys, umask):
+    old = os.umask(umask)
+    try:
+        out = _synthetic_file(tmp_path, "s.h5", "spiral")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 & ~umask   # 0644 or 0640
+
+
+def test_out_that_is_a_directory_or_cannot_be_written_exits_2_with_one_line(tmp_path, capsys,
+                                                                           images_labels):
+    _, _, img, lab = images_labels
+    (tmp_path / "d.h5").mkdir()
+    (tmp_path / "plain").write_text("a file, not a directory")
+    synth = ["data", "synthetic", "--n", "10", "--features", "3", "--classes", "2", "--out"]
+    _fails(capsys, synth + [str(tmp_path / "d.h5")], f"--out '{tmp_path / 'd.h5'}' is a "
+                                                    f"directory; give a file name")
+    _fails(capsys, ["data", "import-idx", str(img), str(lab), "--out", str(tmp_path / "d.h5")],
+           "is a directory")
+    under_file = tmp_path / "plain" / "s.h5"
+    _fails(capsys, synth + [str(under_file)], f"--out '{under_file}': cannot write there")
+    _fails(capsys, ["data", "fashion-mnist", "--from", str(tmp_path), "--out",
+                    str(tmp_path / "plain" / "dir")], "cannot create the directory")
+    if os.geteuid() != 0:                        # root writes into a mode 0555 directory
+        (tmp_path / "ro").mkdir(mode=0o555)
+        _fails(capsys, synth + [str(tmp_path / "ro" / "s.h5")], "cannot write there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5", "img.gz", "lab", "plain"] + (
+        [] if os.geteuid() == 0 else ["ro"])
+    assert list((tmp_path / "d.h5").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- info

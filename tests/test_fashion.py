@@ -197,6 +197,27 @@ def test_standardize_is_computed_over_all_ranks_and_stored_in_the_checkpoint(tmp
     np.testing.assert_allclose(z[:, 3], 0.0, atol=1e-12)
 
 
+def test_standardize_is_exact_for_features_whose_offset_dwarfs_their_spread(tmp_path):
+    # E[x²] − E[x]² loses every digit here (x² ~ 1e12, variance ~ 1e-6); per-rank means and
+    # squared deviations, combined by the parallel formula, do not.
+    rng = np.random.default_rng(5)
+    offset, spread = np.array([1e6, -3e6, 1e6, 0.0]), np.array([1e-3, 1e-2, 1.0, 2.0])
+    x = offset + spread * rng.standard_normal((401, 4))    # float64; shares of 201 and 200 rows
+    with h5py.File(tmp_path / "far.h5", "w") as f:
+        f["x"], f["y"] = x, rng.integers(0, 3, 401)
+    run = tmp_path / "run"
+    r = run_mpi(2, ["-m", "distbp", "train", "--data", str(tmp_path / "far.h5"), "--standardize",
+                    "--dtype", "float64", "--layers", "4,8,3", "--steps", "2",
+                    "--batch-size", "64", "--run-dir", str(run)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    p = checkpoint.load(checkpoint.latest_valid(run / "checkpoints")[0]).preprocess
+    mean = x.mean(axis=0)
+    std = np.sqrt(((x - mean) ** 2).mean(axis=0))          # two passes, by hand
+    np.testing.assert_allclose(p["mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(p["std"], std, rtol=1e-6)
+    assert np.all(np.abs(p["std"] / spread - 1) < 0.1)     # the spreads drawn, not 1.0
+
+
 def test_scale_option_overrides_the_files_scale_attribute(tmp_path):
     _pixels(tmp_path / "px.h5")
     run = tmp_path / "run"

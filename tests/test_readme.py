@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
 from conftest import ROOT
@@ -37,6 +38,28 @@ def test_every_cited_line_range_holds_its_equation():
         found = [i for i, line in enumerate(text, start=1) if fragment in line]
         assert any(first <= i <= last for i in found), \
             f"README cites {path} L{first}-{last} for {key!r}; it is at line(s) {found}"
+
+
+def _function_span(path: str, qualname: str) -> tuple[int, int]:
+    """(first, last) line of the def `qualname` ("func" or "Class.method") in the file."""
+    tree = ast.parse((ROOT / path).read_text())
+    *owners, name = qualname.split(".")
+    body = tree.body
+    for owner in owners:
+        body = next(n.body for n in body if isinstance(n, ast.ClassDef) and n.name == owner)
+    node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return node.lineno, node.end_lineno
+
+
+def test_every_cited_line_range_lies_in_the_named_function():
+    for key in EQUATIONS:
+        m = re.search(r"`([\w.]+)` in `(distbp/[\w/]+\.py)` L(\d+)(?:–(\d+))?", _row(key))
+        assert m, f"README row for {key!r} does not name its function: `func` in `path` Lfirst"
+        name, path, first = m.group(1), m.group(2), int(m.group(3))
+        last = int(m.group(4) or first)
+        lo, hi = _function_span(path, name)
+        assert lo <= first <= last <= hi, \
+            f"README cites {path} L{first}-{last} as {name}, which spans L{lo}-{hi}"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

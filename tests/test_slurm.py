@@ -6,13 +6,19 @@ within seconds) and always stopped at the end.
 - `scancel --signal=USR1` (to the srun ranks): checkpoint, exit 75, the job requeues itself,
   resumes with --resume auto and ends bitwise like the uninterrupted run;
 - the time-limit warning (`--signal=B:USR1@80` under `-t 2`, forwarded by the batch shell's
-  trap), requeue and resume; then a plain `scancel` (TERM) checkpoints without a requeue;
+  trap): checkpoint, exit 75, requeue, resume, and the end bitwise like a plain `mpiexec -n 2`
+  run of the same steps;
+- a plain `scancel` (TERM) checkpoints without a requeue;
+- every rank gets the stop signal once: rank 0 says "USR1 received 1 time(s) on rank 0", and no
+  rank warns that it got it several times;
 - USR1 forwarded by the batch shell while the ranks are still starting: requeue, no step lost;
 - a plain srun whose tasks form no MPI world fails with one clear line and exit 2;
 - sweep.sbatch runs one training per learning rate as a job array.
 
 Needs root and Debian's slurmctld, slurmd, slurm-client and munge (slurm-local.sh installs them
-with apt when missing); skipped when neither is possible. Jobs are polled with squeue.
+with apt when missing); skipped when neither is possible. Jobs are polled with squeue, which is
+asked again when it fails or times out (a busy slurmctld, another cluster on the machine) until
+the wait's own deadline.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +41,9 @@ import pytest
 from conftest import BIN, ROOT, child_env, mpiexec_path
 
 from distbp import checkpoint
+from distbp.trainer import catch_stop_signals
+
+pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"
@@ -88,6 +98,8 @@ def _job_env(conf: Path, **extra: str) -> dict[str, str]:
 class Cluster:
     """The running local Slurm: submit, poll, inspect."""
 
+    query_timeout = 30.0  # seconds one squeue/scontrol may take before it is asked again
+
     def __init__(self, lab: Path):
         self.lab = lab
         self.env = _job_env(lab / "etc" / "slurm.conf")
@@ -104,27 +116,45 @@ class Cluster:
     def sbatch(self, *args: str, **kw) -> str:
         return self.run("sbatch", "--parsable", *args, **kw).stdout.strip().split(";")[0]
 
-    def state(self, job: str) -> str:
-        """squeue's state of the job ('' once it has left the queue); retries a busy slurmctld."""
-        for _ in range(20):
-            proc = self.run("squeue", "-h", "-j", job, "-o", "%T", check=False)
-            if proc.returncode == 0:
-                return proc.stdout.strip()
+    def query(self, *cmd: str, deadline: float | None = None) -> str:
+        """stdout of a read-only command (squeue, scontrol show), asked again while it fails or
+        times out (a busy slurmctld: another cluster may share the machine) until `deadline`
+        (time.monotonic(); default 60 s from now)."""
+        deadline = time.monotonic() + 60 if deadline is None else deadline
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                proc = self.run(*cmd, check=False,
+                                timeout=min(self.query_timeout, max(left, 5.0)))
+            except subprocess.TimeoutExpired as exc:
+                why = f"timed out after {exc.timeout:g} s"
+            else:
+                if proc.returncode == 0:
+                    return proc.stdout
+                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
             time.sleep(0.5)
-        raise AssertionError(f"squeue keeps failing: {proc.stderr}")
+
+    def state(self, job: str, deadline: float | None = None) -> str:
+        """squeue's state of the job ('' once it has left the queue)."""
+        return self.query("squeue", "-h", "-j", job, "-o", "%T", deadline=deadline).strip()
 
     def wait(self, job: str, timeout: float = 120) -> dict[str, str]:
         """Poll squeue (sbatch --wait polls coarsely) until the job is gone; scontrol's record."""
         deadline = time.monotonic() + timeout
-        while self.state(job):
-            if time.monotonic() > deadline:
-                self.run("scancel", job, check=False)
-                raise AssertionError(f"job {job} still queued after {timeout} s")
-            time.sleep(0.2)
+        try:
+            while self.state(job, deadline):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"job {job} still queued after {timeout} s")
+                time.sleep(0.2)
+        except AssertionError:
+            self.run("scancel", job, check=False, timeout=60)
+            raise
         return self.show(job)
 
     def show(self, job: str) -> dict[str, str]:
-        out = self.run("scontrol", "-o", "show", "job", job).stdout.splitlines()[0]
+        out = self.query("scontrol", "-o", "show", "job", job).splitlines()[0]
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
@@ -176,13 +206,18 @@ def _train_args(work: Path, run_dir: Path, *options: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(slurm, work) -> checkpoint.Checkpoint:
     """The uninterrupted run, as a plain `mpiexec -n 2` job outside Slurm."""
-    run_dir = work / "reference"
+    return _mpiexec_train(slurm, work, work / "reference", STEPS, *MODEL)
+
+
+def _mpiexec_train(slurm: Cluster, work: Path, run_dir: Path, steps: int, *options: str
+                   ) -> checkpoint.Checkpoint:
+    """`mpiexec -n 2 distbp train` outside Slurm, uninterrupted; its final checkpoint."""
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "distbp", "train",
-           *_train_args(work, run_dir, *MODEL, "--steps", str(STEPS))]
+           *_train_args(work, run_dir, *options, "--steps", str(steps))]
     env = {k: v for k, v in slurm.env.items() if k != "SLURM_CONF"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return _final(run_dir, STEPS)
+    return _final(run_dir, steps)
 
 
 def _final(run_dir: Path, step: int) -> checkpoint.Checkpoint:
@@ -203,18 +238,38 @@ def _log(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def _shown(log: str) -> str:
+    """The log for an assertion message: without the per-step checkpoint lines, its end."""
+    return "\n".join(ln for ln in log.splitlines() if not ln.startswith("checkpoint /"))[-6000:]
+
+
+def assert_signal_reached_each_rank_once(log: str, name: str) -> None:
+    """Rank 0's preemption line counts what it received; other ranks warn when they got the
+    stop signal more than once. A script that forwards a signal the ranks also get directly
+    would show here."""
+    counts = re.findall(r"^preempted by a signal: checkpoint at step \d+ written; run again "
+                        r"with --resume auto to continue \((.*)\)$", log, re.M)
+    assert counts == [f"{name} received 1 time(s) on rank 0"], _shown(log)
+    assert "received the stop signal" not in log, _shown(log)
+
+
 def _wait_for(path: Path, pattern: str, timeout: float, slurm: Cluster, job: str) -> re.Match:
     """Poll the job's output file until `pattern` appears (or the job ends, or time runs out)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.search(pattern, _log(path), re.M)
-        if m:
-            return m
-        if not slurm.state(job):
-            break
-        time.sleep(0.05)
-    slurm.run("scancel", job, check=False)
-    raise AssertionError(f"no /{pattern}/ in the output of job {job}:\n{_log(path)}")
+    try:
+        while True:
+            m = re.search(pattern, _log(path), re.M)
+            if m:
+                return m
+            if time.monotonic() >= deadline or not slurm.state(job, deadline):
+                m = re.search(pattern, _log(path), re.M)  # written just before the end?
+                if m:
+                    return m
+                raise AssertionError(f"no /{pattern}/ in the output of job {job}:\n{_log(path)}")
+            time.sleep(0.05)
+    except AssertionError:
+        slurm.run("scancel", job, check=False, timeout=60)
+        raise
 
 
 def test_sbatch_template_with_two_tasks_equals_mpiexec_bitwise(slurm, work, reference):
@@ -247,36 +302,118 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, 
     assert "preempted: checkpoint written (exit 75)" in log and "requeueing job" in log
     assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", log), log
     assert log.count("job " + job + " run 2 ") == 1 and " run 3 " not in log
+    assert_signal_reached_each_rank_once(log, "USR1")
     assert_same_state(_final(run_dir, STEPS), reference)
 
 
-def test_time_limit_warning_checkpoints_requeues_resumes_and_scancel_is_final(slurm, work):
+EXTRA = 300  # steps the requeued run of the time-limit test trains past its checkpoint
+
+
+def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
+        slurm, work, tmp_path):
     """The time-limit warning as Slurm sends it: USR1 to the batch shell only (B:), forwarded by
     the template's trap. slurmctld checks time limits about once a minute and sends the warning
     at the first check at or after end - lead - 30 s: with -t 2 and @80 that is 10 to 70 s after
-    the start (after the ranks' start-up), a minute or more before the limit itself."""
+    the start (after the ranks' start-up), a minute or more before the limit itself.
+
+    Run 1 asks for 10^8 steps and writes a checkpoint after every one: a brake (5-35 ms a step
+    instead of 0.5-2.5 ms), since the reference retrains every step run 1 made before the
+    warning. The requeued run gets `--steps K+EXTRA --checkpoint-every 10^8` (changes resume
+    allows) from a DISTBP wrapper, K the newest checkpoint's step: it trains EXTRA steps and
+    ends; the end equals a plain `mpiexec -n 2` run of K+EXTRA steps bitwise."""
     run_dir, out = work / "timelimit", work / "timelimit.out"
+    wrapper = tmp_path / "distbp-finish-when-requeued"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then\n'
+        f'  ckpts=("{run_dir}"/checkpoints/ckpt-*.h5)  # zero-padded: the last is the newest\n'
+        '  k=${ckpts[-1]##*/ckpt-}; k=$((10#${k%.h5}))\n'
+        f'  set -- "$@" --steps $((k + {EXTRA})) --checkpoint-every 100000000\n'
+        "fi\n"
+        f'exec "{BIN / "distbp"}" "$@"\n')
+    wrapper.chmod(0o755)
     job = slurm.sbatch("--ntasks=2", "--time=2", "--signal=B:USR1@80", f"--output={out}",
                        f"--chdir={work}", str(TRAIN),
                        *_train_args(work, run_dir, *TINY, "--steps", "100000000",
-                                    "--checkpoint-every", "100000000", "--log-every", "1000"))
+                                    "--checkpoint-every", "1", "--log-every", "1000"),
+                       env={**slurm.env, "DISTBP": str(wrapper)})
     _wait_for(out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120, slurm, job)
     # The next run gets a 10-minute limit, so its warning is not due while this test runs.
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    resumed = _wait_for(out, r"resumed from \S+ckpt-(\d+)\.h5 at step (\d+)\n", 60, slurm, job)
-    slurm.run("scancel", job)  # TERM to every process: checkpoint, exit 75, and no requeue
+    info = slurm.wait(job, timeout=120)
+    log = _log(out)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        _shown(log)
+    run1, run2 = log.split(f"job {job} run 2 ")
+    assert run1.count("got USR1: forwarding it to the ranks") == 1, _shown(log)
+    assert "got TERM" not in run1 and "preempted: checkpoint written (exit 75)" in run1, _shown(log)
+    k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written", run1, re.M)[1])
+    assert_signal_reached_each_rank_once(log, "USR1")
+    assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", run2), _shown(run2)
+    assert f"steps {k} -> {k + EXTRA}" in run2 and "distbp exited with 0" in run2, _shown(run2)
+    assert "got USR1" not in run2 and " run 3 " not in run2, _shown(run2)
+    reference = _mpiexec_train(slurm, work, work / "timelimit-reference", k + EXTRA, *TINY,
+                               "--checkpoint-every", "100000000")
+    assert_same_state(_final(run_dir, k + EXTRA), reference)
+
+
+def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
+    """`scancel JOB` (TERM to every process of the job, as a preemption with PreemptMode=CANCEL
+    sends it): the ranks checkpoint and exit 75, the script does not requeue (scancel is final)."""
+    run_dir, out = work / "cancelled", work / "cancelled.out"
+    job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
+                       *_train_args(work, run_dir, *TINY, "--steps", "100000000",
+                                    "--checkpoint-every", "100000000", "--log-every", "100"))
+    _wait_for(out, r"step \d+/\d+ epoch", 60, slurm, job)
+    slurm.run("scancel", job)
     info = slurm.wait(job, timeout=90)
     log = _log(out)
-    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "1"), log
-    run1, run2 = log.split(f"job {job} run 2 ")
-    assert run1.count("got USR1: forwarding it to the ranks") == 1, log
-    assert "got TERM" not in run1 and "preempted: checkpoint written (exit 75)" in run1, log
-    k = int(resumed[2])
-    assert re.search(rf"checkpoint at step {k} written", run1), log
-    assert "got USR1" not in run2 and " run 3 " not in run2, log
-    assert "stopped by TERM (scancel or preemption): checkpoint written, not requeueing" in run2
-    end = int(re.search(r"checkpoint at step (\d+) written", run2)[1])
-    assert end > k and _final(run_dir, end).step == end
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
+    assert "got TERM: the ranks got it too" in log and "got USR1" not in log, log
+    assert "stopped by TERM (scancel or preemption): checkpoint written, not requeueing" in log
+    assert " run 2 " not in log and "requeueing job" not in log, log
+    k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written", log, re.M)[1])
+    assert _final(run_dir, k).step == k
+    assert_signal_reached_each_rank_once(log, "TERM")  # from slurmd; the trap does not forward it
+
+
+def test_a_squeue_that_times_out_is_asked_again_until_the_deadline(tmp_path):
+    # a CI run failed with "squeue timed out after 30 seconds" while another Slurm instance
+    # shared the machine; a fake squeue hangs twice, then answers (no cluster needed)
+    fake, calls = tmp_path / "bin", tmp_path / "calls"
+    fake.mkdir()
+    (fake / "squeue").write_text(
+        "#!/bin/sh\n"
+        f'echo call >> "{calls}"\n'
+        f'if [ "$(wc -l < "{calls}")" -le 2 ]; then exec sleep 60; fi\n'
+        "echo RUNNING\n")
+    (fake / "squeue").chmod(0o755)
+    cluster = Cluster(tmp_path)
+    cluster.env["PATH"] = f"{fake}{os.pathsep}{cluster.env['PATH']}"
+    cluster.query_timeout = 0.3
+    assert cluster.state("42", deadline=time.monotonic() + 30) == "RUNNING"
+    assert calls.read_text().count("call") == 3
+    calls.write_text("")  # hangs again, and the deadline passes: a clear failure
+    with pytest.raises(AssertionError, match=r"squeue -h -j 42 -o %T kept failing until the "
+                                             r"deadline: timed out after 0\.3 s"):
+        cluster.state("42", deadline=time.monotonic() + 0.5)
+
+
+def test_stop_flag_counts_every_delivery_so_a_double_one_shows():
+    # what the preemption line and the warning of ranks > 0 report (no cluster needed)
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        flag = catch_stop_signals()
+        assert (flag.count, flag.signum) == (0, None)
+        for n, sig in enumerate((signal.SIGUSR1, signal.SIGUSR1, signal.SIGTERM), start=1):
+            os.kill(os.getpid(), sig)
+            deadline = time.monotonic() + 5
+            while flag.count < n and time.monotonic() < deadline:
+                time.sleep(0.001)  # the Python-level handler runs between bytecodes
+            assert (flag.count, flag.signum) == (n, sig)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work, tmp_path):
@@ -295,7 +432,7 @@ def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work
                        env={**slurm.env, "DISTBP": str(wrapper)})
     deadline = time.monotonic() + 60
     while _log(out).count("wrapper: starting") < 2:  # both tasks are in their start-up
-        assert time.monotonic() < deadline and slurm.state(job), _log(out)
+        assert time.monotonic() < deadline and slurm.state(job, deadline), _log(out)
         time.sleep(0.05)
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     info = slurm.wait(job, timeout=120)
