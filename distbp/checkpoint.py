@@ -1,10 +1,20 @@
 """HDF5 checkpoints: save atomically, load with verification, rotate, pick the newest valid one.
 
     path = save("ck", step=10, epoch=0, step_in_epoch=10, seed=0, layers=[784, 128, 10], ...)
-    ckpt = load(path)                       # every dataset verified against its SHA-256
+    ckpt = load(path)                       # whole file, then every dataset, SHA-256 verified
     path, skipped = latest_valid("ck")      # `--resume auto`: the newest file that loads
 
-Format (format_version 1), readable with plain h5py:
+Format (format_version 1): an HDF5 file with a 512-byte userblock, readable with plain h5py (HDF5
+skips the userblock). The userblock holds one ASCII line padded with NUL bytes to 512 bytes:
+    distbp-checkpoint sha256 <64 lowercase hex> size <file size in bytes>\n
+where the SHA-256 covers bytes 512..end of the file, i.e. everything HDF5 parses, with one
+exception: the 4 bytes at offsets 532..535 (the version-0 superblock's "file consistency flags")
+are hashed as zeros, and must be 0 or 1. HDF5 itself sets them to 1 while any process holds the
+file open for writing (and leaves 1 if that process dies), without changing any content; a
+checkpoint someone opened with h5py "r+" stays loadable. load() checks the line, the file size
+and this hash BEFORE the HDF5 library reads a byte: a damaged superblock or B-tree can crash or
+hang libhdf5, and a flipped attribute (step, loss, ...) would load with a wrong value, so damage
+anywhere must be caught outside HDF5. Inside the HDF5 part:
   /            attrs format="distbp-checkpoint", format_version=1, step, epoch, distbp_version,
                world_size (informational), created (ISO 8601, UTC)
   /model       W1..WL (n_out, n_in), b1..bL (n_out,) in the params dtype; attrs layers (int64),
@@ -15,8 +25,10 @@ Format (format_version 1), readable with plain h5py:
                (seed, epoch), so with the cursor they are all an exact resume needs
   /preprocess  optional arrays (mean, std, ...)
   /metrics     jsonl: the metrics history, one JSON object per line
-Every dataset has attr sha256 = hex SHA-256 of its bytes (C order, stored dtype; UTF-8 bytes for
-text). Nothing is pickled; load reads numbers and strings only. Only rank 0 calls this module.
+Every dataset also has attr sha256 = hex SHA-256 of its bytes (C order, stored dtype; UTF-8 bytes
+for text), so a reader using plain h5py can verify what it reads. Editing a checkpoint with h5py
+keeps the userblock but invalidates the file hash: load() then refuses the file. Nothing is
+pickled; load reads numbers and strings only. Only rank 0 calls this module.
 """
 
 from __future__ import annotations
@@ -45,6 +57,12 @@ _NAME = re.compile(r"ckpt-(\d{8})\.h5")
 _TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\d+")  # never matches _NAME: a crash leaves no ckpt-*
 _TEXT = h5py.string_dtype("utf-8")
 _NUMERIC = "biuf"  # dtype kinds allowed; object, compound, opaque and references are refused
+_USERBLOCK = 512  # bytes before the HDF5 superblock; HDF5 looks for it at 0, 512, 1024, ...
+_MAGIC = FORMAT.encode() + b" sha256 "
+_HEADER = re.compile(rb"distbp-checkpoint sha256 ([0-9a-f]{64}) size ([1-9][0-9]{0,18})\n\x00*")
+_CHUNK = 1 << 20  # hashing reads the file in 1 MiB pieces: no whole-file copy in memory
+# superblock v0 (what libver="earliest" writes): version byte at +8, consistency flags at +20..+23
+_SB_VERSION, _FLAGS = 8, slice(20, 24)
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,9 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
     """Write directory/ckpt-<step:08d>.h5 atomically and return its path.
 
     Written under a temporary name that no ckpt-* pattern matches, fsynced, renamed over the final
-    name, then the directory fsynced: a crash at any instant leaves every ckpt-*.h5 complete. Then
+    name, then the directory fsynced: a crash at any instant leaves every ckpt-*.h5 complete. The
+    file-hash header is written into the userblock after HDF5 closes the file, before the fsync.
+    Then
     all but the newest `keep` checkpoints (None: keep all; the file just written always stays) and
     stale temporary files are removed. `optimizer_state` keys starting with "_" are scratch and
     not saved. `config` and `metrics` must be JSON-serializable.
@@ -131,7 +151,7 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
     tmp = directory / f".tmp-{final.name}.{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=_USERBLOCK, libver="earliest") as f:
             _write_root(f, step, epoch, world_size)
             _write_model(f.create_group("model"), layers, activation, output, loss, params)
             opt = f.create_group("optimizer")
@@ -144,6 +164,7 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
             _put_arrays(f.create_group("preprocess"), preprocess or {})
             _put_text(f.create_group("metrics"), "jsonl",
                       "".join(json.dumps(m) + "\n" for m in metrics))
+        _seal(tmp)
         _fsync(tmp)
         os.replace(tmp, final)
         _fsync(directory)
@@ -205,6 +226,39 @@ def _put_text(g: h5py.Group, name: str, text: str) -> None:
         hashlib.sha256(data).hexdigest()
 
 
+def _seal(path: Path) -> None:
+    """Write the file-hash header into the userblock of the closed HDF5 file at `path`."""
+    with open(path, "r+b") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest, version, flags = _digest(fh, size)
+        if (version, flags) != (0, 0):  # the flag offsets below are those of superblock v0
+            raise CheckpointError(f"cannot write checkpoint '{path}': HDF5 wrote superblock "
+                                  f"version {version} with flags {flags} (distbp needs 0, 0)")
+        line = _MAGIC + f"{digest} size {size}\n".encode("ascii")
+        fh.seek(0)
+        fh.write(line.ljust(_USERBLOCK, b"\0"))
+
+
+def _digest(fh, size: int) -> tuple[str, int, int]:
+    """(hex SHA-256 of bytes 512..size of `fh` with the superblock consistency flags hashed as
+    zeros, superblock version byte, flags as little-endian int; -1 for each if absent).
+
+    Reads in _CHUNK pieces; the first piece always holds the superblock's first 24 bytes."""
+    h = hashlib.sha256()
+    fh.seek(_USERBLOCK)
+    head = bytearray(fh.read(min(_CHUNK, size - _USERBLOCK)))
+    whole = len(head) >= _FLAGS.stop
+    version = head[_SB_VERSION] if whole else -1
+    flags = int.from_bytes(head[_FLAGS], "little") if whole else -1
+    head[_FLAGS] = bytes(len(head[_FLAGS]))
+    h.update(head)
+    count = size - _USERBLOCK - len(head)
+    while count > 0 and (chunk := fh.read(min(_CHUNK, count))):
+        h.update(chunk)
+        count -= len(chunk)
+    return h.hexdigest(), version, flags
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -225,10 +279,15 @@ def _rotate(directory: Path, keep: int | None, written: Path) -> None:
 # ------------------------------------------------------------------------------------ load
 
 def load(path) -> Checkpoint:
-    """Read and verify a checkpoint; any problem raises CheckpointError naming file and problem."""
+    """Read and verify a checkpoint; any problem raises CheckpointError naming file and problem.
+
+    The file's size and SHA-256 are checked against its userblock header first, so HDF5 only ever
+    parses bytes exactly as save() wrote them; then each dataset is checked against its sha256.
+    """
     path = Path(path)
     if not path.is_file():
         raise _error(path, "not found" if not path.exists() else "is not a file")
+    _check_file(path)
     try:
         # no HDF5 file locking, like data files: it fails on NFS/Lustre, and a reader needs none
         f = h5py.File(path, "r", locking=False)
@@ -241,6 +300,29 @@ def load(path) -> Checkpoint:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise _error(path, f"unreadable, truncated or corrupt: {_line(e)}") from e
+
+
+def _check_file(path: Path) -> None:
+    """Check the userblock header, the file size and the SHA-256 of bytes 512..end."""
+    mismatch = "file checksum mismatch (corrupt or truncated)"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_USERBLOCK)
+            if not head.startswith(_MAGIC):
+                raise _error(path, "no distbp checksum header (not a distbp checkpoint, or "
+                                   "written by a foreign tool)")
+            if len(head) < _USERBLOCK or not (m := _HEADER.fullmatch(head)):
+                raise _error(path, f"{mismatch}: damaged checksum header")
+            size, want = os.fstat(fh.fileno()).st_size, int(m.group(2))
+            if size != want:  # before hashing: a truncated file is refused without reading it
+                raise _error(path, f"{mismatch}: {size} bytes but its header says {want}")
+            digest, _, flags = _digest(fh, size)
+            if digest != m.group(1).decode("ascii"):
+                raise _error(path, f"{mismatch}: SHA-256 of the file differs from its header")
+            if flags not in (0, 1):  # 1: HDF5 marks a file open for writing; anything else: rot
+                raise _error(path, f"{mismatch}: HDF5 superblock flags are {flags:#x}, not 0 or 1")
+    except OSError as e:
+        raise _error(path, f"cannot read: {_line(e)}") from e
 
 
 def _read(f: h5py.File, path: Path) -> Checkpoint:

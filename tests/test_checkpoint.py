@@ -1,5 +1,6 @@
-"""Checkpoints: bitwise round trip, plain-h5py readability, corruption detection, rotation,
-crash safety (children killed mid-save), compatibility messages."""
+"""Checkpoints: bitwise round trip, plain-h5py readability (also of a real `distbp train` output),
+the whole-file SHA-256 header, corruption detection (fuzzed: never a crash, hang or wrong value),
+rotation, crash safety (children killed mid-save), compatibility messages."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ def flip_byte(path: Path, dataset: str, index: int = 0) -> None:
 
 def truncate(path: Path, fraction: float) -> None:
     os.truncate(path, int(path.stat().st_size * fraction))
+
+
+def reseal(path: Path) -> None:
+    """Rewrite the userblock header as the documented format says, after an edit of the HDF5
+    part: what a foreign tool that knows the format would do. Lets a test reach the checks
+    behind the whole-file hash (per-dataset SHA-256, structure, attributes)."""
+    data = path.read_bytes()
+    assert data[532:536] == bytes(4)  # superblock consistency flags: no one holds the file open
+    line = (f"distbp-checkpoint sha256 {hashlib.sha256(data[512:]).hexdigest()} "
+            f"size {len(data)}\n").encode()
+    path.write_bytes(line + b"\0" * (512 - len(line)) + data[512:])
 
 
 # ------------------------------------------------------------------------- round trip, layout
@@ -143,10 +155,59 @@ def test_param_shapes_are_w_out_by_in_then_bias():
     assert ck.param_shapes([4, 5, 3]) == [((5, 4), (5,)), ((3, 5), (3,))]
 
 
+PLAIN_READER = """
+import hashlib, json, sys
+import h5py
+import numpy as np
+
+with h5py.File(sys.argv[1], "r") as f:
+    m = f["model"]
+    w1 = np.asarray(m["W1"][()])
+    out = {"root": {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
+                    for k in ("format", "format_version", "step", "epoch", "world_size")},
+           "layers": m.attrs["layers"].tolist(), "dtype": m.attrs["dtype"],
+           "model": [m.attrs[k] for k in ("activation", "output", "loss")],
+           "shapes": {k: list(m[k].shape) for k in m}, "W1": w1.tolist(),
+           "W1_sha256_ok": m["W1"].attrs["sha256"] == hashlib.sha256(w1.tobytes()).hexdigest(),
+           "optimizer": f["optimizer"].attrs["name"],
+           "config": json.loads(f["config/json"].asstr()[()])}
+out["distbp_modules"] = sorted(n for n in sys.modules if n.split(".")[0] == "distbp")
+print(json.dumps(out))
+"""
+
+
+def test_real_train_output_is_read_by_a_process_that_imports_only_h5py_and_numpy(tmp_path):
+    rng = np.random.default_rng(3)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = rng.standard_normal((30, 4)), rng.integers(0, 3, 30)
+    train = run_py(["-m", "distbp", "train", "--data", str(tmp_path / "d.h5"), "--layers",
+                    "4,5,3", "--batch-size", "10", "--dtype", "float64", "--steps", "3",
+                    "--run-dir", str(tmp_path / "run")], timeout=120)
+    assert train.returncode == 0, train.stdout + train.stderr
+    path = tmp_path / "run" / "checkpoints" / "ckpt-00000003.h5"
+    assert path.read_bytes().startswith(b"distbp-checkpoint sha256 ")  # the header is there
+    (tmp_path / "reader.py").write_text(PLAIN_READER)
+    child = run_py([str(tmp_path / "reader.py"), str(path)], timeout=60, cwd=tmp_path)
+    assert child.returncode == 0, child.stderr
+    got = json.loads(child.stdout)
+    assert got["distbp_modules"] == []
+    assert got["root"] == {"format": "distbp-checkpoint", "format_version": 1, "step": 3,
+                           "epoch": 1, "world_size": 1}  # 3 steps of 10 rows: epoch 0 done
+    assert got["layers"] == [4, 5, 3] and got["dtype"] == "float64"
+    assert got["shapes"] == {"W1": [5, 4], "b1": [5], "W2": [3, 5], "b2": [3]}
+    assert got["model"] == ["relu", "softmax", "cross_entropy"] and got["optimizer"] == "sgd"
+    assert got["W1_sha256_ok"]
+    assert got["config"]["layers"] == [4, 5, 3] and got["config"]["steps"] == 3
+    assert got["config"]["batch_size"] == 10 and got["config"]["seed"] == 0
+    # W1 (n_out, n_in) is the first 20 entries of the flat parameters, row-major
+    np.testing.assert_array_equal(np.array(got["W1"]), ck.load(path).params[:20].reshape(5, 4))
+
+
 # ------------------------------------------------------------------------------- corruption
 
 CORRUPTIONS = {
     "truncated to 0 bytes": lambda p: truncate(p, 0.0),
+    "truncated to 300 bytes": lambda p: os.truncate(p, 300),
     "truncated to 10%": lambda p: truncate(p, 0.1),
     "truncated to 50%": lambda p: truncate(p, 0.5),
     "truncated to 90%": lambda p: truncate(p, 0.9),
@@ -158,7 +219,38 @@ CORRUPTIONS = {
     "dataset deleted": lambda p: _delete(p, "model/b2"),
     "group deleted": lambda p: _delete(p, "rng"),
     "not HDF5": lambda p: p.write_bytes(b"this is not an HDF5 file\n" * 40),
+    "byte flipped in the header's hash": lambda p: _flip_at(p, 30),
+    "byte flipped in the header's padding": lambda p: _flip_at(p, 511),
+    "byte flipped in the HDF5 superblock": lambda p: _flip_at(p, 512 + 8),
+    "byte appended": lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+    "attribute rewritten with h5py": lambda p: _rewrite_attr(p, "/", "step", 8),
 }
+NO_HEADER = "no distbp checksum header (not a distbp checkpoint, or written by a foreign tool)"
+MISMATCH = "file checksum mismatch (corrupt or truncated): "
+
+
+def _expected_message(kind: str, size: int) -> str:
+    """What load() says for CORRUPTIONS[kind] applied to a file of `size` bytes."""
+    if kind in ("truncated to 0 bytes", "not HDF5"):
+        return NO_HEADER
+    if kind in ("truncated to 300 bytes", "byte flipped in the header's hash",
+                "byte flipped in the header's padding"):
+        return MISMATCH + "damaged checksum header"
+    if kind.startswith("truncated"):
+        fraction = {"10%": 0.1, "50%": 0.5, "90%": 0.9}.get(kind.split()[-1])
+        new = size - 1 if fraction is None else int(size * fraction)
+        return MISMATCH + f"{new} bytes but its header says {size}"
+    if kind == "byte appended":
+        return MISMATCH + f"{size + 1} bytes but its header says {size}"
+    return MISMATCH + "SHA-256 of the file differs from its header"
+
+
+def _flip_at(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _delete(path: Path, name: str) -> None:
@@ -174,20 +266,29 @@ def _rewrite_attr(path: Path, where: str, name: str, value) -> None:
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_corrupt_checkpoint_raises_one_line_error_naming_file(tmp_path, kind):
     path = ck.save(tmp_path, **run_state())
+    size = path.stat().st_size
     CORRUPTIONS[kind](path)
     with pytest.raises(CheckpointError) as info:
         ck.load(path)
-    message = str(info.value)
-    assert message.startswith(f"checkpoint '{path}': ") and "\n" not in message
-    if kind.startswith("byte flipped"):
-        dataset = kind.split(" in ")[1]
-        assert f"dataset {dataset} fails its SHA-256 check (file corrupt)" in message
-    elif kind == "dataset deleted":
-        assert "missing dataset /model/b2" in message
-    elif kind == "group deleted":
-        assert "missing group /rng" in message
-    else:
-        assert "truncated or not HDF5" in message
+    assert str(info.value) == f"checkpoint '{path}': {_expected_message(kind, size)}"
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("byte flipped in /model/W2", "dataset /model/W2 fails its SHA-256 check (file corrupt)"),
+    ("byte flipped in /optimizer/t", "dataset /optimizer/t fails its SHA-256 check"),
+    ("byte flipped in /rng/step_in_epoch", "dataset /rng/step_in_epoch fails its SHA-256 check"),
+    ("byte flipped in /preprocess/std", "dataset /preprocess/std fails its SHA-256 check"),
+    ("dataset deleted", "missing dataset /model/b2"),
+    ("group deleted", "missing group /rng"),
+])
+def test_damage_behind_a_recomputed_file_hash_is_still_caught(tmp_path, kind, expected):
+    # defence in depth: a tool that rewrote the header over damaged data does not get it loaded
+    path = ck.save(tmp_path, **run_state())
+    CORRUPTIONS[kind](path)
+    reseal(path)
+    with pytest.raises(CheckpointError) as info:
+        ck.load(path)
+    assert str(info.value).startswith(f"checkpoint '{path}': {expected}")
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
@@ -213,6 +314,7 @@ def test_load_reports_missing_file_wrong_format_version_and_shape(tmp_path):
     for step, (where, name, value, pattern) in enumerate(cases):
         path = ck.save(tmp_path, keep=None, **run_state(step=step))
         _rewrite_attr(path, where, name, value)
+        reseal(path)
         with pytest.raises(CheckpointError, match=pattern):
             ck.load(path)
     found, skipped = ck.latest_valid(tmp_path)
@@ -227,8 +329,133 @@ def test_load_refuses_datasets_that_are_not_plain_numbers(tmp_path, dtype):
     with h5py.File(path, "a") as f:
         ds = f["optimizer"].create_dataset("evil", shape=(2,), dtype=dtype)
         ds.attrs["sha256"] = "0" * 64
+    reseal(path)
     with pytest.raises(CheckpointError, match="dataset /optimizer/evil has non-numeric dtype"):
         ck.load(path)
+
+
+# ------------------------------------------------------------------ whole-file hash, fuzzing
+
+def test_save_writes_a_userblock_header_with_the_size_and_sha256_of_the_rest(tmp_path):
+    path = ck.save(tmp_path, **run_state())
+    data = path.read_bytes()
+    line = (f"distbp-checkpoint sha256 {hashlib.sha256(data[512:]).hexdigest()} "
+            f"size {len(data)}\n").encode("ascii")
+    assert data[:512] == line + b"\0" * (512 - len(line))
+    assert data[512:520] == b"\x89HDF\r\n\x1a\n"  # the HDF5 superblock right after it
+    with h5py.File(path, "r") as f:
+        assert f.userblock_size == 512 and f.attrs["step"] == 7
+
+
+def _no_hdf5(*args, **kwargs):
+    raise AssertionError("load() opened the file with HDF5 before checking it")
+
+
+def test_old_layout_without_header_is_refused_before_hdf5_parses_it(tmp_path, monkeypatch):
+    path = ck.save(tmp_path, **run_state())
+    old = tmp_path / "old.h5"
+    old.write_bytes(path.read_bytes()[512:])  # the same HDF5 file, without the userblock
+    with h5py.File(old, "r") as f:
+        assert f.attrs["step"] == 7 and f.userblock_size == 0
+    monkeypatch.setattr(ck.h5py, "File", _no_hdf5)
+    with pytest.raises(CheckpointError) as info:
+        ck.load(old)
+    assert str(info.value) == f"checkpoint '{old}': {NO_HEADER}"
+
+
+def test_size_differing_from_the_header_is_refused_before_hashing(tmp_path, monkeypatch):
+    path = ck.save(tmp_path, **run_state())
+    size = path.stat().st_size
+    os.truncate(path, size - 700)
+    monkeypatch.setattr(ck, "_digest", _no_hdf5)
+    monkeypatch.setattr(ck.h5py, "File", _no_hdf5)
+    with pytest.raises(CheckpointError) as info:
+        ck.load(path)
+    assert str(info.value) == (f"checkpoint '{path}': {MISMATCH}{size - 700} bytes but its header "
+                               f"says {size}")
+
+
+def test_hdf5_open_for_writing_flag_is_tolerated_but_other_flag_values_are_not(tmp_path):
+    # HDF5 sets the superblock's consistency flags (file offset 532) to 1 while a process holds
+    # the file open for writing: the content is unchanged, so the checkpoint must still load
+    path = ck.save(tmp_path, **run_state())
+    saved = ck.load(path)
+    for value in (1, 2, 0x80):
+        data = bytearray(path.read_bytes())
+        data[532] = value
+        path.write_bytes(data)
+        if value == 1:
+            got = ck.load(path)
+            assert got.params.tobytes() == saved.params.tobytes() and got.step == saved.step
+            continue
+        with pytest.raises(CheckpointError) as info:
+            ck.load(path)
+        assert str(info.value) == (f"checkpoint '{path}': {MISMATCH}HDF5 superblock flags are "
+                                   f"{value:#x}, not 0 or 1")
+
+
+FUZZ_SCRIPT = """
+import json, sys
+from pathlib import Path
+from distbp import checkpoint as ck
+from distbp.errors import CheckpointError
+
+source, work = Path(sys.argv[1]), Path(sys.argv[2])
+original = source.read_bytes()
+for kind, offset in json.load(sys.stdin):
+    data = bytearray(original)
+    if kind == "flip":
+        data[offset] ^= 0xFF
+    else:
+        data[offset:offset + 512] = bytes(len(data[offset:offset + 512]))
+    work.write_bytes(data)
+    try:
+        ck.load(work)
+        verdict = "LOADED"
+    except CheckpointError as e:
+        one_line = str(e).startswith(f"checkpoint '{work}': ") and "\\n" not in str(e)
+        verdict = "error" if one_line else "MESSAGE " + repr(str(e))
+    except Exception as e:
+        verdict = f"RAISED {type(e).__name__}: {e}"
+    print(kind, offset, verdict, flush=True)
+"""
+
+
+def _fuzz_batch(script: Path, source: Path, work: Path, batch: list) -> list[str]:
+    """Run one child over `batch`; a crash, hang or missing verdict becomes a failure line."""
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(source), str(work)],
+                              input=json.dumps(batch), capture_output=True, text=True,
+                              timeout=60, env=child_env())
+        out, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as e:  # its partial output comes back as bytes
+        out, rc = (e.stdout or b"").decode(errors="replace"), "timeout (hang)"
+    lines = out.splitlines()
+    failures = [line for line in lines if not line.endswith(" error")]
+    if rc != 0 or len(lines) != len(batch):
+        where = batch[len(lines)] if len(lines) < len(batch) else "after the last mutation"
+        failures.append(f"child died ({rc}) at mutation {where}")
+    return failures
+
+
+def test_every_damaged_byte_or_block_gives_checkpoint_error_never_crash_hang_or_value(
+        tmp_path):
+    # one flipped byte in HDF5 metadata used to segfault libhdf5, 512 zeroed bytes to hang it, and
+    # flipped attributes to load wrong values: every mutation must now be a clean CheckpointError.
+    # Children do the loading, so a segfault or hang fails this test instead of killing pytest.
+    source = ck.save(tmp_path / "src", **run_state())
+    original = source.read_bytes()
+    n = len(original)
+    mutations = ([["flip", o] for o in range(min(4096, n))]          # header, superblock, ...
+                 + [["flip", o] for o in range(4096, n, 3)]         # a third of the rest
+                 + [["zero", o] for o in range(0, n, 512) if any(original[o:o + 512])])
+    assert n > 10_000 and len(mutations) > 8000
+    script = tmp_path / "fuzz.py"
+    script.write_text(FUZZ_SCRIPT)
+    failures = []
+    for i in range(0, len(mutations), 3000):
+        failures += _fuzz_batch(script, source, tmp_path / "work.h5", mutations[i:i + 3000])
+    assert failures == [], f"{len(failures)} bad outcomes, first: {failures[:10]}"
 
 
 # --------------------------------------------------------------------------- rotation, names

@@ -150,11 +150,12 @@ def test_corrupt_checkpoint_is_exit_2_with_one_line_for_inspect_and_on_2_ranks(r
     bad = tmp_path / "ckpt-00000020.h5"
     bad.write_bytes(run["ckpt"].read_bytes())
     with h5py.File(bad, "r+") as f:
-        f["model/W1"][0, 0] += 1.0  # the stored sha256 no longer matches
+        f["model/W1"][0, 0] += 1.0  # neither the file's nor W1's sha256 matches any more
     p = distbp("inspect", str(bad))
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip().splitlines() == [f"distbp: error: checkpoint '{bad}': dataset "
-                                             f"/model/W1 fails its SHA-256 check (file corrupt)"]
+    assert p.stderr.strip().splitlines() == [
+        f"distbp: error: checkpoint '{bad}': file checksum mismatch (corrupt or truncated): "
+        f"SHA-256 of the file differs from its header"]
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(run["ckpt"].read_bytes()[:3000])
     p = distbp("evaluate", str(truncated), "--data", str(run["test"]), n=2)
