@@ -1,7 +1,7 @@
-"""`python -m distbp ...` is the `distbp` command."""
+"""`python -m distbp ...` is the `distbp` command (distbp.entry: stop signals caught first)."""
 
 import sys
 
-from distbp.cli import main
+from distbp.entry import main
 
 sys.exit(main())

@@ -178,9 +178,13 @@ def _run_train(args: argparse.Namespace, job: _Job) -> int:
     from distbp.session import build_session
     from distbp.trainer import Trainer, catch_stop_signals
 
-    stop = catch_stop_signals()
-    cfg = resolve_config(args)
-    job.comm = comm = get_comm(timeout=cfg.collective_timeout)
+    stop = catch_stop_signals()  # the entry point's flag, if it installed one at start-up
+    # The communicator before the configuration: a --config file readable on one rank only
+    # (relative to each rank's working directory) must stop every rank through `agree`, not
+    # leave the others waiting in MPI_Init. get_comm's own ConfigErrors are alike on all ranks.
+    job.comm = comm = get_comm(timeout=_setup_timeout(getattr(args, "collective_timeout", None)))
+    cfg = agree(comm, lambda: resolve_config(args))
+    comm.set_timeout(cfg.collective_timeout)  # the file may have set it
     threads = set_threads(cfg.threads, comm.local_size)
     session = agree(comm, lambda: build_session(cfg, local_size=comm.local_size,
                                                 rank=comm.rank, size=comm.size))
@@ -193,6 +197,19 @@ def _run_train(args: argparse.Namespace, job: _Job) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+def _setup_timeout(raw) -> float | None:
+    """--collective-timeout as given on the command line, read leniently for the collectives
+    that check the configuration: a value that will not validate gives the default 600 s, and
+    resolve_config reports it (once, through agree)."""
+    if isinstance(raw, str) and raw.strip().lower() == "none":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return 600.0
+    return value if 0 < value < float("inf") else 600.0
 
 
 def set_threads(requested: int | None, local_size: int) -> str:
@@ -247,13 +264,14 @@ def _print_header(s, comm, threads: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `distbp` console script; returns the exit code.
+    """The `distbp` command (distbp.entry, the console script, calls it); returns the exit code.
 
     A rank may return normally only when every rank returns (MPICH's MPI_Finalize waits for
     the others, so a lone early return hangs the job), and returns 0 only when the command
     finished. Hence:
-      - bad input found before the first collective (config: identical everywhere; data and
-        checkpoints: through `agree`): one line on stderr, printed once, every rank exits 2;
+      - bad input found at setup (the command line: identical everywhere; the config file,
+        data, checkpoints and output directories: through `agree`, since a file may differ
+        between ranks): one line on stderr, printed once, every rank exits 2;
       - a non-finite loss: every rank sees it in the same reduced buffer, exit 1, one line;
       - anything else once there is a communicator of several ranks (bad data read on one rank
         mid-run, a collective timeout, an exception, even SystemExit(0)): this rank prints its

@@ -110,6 +110,9 @@ class SerialComm:
     def barrier(self) -> None:
         pass
 
+    def set_timeout(self, timeout: float | None) -> None:
+        """No collective can wait here; accepted so callers need not tell the kinds apart."""
+
     def abort(self, code: int = 1) -> NoReturn:
         """Exit now with `code` (0 becomes 1: an abort is never a success), skipping atexit
         handlers and finalizers, like MPI_Abort."""
@@ -141,6 +144,13 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Bound the collectives from now on by `timeout` seconds (None: blocking calls), e.g.
+        once the configuration is known; the communicator is created before it is read."""
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"collective timeout must be positive seconds, got {timeout!r}")
+        self._timeout = timeout
 
     def allreduce_sum(self, buf: np.ndarray) -> None:
         self._allreduce(buf, self._MPI.SUM)

@@ -163,6 +163,8 @@ def _check_file(path: str | Path, source: str) -> None:
         raise _fail(source, "not found" + _missing_hint(Path(path)))
     if Path(path).is_dir():
         raise _fail(source, "is a directory, not a data file")
+    if not Path(path).is_file():  # a FIFO, socket or device: open() could block forever
+        raise _fail(source, "not a regular file (a FIFO, socket or device?)")
     try:
         with open(path, "rb"):
             pass

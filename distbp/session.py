@@ -8,6 +8,8 @@ here, identically on every rank, so a bad run stops before the first collective 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +81,49 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0,
                 metrics_path=Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl"))
     if resume is not None:
         _restore(s, resume)
+    if rank == 0:  # the rank that writes them
+        _check_outputs(cfg, s.checkpoint_dir, s.metrics_path)
     return s
+
+
+def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None:
+    """Create the checkpoint and metrics directories (with parents) and write and remove a
+    probe file in each, so an impossible or unwritable --run-dir, --checkpoint-dir or --metrics
+    stops the run now (exit 2, naming the option), not at the first checkpoint."""
+    ckpt_option = ("--checkpoint-dir", cfg.checkpoint_dir)
+    metrics_option = ("--metrics", cfg.metrics)
+    for (option, value), directory in ((ckpt_option, ckpt_dir),
+                                       (metrics_option, metrics_path.parent)):
+        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+        _probe_directory(directory, named)
+    named = (f"--metrics {cfg.metrics!r}" if cfg.metrics is not None
+             else f"--run-dir {cfg.run_dir!r}")
+    if metrics_path.is_dir():
+        raise ConfigError(f"{named}: metrics file '{metrics_path}' is a directory")
+    if metrics_path.exists():
+        try:
+            with open(metrics_path, "a"):  # appends nothing: contents and mtime stay
+                pass
+        except OSError as e:
+            raise ConfigError(f"{named}: cannot write metrics file '{metrics_path}': "
+                              f"{e.strerror or e}") from None
+
+
+def _probe_directory(directory: Path, named: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{named}: '{directory}' exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{named}: cannot create directory '{directory}': "
+                          f"{e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distbp-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{named}: directory '{directory}' is not writable: "
+                          f"{e.strerror or e}") from None
 
 
 def _make_optimizer(cfg: TrainConfig):

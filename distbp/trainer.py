@@ -8,8 +8,10 @@
     mpiexec -n 2 distbp train --steps 200
     python -m distbp train --preset digits
 
-Preemption (SIGTERM, SIGUSR1) only sets a flag; the flag rides in the step's own allreduce, so all
-ranks see it at the same step, rank 0 writes a checkpoint, and `train` returns EXIT_PREEMPTED.
+Preemption (SIGTERM, SIGUSR1) only sets a flag (distbp.stopflag; the `distbp` entry point installs
+its handler before NumPy, h5py and MPI are imported, so a signal during start-up counts too); the
+flag rides in the step's own allreduce, so all ranks see it at the same step, rank 0 writes a
+checkpoint, and `train` returns EXIT_PREEMPTED.
 """
 
 from __future__ import annotations
@@ -28,38 +30,12 @@ from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteE
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, format_train
 from distbp.session import Session
+from distbp.stopflag import StopFlag, catch_stop_signals  # re-exported: their old home
 
 __all__ = ["FAULT_ENV", "StopFlag", "Trainer", "catch_stop_signals"]
 
 FAULT_ENV = "DISTBP_FAULT"  # test-only: "raise|kill|hang|perturb|exit0:RANK:STEP"
 _TAIL = 4  # loss sum, samples, correct, stop flag
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1; read at each step boundary (never acted on inside the handler).
-    `count` counts the deliveries: a launcher or job script must give each rank the signal once,
-    and a count above 1 at the preemption checkpoint shows it did not (see Trainer)."""
-
-    signum: int | None = None
-    count: int = 0
-
-
-def catch_stop_signals() -> StopFlag:
-    """Route SIGTERM and SIGUSR1 into a StopFlag. Called first thing by `distbp train`, so a
-    preemption signal during start-up (imports, MPI init, data checks) is not fatal: the first
-    step sees it, rank 0 checkpoints and every rank exits 75."""
-    flag = StopFlag()
-
-    def handler(signum, frame):
-        flag.signum = signum
-        flag.count += 1
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
-        # SA_RESTART: a signal (or a burst of them) must not fail a system call inside HDF5 or
-        # MPI with EINTR, e.g. while rank 0 writes the checkpoint
-        signal.siginterrupt(sig, False)
-    return flag
 
 
 class Trainer:

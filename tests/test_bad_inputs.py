@@ -3,7 +3,8 @@ exactly ONE line on stderr (not one per rank) that names the problem, no traceba
 and the run's existing checkpoint directory left byte for byte and mtime for mtime as it was.
 
 The cases run four at a time in one module fixture (each is a separate job); one test per case
-reads its result, so a failure names the case.
+reads its result, so a failure names the case. Run as root, the permission cases (PERMISSION_CASES)
+drop the capabilities that let root ignore file modes (see `launch`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,9 @@ MODEL = ("--layers", "8,16,3", "--activation", "tanh", "--seed", "3", "--steps",
          "--collective-timeout", "30")
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "MPI_LOCAL", "HYDRA_")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+# Root ignores file modes through two capabilities; without them it obeys them like any user.
+# (Running as nobody instead fails here: the venv's python links into /root, mode 700.)
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
 
 # name -> (extra `distbp train` options, regex the one stderr line must match). In options,
 # {d} is the directory of the files made by make_inputs and {good} the good data file.
@@ -37,6 +42,7 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     # data files
     "data_missing": (("--data", "{d}/missing.h5"), r"data file '.*missing\.h5': not found"),
     "data_is_a_directory": (("--data", "{d}/folder.h5"), r"is a directory, not a data file"),
+    "data_is_a_fifo": (("--data", "{d}/fifo.h5"), r"'.*fifo\.h5': not a regular file"),
     "data_unreadable": (("--data", "{d}/noperm.h5"), r"'.*noperm\.h5': not readable"),
     "data_not_hdf5": (("--data", "{d}/text.h5"), r"'.*text\.h5': not a valid HDF5 file"),
     "data_unknown_format": (("--data", "{d}/blob.bin"), r"not an HDF5 or NPZ file"),
@@ -86,20 +92,40 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     # checkpoints
     "checkpoint_dir_is_a_file": (("--checkpoint-dir", "{d}/plain_file"),
                                  r"--checkpoint-dir '.*plain_file' exists and is not a directory"),
+    # where the run writes: checked (created, a file written and removed) before training
+    "checkpoint_dir_under_a_file": (("--checkpoint-dir", "{d}/plain_file/ckpts"),
+                                    r"--checkpoint-dir '.*plain_file/ckpts': cannot create "
+                                    r"directory '.*plain_file/ckpts': Not a directory"),
+    "checkpoint_dir_not_writable": (("--checkpoint-dir", "{d}/read_only"),
+                                    r"--checkpoint-dir '.*read_only': directory '.*read_only' "
+                                    r"is not writable: Permission denied"),
+    "run_dir_under_a_file": (("--run-dir", "{d}/plain_file/run"),
+                             r"--run-dir '.*plain_file/run': cannot create directory "
+                             r"'.*plain_file/run/checkpoints': Not a directory"),
+    "metrics_under_a_file": (("--metrics", "{d}/plain_file/m.jsonl"),
+                             r"--metrics '.*plain_file/m\.jsonl': '.*plain_file' exists and is "
+                             r"not a directory"),
+    "metrics_is_a_directory": (("--metrics", "{d}/folder.h5"),
+                               r"--metrics '.*folder\.h5': metrics file '.*folder\.h5' is a "
+                               r"directory"),
     "resume_missing": (("--resume", "{d}/gone.h5"), r"checkpoint '.*gone\.h5': not found"),
     "resume_not_hdf5": (("--resume", "{d}/text.h5"),
-                        r"checkpoint '.*text\.h5': not a readable HDF5 file"),
+                        r"checkpoint '.*text\.h5': no distbp checksum header"),
     "resume_truncated": (("--resume", "{d}/truncated.h5"),
-                         r"checkpoint '.*truncated\.h5': not a readable HDF5 file"),
+                         r"checkpoint '.*truncated\.h5': file checksum mismatch \(corrupt or "
+                         r"truncated\): \d+ bytes but its header says \d+"),
     "resume_corrupt": (("--resume", "{d}/corrupt.h5"),
-                       r"dataset /model/W1 fails its SHA-256 check \(file corrupt\)"),
+                       r"'.*corrupt\.h5': file checksum mismatch .*: SHA-256 of the file differs"),
     "resume_data_file_not_checkpoint": (("--resume", "{good}"),
-                                        r"checkpoint '.*good\.h5': missing attribute 'format'"),
+                                        r"checkpoint '.*good\.h5': no distbp checksum header "
+                                        r"\(not a distbp checkpoint"),
     "resume_other_architecture": (("--resume", "auto", "--layers", "8,32,3"),
                                   r"has layers 8,16,3 but the configuration asks for 8,32,3"),
     "resume_other_dtype": (("--resume", "auto", "--dtype", "float64"),
                            r"dtype float32 but the configuration asks for float64"),
 }
+
+PERMISSION_CASES = ("data_unreadable", "checkpoint_dir_not_writable")
 
 
 def clean_env() -> dict[str, str]:
@@ -136,6 +162,8 @@ def make_inputs(d: Path) -> Path:
     (d / "unknown_key.toml").write_text("learning_rate = 0.1\n")
     (d / "wrong_type.toml").write_text('lr = "fast"\n')
     (d / "plain_file").write_text("not a directory\n")
+    os.mkfifo(d / "fifo.h5")  # open() of a FIFO blocks until a writer comes: never
+    (d / "read_only").mkdir(mode=0o555)
     return good
 
 
@@ -161,10 +189,26 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
-def launch(exe: str, args: list[str]) -> subprocess.CompletedProcess:
-    """`mpiexec -n 2 python -m distbp train ARGS`; the timeout turns a hang into a failure."""
-    return subprocess.run([exe, "-n", "2", sys.executable, "-m", "distbp", "train", *args],
-                          capture_output=True, text=True, timeout=60, env=clean_env())
+def launch(exe: str, args: list[str], obey_modes: bool = False) -> subprocess.CompletedProcess:
+    """`mpiexec -n 2 python -m distbp train ARGS`; `obey_modes`: as root, the whole job without
+    the capabilities to override file modes (setpriv), so that a mode-000 file is unreadable.
+    A hang of 60 s kills the job and gives exit code None: its case fails."""
+    cmd = [exe, "-n", "2", sys.executable, "-m", "distbp", "train", *args]
+    return run_job([*DROP_DAC, *cmd] if obey_modes and IS_ROOT else cmd)
+
+
+def run_job(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` (an mpiexec job) in a session of its own: after 60 s, kill it all (mpiexec,
+    its proxy, the ranks) and give returncode None."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=clean_env(), start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # mpiexec, its proxy and the ranks
+            out, err = proc.communicate()
+            return subprocess.CompletedProcess(cmd, None, out, f"{err}\n(hung: killed)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +238,8 @@ def outcomes(tmp_path_factory):
         before = snapshot(run_dir)
         args = ["--data", str(good), "--run-dir", str(run_dir), *MODEL,
                 *(o.format(d=d, good=good) for o in options)]
-        return launch(exe, args), before, snapshot(run_dir)
+        proc = launch(exe, args, obey_modes=name in PERMISSION_CASES)
+        return proc, before, snapshot(run_dir)
 
     with ThreadPoolExecutor(4) as pool:
         return dict(zip(CASES, pool.map(run, CASES)))
@@ -208,8 +253,9 @@ def test_the_table_has_over_25_cases_with_distinct_key_phrases():
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_checkpoints_alone(outcomes, case):
-    if case == "data_unreadable" and IS_ROOT:
-        pytest.skip("root reads a file with mode 000")
+    if case in PERMISSION_CASES and IS_ROOT and shutil.which(DROP_DAC[0]) is None:
+        pytest.skip("root reads and writes regardless of modes, and setpriv (util-linux) to "
+                    "drop that is missing")
     proc, before, after = outcomes[case]
     shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 2, shown
@@ -219,3 +265,32 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_checkpoints_alone(
     assert re.search(CASES[case][1], lines[0]), shown
     assert "Traceback" not in proc.stdout + proc.stderr
     assert after == before  # same files, bytes and mtimes: nothing written, nothing rotated
+
+
+@pytest.mark.parametrize("missing_on", [0, 1], ids=["rank0", "rank1"])
+def test_config_file_missing_on_one_rank_only_stops_both_ranks_with_one_line(tmp_path,
+                                                                            missing_on):
+    # MPMD: each rank in its own working directory, where --config run.toml exists on one
+    # rank only. The rank that cannot read it must not exit alone (the other would wait in MPI
+    # init or its first collective forever), and rank 1's problem must be printed too.
+    exe = mpiexec_path()
+    if exe is None:
+        pytest.skip("no mpiexec: pip install '.[mpi]'")
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    good = write_h5(tmp_path / "good.h5", x=ds.x, y=ds.y)
+    has, lacks, run_dir = tmp_path / "has", tmp_path / "lacks", tmp_path / "run"
+    has.mkdir()
+    lacks.mkdir()
+    (has / "run.toml").write_text(f'data = "{good}"\nrun_dir = "{run_dir}"\n'
+                                  'layers = [8, 16, 3]\nsteps = 4\n')
+    rank_dirs = [lacks, has] if missing_on == 0 else [has, lacks]
+    rank = [sys.executable, "-m", "distbp", "train", "--config", "run.toml",
+            "--collective-timeout", "30"]
+    cmd = [exe, "-n", "1", "-wdir", str(rank_dirs[0]), *rank, ":",
+           "-n", "1", "-wdir", str(rank_dirs[1]), *rank]
+    proc = run_job(cmd)
+    shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, shown
+    assert proc.stderr.splitlines() == [
+        "distbp: error: config file 'run.toml': cannot read: No such file or directory"], shown
+    assert not run_dir.exists()  # stopped before anything was written
