@@ -172,6 +172,18 @@ def agree(comm, build: Callable):
     raise _AgreedExit(EXIT_USAGE, str(failure) if mine else None)
 
 
+def _agree_on_start(comm, session) -> None:
+    """Every rank must resume from the same step: nodes that list a checkpoint directory
+    differently (a stale NFS cache, a node-local path) would otherwise train apart."""
+    span = np.array([session.start_step, -session.start_step], np.int64)
+    comm.allreduce_max(span)  # [latest start, −earliest start]
+    if span[0] != -span[1]:
+        raise _AgreedExit(EXIT_USAGE, (
+            f"ranks found different checkpoints to resume from (steps {-span[1]} to {span[0]}): "
+            f"--checkpoint-dir must be the same shared directory on every node"
+        ) if comm.rank == 0 else None)
+
+
 def _run_train(args: argparse.Namespace, job: _Job) -> int:
     from distbp.comm import get_comm
     from distbp.config import resolve_config
@@ -188,6 +200,7 @@ def _run_train(args: argparse.Namespace, job: _Job) -> int:
     threads = set_threads(cfg.threads, comm.local_size)
     session = agree(comm, lambda: build_session(cfg, local_size=comm.local_size,
                                                 rank=comm.rank, size=comm.size))
+    _agree_on_start(comm, session)
     if comm.rank == 0:
         _print_header(session, comm, threads)
     code = Trainer(session, comm, stop=stop).train()

@@ -21,13 +21,18 @@ from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
 from distbp.optim import Schedule, make_optimizer
 
-__all__ = ["Session", "build_session", "DEFAULT_HIDDEN", "default_epochs"]
+__all__ = ["DEFAULT_HIDDEN", "Session", "build_session", "default_epochs", "stored_config"]
 
 DEFAULT_HIDDEN = 128
 default_epochs = 10
-# Settings that decide the trajectory: a resumed run must use the checkpoint's values.
-_FIXED_ON_RESUME = ("data", "val_data", "val_fraction", "x_name", "y_name", "batch_size",
-                    "drop_last", "seed", "optimizer", "scale", "standardize")
+# What a resumed run may change (reported at start): its length, where and how often it
+# records, and how it runs. Every other setting decides the trajectory (data, batch, seed,
+# model, optimizer and its hyper-parameters, schedule, preprocessing) and must match the
+# checkpoint. `steps`/`epochs` move the end of the run and with it a cosine schedule's end;
+# `min_lr` is that schedule's end value.
+_MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
+                      "checkpoint_every", "keep", "resume", "metrics", "check_every", "log_every",
+                      "progress", "threads", "collective_timeout", "in_memory")
 
 
 @dataclass
@@ -172,33 +177,50 @@ def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[checkpoint.Checkpoin
     if cfg.resume == "auto":
         path, skipped = checkpoint.latest_valid(ckpt_dir)
         notes = [f"skipping checkpoint {p}: {why}" for p, why in skipped]
+        if path is None and skipped:  # checkpoints exist, none verifies: do not silently restart
+            raise CheckpointError(
+                f"--resume auto: none of the {len(skipped)} checkpoint(s) in '{ckpt_dir}' "
+                f"verifies (newest: {skipped[0][1]}); use --resume none to start over")
         if path is None:
-            notes.append(f"--resume auto: no valid checkpoint in '{ckpt_dir}', starting fresh")
+            notes.append(f"--resume auto: no checkpoint in '{ckpt_dir}' yet, starting fresh")
             return None, notes
         return checkpoint.load(path), notes
     return checkpoint.load(cfg.resume), []
 
 
 def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConfig:
-    """Refuse changes that alter the trajectory; report the (safe) ones that are allowed."""
+    """Refuse changes that alter the trajectory; report the ones that may change."""
     old = ckpt.config
-    fixed = [f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _FIXED_ON_RESUME
-             if k in old and _norm(old[k]) != _norm(getattr(cfg, k))]
-    if fixed:
-        raise CheckpointError(f"checkpoint '{ckpt.path}' was written with other settings that "
-                              f"decide the trajectory: {'; '.join(fixed)}")
     layers = cfg.layers or tuple(ckpt.layers)
     checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
                                 output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
-    ignore = set(_FIXED_ON_RESUME) | {"resume", "layers"}
-    changed = [f"{k} {_norm(old[k])!r} -> {_norm(v)!r}" for k, v in cfg.to_dict().items()
-               if k in old and k not in ignore and _norm(old[k]) != _norm(v)]
+    new = dataclasses.replace(cfg, layers=tuple(layers)).to_dict()
+    differ = [k for k in new if k in old and _norm(old[k], k) != _norm(new[k], k)]
+    fixed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k not in _MUTABLE_ON_RESUME]
+    if fixed:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' was written with other settings that "
+                              f"decide the trajectory: {'; '.join(fixed)} (only "
+                              f"{', '.join(_MUTABLE_ON_RESUME[:3])} and where/how the run "
+                              f"records may change on resume)")
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k != "resume"]
     if changed:
         notes.append("resuming with changed settings: " + "; ".join(changed))
     return dataclasses.replace(cfg, layers=tuple(layers))
 
 
-def _norm(v):
+def stored_config(cfg: TrainConfig) -> dict:
+    """The configuration as checkpoints store it: data paths absolute, so the files are named
+    unambiguously whatever directory a later resume or `distbp evaluate` runs from."""
+    d = cfg.to_dict()
+    for key in ("data", "val_data"):
+        if d[key]:
+            d[key] = os.path.abspath(d[key])
+    return d
+
+
+def _norm(v, key: str = ""):
+    if key in ("data", "val_data") and isinstance(v, str):
+        return os.path.abspath(v)  # the same file typed relative or absolute
     return list(v) if isinstance(v, (tuple, list)) else v
 
 

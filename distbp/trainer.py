@@ -29,7 +29,7 @@ from distbp import checkpoint, data, preprocess
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, format_train
-from distbp.session import Session
+from distbp.session import Session, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals  # re-exported: their old home
 
 __all__ = ["FAULT_ENV", "StopFlag", "Trainer", "catch_stop_signals"]
@@ -260,7 +260,7 @@ class Trainer:
             s.checkpoint_dir, step=step, epoch=epoch, step_in_epoch=in_epoch, seed=s.cfg.seed,
             layers=s.net.layers, activation=s.net.activation, output=s.net.output,
             loss=s.net.loss, params=s.net.params, optimizer_name=s.optimizer.name,
-            optimizer_state=s.opt_state, config=s.cfg.to_dict(), metrics=metrics.history,
+            optimizer_state=s.opt_state, config=stored_config(s.cfg), metrics=metrics.history,
             world_size=self.comm.size, preprocess=s.preprocess, keep=s.cfg.keep)
         progress.line(f"checkpoint {path}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import mpiexec_path
+from conftest import mpiexec_path, run_py
 from helpers.trainruns import clean_env, final, metrics, ok, rel_diff, train, train_args, write_data
 
 from distbp import checkpoint
@@ -237,6 +237,10 @@ MISMATCHES = {
                                              "relu"),
     "optimizer": (("--optimizer", "adam"), "optimizer 'sgd' -> 'adam'"),
     "batch_size": (("--batch-size", "8"), "batch_size 16 -> 8"),
+    # hyper-parameters that change the trajectory may not change silently either
+    "lr": (("--lr", "0.9"), "lr 0.1 -> 0.9"),
+    "momentum": (("--momentum", "0.5"), "momentum None -> 0.5"),
+    "schedule": (("--schedule", "cosine"), "schedule 'constant' -> 'cosine'"),
 }
 
 
@@ -270,3 +274,42 @@ def test_resume_at_the_final_step_exits_0_without_training(tmp_path, base):
     assert "step 1/" not in proc.stdout and "checkpoint " + str(ckpt) not in proc.stdout
     assert checkpoint.list_checkpoints(run / "checkpoints") == [ckpt]
     assert (ckpt.read_bytes(), (run / "metrics.jsonl").read_text()) == before
+
+
+def test_resume_accepts_the_same_data_file_named_by_an_absolute_path(tmp_path, base):
+    data = base[0]
+    rel = os.path.relpath(data, tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(base[1], run)
+    args = train_args(Path(rel), run, "--dtype", "float64", *BATCH, "--steps", "6",
+                      "--resume", "auto")
+    ok(run_py(args, cwd=tmp_path, timeout=60, env=clean_env()))
+    assert checkpoint.load(checkpoint.checkpoint_path(run / "checkpoints", 6)).config["data"] \
+        == str(data.resolve())  # stored absolute, so a resume from elsewhere finds it
+
+
+def test_resume_auto_refuses_to_restart_when_every_checkpoint_is_corrupt(tmp_path, base):
+    run = tmp_path / "run"
+    shutil.copytree(base[1], run)
+    ckpt = checkpoint.checkpoint_path(run / "checkpoints", 5)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    proc = train(0, base[0], run, "--dtype", "float64", *BATCH, "--steps", "8",
+                 "--resume", "auto")
+    line = one_error_line(proc)
+    assert "none of the 1 checkpoint(s)" in line and "--resume none" in line
+    assert checkpoint.list_checkpoints(run / "checkpoints") == [ckpt]  # nothing new written
+
+
+def test_ranks_that_see_different_checkpoints_stop_instead_of_training_apart(tmp_path, base):
+    # MPMD: rank 0 runs where the run directory holds ckpt-5, rank 1 where it is empty.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(base[1], tmp_path / "a" / "run")
+    args = train_args(base[0], Path("run"), "--dtype", "float64", *BATCH, "--steps", "8",
+                      "--resume", "auto")
+    cmd = [mpiexec_path(), "-n", "1", "-wdir", str(tmp_path / "a"), sys.executable, *args, ":",
+           "-n", "1", "-wdir", str(tmp_path / "b"), sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=clean_env())
+    line = one_error_line(proc)
+    assert "ranks found different checkpoints to resume from (steps 0 to 5)" in line
+    assert not list((tmp_path / "b" / "run" / "checkpoints").glob("ckpt-*.h5"))
