@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +49,7 @@ import numpy as np
 from distbp.errors import CheckpointError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "check_compatible", "checkpoint_path",
-           "latest_valid", "list_checkpoints", "load", "param_shapes", "save"]
+           "latest_valid", "list_checkpoints", "load", "param_shapes", "save", "set_aside_newer"]
 
 FORMAT = "distbp-checkpoint"
 FORMAT_VERSION = 1
@@ -274,6 +275,25 @@ def _rotate(directory: Path, keep: int | None, written: Path) -> None:
     for path in old + stale:
         if path != written:
             path.unlink(missing_ok=True)
+
+
+def set_aside_newer(directory, step: int) -> list[Path]:
+    """Move checkpoints with a step above `step` into directory/superseded-<UTC time>/.
+
+    A run that starts fresh (or from an older checkpoint) in a directory that holds a later
+    run's checkpoints would otherwise have them picked by the next `--resume auto`, or rotated
+    away by `--keep`. Nothing is deleted. Returns the new paths."""
+    newer = [p for p in list_checkpoints(directory) if int(p.name[5:13]) > step]
+    if not newer:
+        return []
+    target = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    target.mkdir(exist_ok=True)
+    moved = []
+    for path in newer:
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    _fsync(Path(directory))
+    return moved
 
 
 # ------------------------------------------------------------------------------------ load

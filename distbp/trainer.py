@@ -74,6 +74,11 @@ class Trainer:
     def _train(self) -> int:
         s, cfg, comm = self.s, self.s.cfg, self.comm
         self._setup_preprocess()
+        if self.rank0:
+            moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step)
+            if moved:
+                self.log(f"moved {len(moved)} checkpoint(s) newer than step {s.start_step} "
+                         f"(from an earlier run) to {moved[0].parent}")
         metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
         every = cfg.log_every or max(1, s.total_steps // 20)
         progress = Progress(s.total_steps, every, mode=cfg.progress)

@@ -313,3 +313,18 @@ def test_ranks_that_see_different_checkpoints_stop_instead_of_training_apart(tmp
     line = one_error_line(proc)
     assert "ranks found different checkpoints to resume from (steps 0 to 5)" in line
     assert not list((tmp_path / "b" / "run" / "checkpoints").glob("ckpt-*.h5"))
+
+
+def test_a_fresh_run_sets_aside_an_earlier_runs_newer_checkpoints(tmp_path, base):
+    # --resume none into a directory holding ckpt-5 of an earlier run: that checkpoint must
+    # neither be picked by a later --resume auto nor deleted by --keep.
+    run = tmp_path / "run"
+    shutil.copytree(base[1], run)
+    earlier = checkpoint.checkpoint_path(run / "checkpoints", 5).read_bytes()
+    proc = ok(train(0, base[0], run, "--dtype", "float64", *BATCH, "--steps", "3",
+                    "--keep", "1"))
+    assert "moved 1 checkpoint(s) newer than step 0" in proc.stdout
+    kept = [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")]
+    assert kept == ["ckpt-00000003.h5"]
+    (aside,) = (run / "checkpoints").glob("superseded-*/ckpt-00000005.h5")
+    assert aside.read_bytes() == earlier
