@@ -23,6 +23,8 @@ def test_bench_reports_consistent_figures_serially():
     assert r["gemm_peak_gflops"] > 0 and r["mfu"] > 0
     assert r["mfu"] == pytest.approx(6 * r["params"] * 64 / (r["compute_ms"] / 1e3)
                                      / (r["gemm_peak_gflops"] * 1e9))
+    executed = 2 * (2 * (64 * 32 + 32 * 10) + 32 * 10) * 64  # no input gradient in layer 1
+    assert r["hfu"] == pytest.approx(r["mfu"] * executed / (6 * r["params"] * 64))
 
 
 def test_bench_under_mpi_prints_once_with_allreduce_bandwidth():
