@@ -29,6 +29,9 @@
 #                      ranges: MPI libraries name their PMI key space (and shared memory) after
 #                      the job and step ids, so job 3 of one cluster can collide with job 3 of another
 #   SLURM_UP_TIMEOUT   seconds to wait for the node to become idle (default 60)
+#   SLURM_MESSAGE_TIMEOUT  seconds a client (sbatch, scancel, squeue) waits for slurmctld's answer
+#                      (default 30; Slurm's own 10 s is too short when the jobs keep every core
+#                      busy: scancel then fails with "Socket timed out on send/recv operation")
 set -euo pipefail
 
 DIR=${SLURMLAB_DIR:-/tmp/distbp-slurm}
@@ -38,6 +41,7 @@ D_PORT=${SLURMD_PORT:-6818}
 CRED_EXPIRE=${SLURM_CRED_EXPIRE:-120}
 SCHED_INTERVAL=${SLURM_SCHED_INTERVAL:-2}
 UP_TIMEOUT=${SLURM_UP_TIMEOUT:-60}
+MESSAGE_TIMEOUT=${SLURM_MESSAGE_TIMEOUT:-30}
 FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-1}
 CONF=$DIR/etc/slurm.conf
 PIDS=$DIR/pids
@@ -97,6 +101,8 @@ SlurmctldLogFile=$DIR/logs/slurmctld.log
 SlurmdLogFile=$DIR/logs/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+# how long a client waits for slurmctld: the node's cores are all the jobs', so it may be slow
+MessageTimeout=$MESSAGE_TIMEOUT
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

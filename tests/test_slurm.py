@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -49,6 +50,10 @@ SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"
 SWEEP = ROOT / "hpc" / "slurm" / "sweep.sbatch"
 DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged")
+# What a Slurm client prints when slurmctld did not answer in time: the request may have been
+# carried out, or not.
+TRANSIENT = ("Socket timed out", "Unable to contact slurm controller",
+             "Zero Bytes were transmitted")
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
 
 # A model big enough that 800 steps (1.5-2 ms each on an idle 2-core machine) outlast the
@@ -99,12 +104,13 @@ class Cluster:
     """The running local Slurm: submit, poll, inspect."""
 
     query_timeout = 30.0  # seconds one squeue/scontrol may take before it is asked again
+    settle = 15.0  # seconds an unanswered control command is given to show its effect
 
     def __init__(self, lab: Path):
         self.lab = lab
         self.env = _job_env(lab / "etc" / "slurm.conf")
 
-    def run(self, *cmd: str, timeout: float = 30, check: bool = True, **kw
+    def run(self, *cmd: str, timeout: float = 120, check: bool = True, **kw
             ) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=kw.pop("env", self.env), **kw)
@@ -112,6 +118,34 @@ class Cluster:
             assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n" \
                                          f"{proc.stdout}{proc.stderr}"
         return proc
+
+    def control(self, *cmd: str, took_effect: Callable[[], bool], deadline: float | None = None
+                ) -> None:
+        """Run a command that changes the cluster (scancel, scontrol update). When slurmctld is
+        too busy to answer in time ("Socket timed out on send/recv operation": a CI run failed
+        so), the command may or may not have been carried out: wait up to `settle` seconds for
+        `took_effect()`, and send it again only if it did not, until `deadline` (default 120 s
+        from now). Any other failure fails at once."""
+        deadline = time.monotonic() + 120 if deadline is None else deadline
+        while True:
+            try:
+                proc = self.run(*cmd, check=False,
+                                timeout=max(min(60.0, deadline - time.monotonic()), 5.0))
+            except subprocess.TimeoutExpired as exc:
+                why = f"timed out after {exc.timeout:g} s"
+            else:
+                if proc.returncode == 0:
+                    return
+                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
+                if not any(t in proc.stderr for t in TRANSIENT):
+                    raise AssertionError(f"{' '.join(cmd)}: {why}")
+            wait_until = min(time.monotonic() + self.settle, deadline)
+            while time.monotonic() < wait_until:
+                if took_effect():
+                    return
+                time.sleep(0.2)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
 
     def sbatch(self, *args: str, **kw) -> str:
         return self.run("sbatch", "--parsable", *args, **kw).stdout.strip().split(";")[0]
@@ -291,7 +325,8 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, 
                                     "--log-every", "1"))
     # A progress line means both ranks passed step 1: their handlers are installed.
     _wait_for(out, r"step \d+/\d+ epoch", 60, slurm, job)
-    slurm.run("scancel", "--signal=USR1", job)
+    slurm.control("scancel", "--signal=USR1", job,
+                  took_effect=lambda: "preempted" in _log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=180)
     log = _log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
@@ -339,7 +374,8 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
                        env={**slurm.env, "DISTBP": str(wrapper)})
     _wait_for(out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120, slurm, job)
     # The next run gets a 10-minute limit, so its warning is not due while this test runs.
-    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    slurm.control("scontrol", "update", f"JobId={job}", "TimeLimit=10",
+                  took_effect=lambda: slurm.show(job).get("TimeLimit") == "00:10:00")
     info = slurm.wait(job, timeout=120)
     log = _log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
@@ -365,7 +401,8 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
                        *_train_args(work, run_dir, *TINY, "--steps", "100000000",
                                     "--checkpoint-every", "100000000", "--log-every", "100"))
     _wait_for(out, r"step \d+/\d+ epoch", 60, slurm, job)
-    slurm.run("scancel", job)
+    slurm.control("scancel", job,
+                  took_effect=lambda: "got TERM" in _log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=90)
     log = _log(out)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
@@ -397,6 +434,33 @@ def test_a_squeue_that_times_out_is_asked_again_until_the_deadline(tmp_path):
     with pytest.raises(AssertionError, match=r"squeue -h -j 42 -o %T kept failing until the "
                                              r"deadline: timed out after 0\.3 s"):
         cluster.state("42", deadline=time.monotonic() + 0.5)
+
+
+def test_a_scancel_that_slurmctld_did_not_answer_is_sent_again_only_if_it_did_nothing(tmp_path):
+    # a CI run failed with "scancel: error: Kill job error on job id N: Socket timed out on
+    # send/recv operation"; a fake scancel times out twice, then succeeds (no cluster needed)
+    fake, calls = tmp_path / "bin", tmp_path / "calls"
+    fake.mkdir()
+    (fake / "scancel").write_text(
+        "#!/bin/sh\n"
+        f'echo call >> "{calls}"\n'
+        f'if [ "$(wc -l < "{calls}")" -le 2 ]; then\n'
+        '  echo "scancel: error: Kill job error on job id 42: Socket timed out on send/recv '
+        'operation" >&2; exit 140\n'
+        "fi\n")
+    (fake / "scancel").chmod(0o755)
+    cluster = Cluster(tmp_path)
+    cluster.env["PATH"] = f"{fake}{os.pathsep}{cluster.env['PATH']}"
+    cluster.settle = 0.3
+    cluster.control("scancel", "42", took_effect=lambda: False)
+    assert calls.read_text().count("call") == 3
+    calls.write_text("")  # it timed out, but the job did get the signal: not sent twice
+    cluster.control("scancel", "42", took_effect=lambda: True)
+    assert calls.read_text().count("call") == 1
+    calls.write_text("call\ncall\ncall\n")  # any other failure is reported at once
+    (fake / "scancel").write_text("#!/bin/sh\necho 'scancel: error: Invalid job id' >&2; exit 1\n")
+    with pytest.raises(AssertionError, match=r"scancel 42: exit 1: scancel: error: Invalid job"):
+        cluster.control("scancel", "42", took_effect=lambda: False)
 
 
 def test_stop_flag_counts_every_delivery_so_a_double_one_shows():
@@ -434,7 +498,8 @@ def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work
     while _log(out).count("wrapper: starting") < 2:  # both tasks are in their start-up
         assert time.monotonic() < deadline and slurm.state(job, deadline), _log(out)
         time.sleep(0.05)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    slurm.control("scancel", "--batch", "--signal=USR1", job,
+                  took_effect=lambda: "got USR1" in _log(out))
     info = slurm.wait(job, timeout=120)
     log = _log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
