@@ -168,7 +168,7 @@ def test_synthetic_rows_do_not_depend_on_the_block_size_they_are_made_in(tmp_pat
             yield xb, yb
 
     monkeypatch.setattr(data, "synthetic_blocks", recorded)
-    monkeypatch.setattr(data, "SYNTHETIC_BLOCK_BYTES", 100 * 6 * 4)   # 100 rows of x a block
+    monkeypatch.setattr(data.synthetic, "SYNTHETIC_BLOCK_BYTES", 100 * 6 * 4)  # 100 x rows a block
     blocks = _synthetic_file(tmp_path, "blocks.h5", kind)
     assert len(sizes) > 1 and max(sizes) <= 1024 and sum(sizes) == 5000   # teacher: whole 1024s
     with h5py.File(whole) as a, h5py.File(blocks) as b:

@@ -346,7 +346,7 @@ def test_missing_unreadable_and_non_data_files_are_reported(tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(data, "open", refuse, raising=False)   # works even when run as root
+    monkeypatch.setattr(data.sources, "open", refuse, raising=False)   # works even when run as root
     assert_data_error(lambda: open_dataset(tmp_path / "text.h5"), "text.h5",
                       "not readable (Permission denied)")
 
@@ -416,7 +416,7 @@ def test_value_scan_reads_bounded_chunks_and_finds_the_first_bad_row(tmp_path, m
     x = np.ones((1000, 4), dtype=np.float32)
     x[[637, 900], 2] = np.inf
     ds = h5_dataset(tmp_path, x, np.zeros(1000, np.int64))
-    monkeypatch.setattr(data, "SCAN_BYTES", 100 * (4 * 4 + 8))    # 100 rows a chunk
+    monkeypatch.setattr(data.plan, "SCAN_BYTES", 100 * (4 * 4 + 8))    # 100 rows a chunk
     ds._x = RecordingDataset(ds._x)
     assert_data_error(lambda: validate_dataset(ds, 4, 1), "v.h5", "first at row 637")
     assert [s for s in ds._x.selections] == [slice(lo, lo + 100) for lo in range(0, 700, 100)]

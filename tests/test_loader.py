@@ -151,8 +151,8 @@ def test_chunked_reads_return_exactly_the_rows_asked_for_with_a_large_chunk_cach
     x = rng.integers(0, 256, size=(1000, 4, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=1000)
     if gap_rows:  # small slices: many cuts, at gaps and at span boundaries (x rows: 12 bytes)
-        monkeypatch.setattr(data, "_GAP_BYTES", 12 * gap_rows)
-        monkeypatch.setattr(data, "SPAN_BYTES", 12 * most_rows)
+        monkeypatch.setattr(data.hdf5, "_GAP_BYTES", 12 * gap_rows)
+        monkeypatch.setattr(data.hdf5, "SPAN_BYTES", 12 * most_rows)
     ds = HDF5Dataset(write_chunked(tmp_path / "c.h5", x, y, chunk_rows=64))
     assert ds._x.id.get_access_plist().get_chunk_cache()[1] == data.CHUNK_CACHE_BYTES
     for idx in (np.sort(rng.permutation(1000)[:k]) for k in (0, 1, 2, 63, 64, 65, 500, 1000)):

@@ -1,0 +1,74 @@
+"""Opening a data source by name: `open_dataset` picks HDF5, NPZ or the bundled digits.
+
+Separate from the readers because it is the one place that knows every format: it dispatches
+on the file's suffix (or signature) to `HDF5Dataset` or an in-memory `ArrayDataset`, and finds
+the digits bundled with the package.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from distbp.data.hdf5 import HDF5Dataset
+from distbp.data.sources import ArrayDataset, Dataset, _check_file, _fail, _one_line
+from distbp.errors import ConfigError, DataError
+
+__all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "open_dataset"]
+
+BUNDLED_DIR = Path(__file__).parent.parent / "datasets"   # distbp/datasets, beside this package
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def _load_npz(path: str, x_name: str, y_name: str) -> ArrayDataset:
+    """An NPZ archive, loaded whole (NPZ cannot be read by rows; use HDF5 for large data)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise _fail(path, "not an NPZ archive (a single .npy array?)")
+        with archive:
+            for name in (x_name, y_name):
+                if name not in archive.files:
+                    raise _fail(path, f"array {name!r} not found "
+                                      f"(arrays: {', '.join(archive.files) or 'none'})")
+            x, y = archive[x_name], archive[y_name]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise _fail(path, f"not a valid NPZ archive: {_one_line(err)}") from None
+    return ArrayDataset(x, y, source=path)
+
+
+def _bundled_digits(split: str) -> ArrayDataset:
+    """The bundled UCI digits (8x8 uint8 images, 0..16, scale 1/16), read whole: they are tiny."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    h5 = HDF5Dataset(BUNDLED_DIR / f"digits-{split}.h5", source=f"bundled digits ({split})")
+    try:
+        x, y = h5.read(np.arange(h5.n))
+    finally:
+        h5.close()
+    return ArrayDataset(x, y, source=h5.source, scale=h5.scale)
+
+
+def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str = "y",
+                 split: str = "train") -> Dataset:
+    """The data source for `path`: None -> bundled digits `split` ("train"/"test"); .h5, .hdf5,
+    .hdf -> HDF5Dataset; .npz -> ArrayDataset; other names are recognised by signature."""
+    if path is None:
+        return _bundled_digits(split)
+    path = str(path)
+    _check_file(path, path)
+    suffix = Path(path).suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        return HDF5Dataset(path, x_name, y_name)
+    if suffix == ".npz" or zipfile.is_zipfile(path):
+        return _load_npz(path, x_name, y_name)
+    if h5py.is_hdf5(path):
+        return HDF5Dataset(path, x_name, y_name)
+    raise _fail(path, "not an HDF5 or NPZ file (expected .h5/.hdf5/.hdf or .npz)")
+

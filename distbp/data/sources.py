@@ -1,0 +1,162 @@
+"""What every data source is and shares: the `Dataset` protocol, the checks and the one-line
+`DataError` every source raises, and the sources that hold rows in memory or select them.
+
+`ArrayDataset` (NPZ, the bundled digits, synthetic data, tests) and `SubsetDataset` (a
+validation split, a subset) sit here with the shared checks because the file readers
+(`hdf5.HDF5Dataset`, `files.open_dataset`) build on them; nothing here opens a file format.
+Bad data raises `DataError` with one line starting "data file '<source>': ".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from distbp.errors import ConfigError, DataError
+
+__all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "split_validation", "subset"]
+
+_VALIDATION_STREAM = 0x7661    # spawn keys: streams that never coincide with epoch permutations
+
+
+class Dataset(Protocol):
+    """Rows of x (n, n_features) and y (n,) integer labels or (n, k) targets."""
+
+    n: int
+    n_features: int
+    x_dtype: np.dtype          # on-disk dtype: uint8 stays uint8; the trainer converts
+    y_dtype: np.dtype
+    y_shape: tuple[int, ...]
+    source: str                # path, or e.g. "bundled digits (train)"
+    scale: float | None        # multiply x by this for network inputs (HDF5 attribute 'scale')
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x rows (len, n_features) and y rows for strictly increasing int64 `indices`."""
+
+    def read_y(self, indices: np.ndarray) -> np.ndarray:
+        """y rows only (label checks need not read x)."""
+
+
+def _fail(source: str, problem: str) -> DataError:
+    return DataError(f"data file {source!r}: {problem}")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _check_layout(source: str, x_shape: tuple, x_dtype: np.dtype, y_shape: tuple,
+                  y_dtype: np.dtype) -> int:
+    """Shape and dtype checks every source shares; returns n_features (trailing dims of x
+    multiplied, so (n, 28, 28) images are read as (n, 784))."""
+    if len(x_shape) < 2:
+        raise _fail(source, f"x must be 2-D (rows, features), got shape {x_shape}")
+    if len(y_shape) not in (1, 2):
+        raise _fail(source, f"y must be 1-D labels (rows,) or 2-D targets (rows, outputs), "
+                            f"got shape {y_shape}")
+    if x_shape[0] != y_shape[0]:
+        raise _fail(source, f"length mismatch: x has {x_shape[0]} rows, y has {y_shape[0]}")
+    if x_shape[0] == 0:
+        raise _fail(source, "empty data (0 rows)")
+    for name, dtype in (("x", x_dtype), ("y", y_dtype)):
+        if dtype.kind not in "iuf":
+            raise _fail(source, f"{name} has dtype {dtype}; expected a float or integer dtype")
+    n_features = math.prod(x_shape[1:])
+    if n_features == 0:
+        raise _fail(source, f"x has 0 features (shape {x_shape})")
+    return n_features
+
+
+def _missing_hint(path: Path) -> str:
+    """How to create a missing file that a bundled preset names (e.g. fashion-mnist)."""
+    if path.name in ("fashion-mnist-train.h5", "fashion-mnist-test.h5"):
+        return f"; create it with: distbp data fashion-mnist --out {path.parent}"
+    return ""
+
+
+def _check_file(path: str | Path, source: str) -> None:
+    if not Path(path).exists():
+        raise _fail(source, "not found" + _missing_hint(Path(path)))
+    if Path(path).is_dir():
+        raise _fail(source, "is a directory, not a data file")
+    if not Path(path).is_file():  # a FIFO, socket or device: open() could block forever
+        raise _fail(source, "not a regular file (a FIFO, socket or device?)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise _fail(source, f"not readable ({err.strerror or _one_line(err)})") from None
+
+
+class ArrayDataset:
+    """Rows held in memory (NPZ, the bundled digits, synthetic data, tests). Not copied."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, source: str = "in-memory arrays",
+                 scale: float | None = None):
+        x, y = np.asarray(x), np.asarray(y)
+        self.n_features = _check_layout(source, x.shape, x.dtype, y.shape, y.dtype)
+        self.x = x.reshape(x.shape[0], self.n_features)
+        self.y = y
+        self.n, self.x_dtype, self.y_dtype, self.y_shape = len(y), x.dtype, y.dtype, y.shape
+        self.source, self.scale = source, scale
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[indices], self.y[indices]
+
+    def read_y(self, indices: np.ndarray) -> np.ndarray:
+        return self.y[indices]
+
+
+class SubsetDataset:
+    """Row i is row `rows[i]` of `base`. Reads pass through with increasing indices."""
+
+    def __init__(self, base: Dataset, rows: np.ndarray):
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise ValueError(f"subset rows must be 1-D integers, got {rows.dtype} {rows.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= base.n):
+            raise ValueError(f"subset rows must be in [0, {base.n})")
+        self.base, self.rows = base, rows.astype(np.int64, copy=False)
+        self._increasing = bool(np.all(self.rows[1:] > self.rows[:-1]))
+        self.n, self.n_features, self.source = len(rows), base.n_features, base.source
+        self.x_dtype, self.y_dtype, self.scale = base.x_dtype, base.y_dtype, base.scale
+        self.y_shape = (self.n, *base.y_shape[1:])
+
+    def _base_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Increasing base rows to read, and where row i of the answer is among them."""
+        rows = self.rows[indices]
+        return (rows, None) if self._increasing else np.unique(rows, return_inverse=True)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows, inverse = self._base_rows(indices)
+        x, y = self.base.read(rows)
+        return (x, y) if inverse is None else (x[inverse], y[inverse])
+
+    def read_y(self, indices: np.ndarray) -> np.ndarray:
+        rows, inverse = self._base_rows(indices)
+        y = self.base.read_y(rows)
+        return y if inverse is None else y[inverse]
+
+
+def subset(ds: Dataset, indices: np.ndarray) -> SubsetDataset:
+    """A view of `ds` whose row i is ds row indices[i]."""
+    return SubsetDataset(ds, indices)
+
+
+def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation) subsets: round(n * fraction) rows, chosen by a seeded stream of
+    their own, go to validation. The same on every rank; each part keeps file order."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
+    n_val = round(ds.n * fraction)
+    if not 0 < n_val < ds.n:
+        empty = "validation" if n_val == 0 else "training"
+        raise _fail(ds.source, f"validation fraction {fraction} of {ds.n} rows leaves "
+                               f"an empty {empty} set")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_VALIDATION_STREAM,)))
+    perm = rng.permutation(ds.n)
+    return subset(ds, np.sort(perm[n_val:])), subset(ds, np.sort(perm[:n_val]))
+
