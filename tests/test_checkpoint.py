@@ -21,6 +21,7 @@ import pytest
 from conftest import child_env, run_py
 
 from distbp import checkpoint as ck
+from distbp import ckpt_integrity
 from distbp.errors import CheckpointError
 
 LAYERS = (4, 5, 3)
@@ -367,7 +368,7 @@ def test_size_differing_from_the_header_is_refused_before_hashing(tmp_path, monk
     path = ck.save(tmp_path, **run_state())
     size = path.stat().st_size
     os.truncate(path, size - 700)
-    monkeypatch.setattr(ck, "_digest", _no_hdf5)
+    monkeypatch.setattr(ckpt_integrity, "file_digest", _no_hdf5)
     monkeypatch.setattr(ck.h5py, "File", _no_hdf5)
     with pytest.raises(CheckpointError) as info:
         ck.load(path)
