@@ -286,8 +286,9 @@ def test_nesterov_flag_and_its_negation_override_a_file(tmp_path):
     assert resolve("--config", path, "--no-nesterov").nesterov is False
 
 
-def test_config_module_imports_only_the_standard_library_and_errors():
-    source = Path(__file__).resolve().parents[1] / "distbp" / "config.py"
+@pytest.mark.parametrize("module", ["config.py", "config_schema.py"])
+def test_config_modules_import_only_the_standard_library_and_errors(module):
+    source = Path(__file__).resolve().parents[1] / "distbp" / module
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):
@@ -296,7 +297,16 @@ def test_config_module_imports_only_the_standard_library_and_errors():
             imported.add(node.module)
     assert imported <= {"__future__", "argparse", "dataclasses", "difflib", "math", "re", "sys",
                         "collections.abc", "pathlib", "typing", "tomllib", "tomli",
-                        "distbp.errors"}
+                        "distbp.errors", "distbp.config_schema"}
+
+
+def test_config_reexports_the_schema_names_as_the_same_objects():
+    import distbp.config
+    import distbp.config_schema
+
+    for name in ("TrainConfig", "validate"):
+        assert name in distbp.config.__all__
+        assert getattr(distbp.config, name) is getattr(distbp.config_schema, name)
 
 
 def test_validate_type_checks_values_set_by_replace():
