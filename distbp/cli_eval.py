@@ -1,9 +1,8 @@
-"""`distbp evaluate`, `predict` and `inspect`: a checkpoint alone is enough, serially or under MPI.
+"""`distbp evaluate` and `predict`: a checkpoint alone is enough, serially or under MPI.
 
     distbp evaluate runs/default/checkpoints/ckpt-00001350.h5        # bundled digits, test split
     mpiexec -n 4 distbp evaluate ckpt.h5 --data test.h5 --json        # one JSON line on stdout
     mpiexec -n 4 distbp predict ckpt.h5 --data new.h5 --out pred.h5
-    distbp inspect ckpt.h5 [--json]                                   # verifies every SHA-256
 
 Every rank loads and verifies the checkpoint and opens the data; no collective runs until all
 ranks agree that this worked (distbp.cli.agree: bad input is exit 2 everywhere, never a hang).
@@ -21,6 +20,9 @@ gather is an allreduce_sum in rounds: in round t rank r fills slot r of a zeroed
 buffer with its next C rows (x + 0 = x, so the values arrive unchanged, except that −0.0 arrives
 as +0.0), and rank 0 writes slot r at rank r's row positions. C keeps the buffer near
 GATHER_BYTES, so memory does not grow with N; all ranks compute in every round.
+
+`distbp inspect` lives in distbp.cli_inspect (it reads no data); it builds its network with
+model_from_checkpoint from here.
 """
 
 from __future__ import annotations
@@ -42,16 +44,16 @@ from distbp.comm import get_comm
 from distbp.errors import EXIT_OK, CheckpointError, ConfigError, DataError
 from distbp.network import Network
 
-__all__ = ["GATHER_BYTES", "Loaded", "add_commands", "evaluate", "gather_plan",
-           "model_from_checkpoint", "round_bounds"]
+__all__ = ["COLLECTIVE_TIMEOUT_S", "GATHER_BYTES", "Loaded", "add_commands", "evaluate",
+           "gather_plan", "model_from_checkpoint", "round_bounds"]
 
-GATHER_BYTES = 16 << 20  # predict: size of the per-round gather buffer (all ranks' slots)
-_DEFAULT_BATCH = 256     # when the checkpoint's config names no batch size
-_TIMEOUT_S = 600.0       # collective deadline: `distbp train`'s default --collective-timeout
+GATHER_BYTES = 16 << 20       # predict: size of the per-round gather buffer (all ranks' slots)
+_DEFAULT_BATCH = 256          # when the checkpoint's config names no batch size
+COLLECTIVE_TIMEOUT_S = 600.0  # collective deadline: `distbp train`'s default --collective-timeout
 
 
 def add_commands(sub) -> None:
-    """Register `evaluate`, `predict` and `inspect` on the `distbp` subparsers."""
+    """Register `evaluate` and `predict` on the `distbp` subparsers."""
     p = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint on a data file",
                        description="Loss (mean over rows) and accuracy of a checkpoint's model on "
                        "a data file, with the checkpoint's training preprocessing.")
@@ -67,14 +69,6 @@ def add_commands(sub) -> None:
     _add_data_arguments(p)
     p.add_argument("--out", required=True, help="output HDF5 file (written atomically by rank 0)")
     p.set_defaults(run=_run_predict)
-
-    p = sub.add_parser("inspect", help="show a checkpoint and verify its SHA-256 checksums",
-                       description="Print step, epoch, model, preprocessing, optimizer, world "
-                       "size, distbp version and run configuration; verify every dataset's SHA-256 "
-                       "(exit 2 if the file is truncated or corrupt).")
-    p.add_argument("checkpoint", help="checkpoint file (ckpt-<step>.h5)")
-    p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    p.set_defaults(run=_run_inspect)
 
 
 def _positive_int(text: str) -> int:
@@ -172,7 +166,8 @@ def _load(args: argparse.Namespace, labels: bool, rank: int = 0, size: int = 1) 
 
 
 def _start(args: argparse.Namespace, job):
-    job.comm = comm = get_comm(timeout=_TIMEOUT_S)
+    """The communicator (recorded on `job` for the error handler), with BLAS threads set."""
+    job.comm = comm = get_comm(timeout=COLLECTIVE_TIMEOUT_S)
     set_threads(getattr(args, "threads", None), comm.local_size)
     return comm
 
@@ -277,18 +272,11 @@ class _PredictionFile:
             self.label[lo:lo + len(a)] = (a[:, 0] > 0.5) if a.shape[1] == 1 else a.argmax(axis=1)
 
     def commit(self) -> None:
+        """Close, flush to disk and rename onto --out, then flush the directory entry."""
         self.file.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.tmp)
         os.replace(self.tmp, self.out)
-        fd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.out.parent)
 
     def discard(self) -> None:
         """Remove the temporary file unless commit() renamed it (safe to call always)."""
@@ -297,7 +285,17 @@ class _PredictionFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _load_predict(args: argparse.Namespace, rank: int) -> tuple[Loaded, _PredictionFile | None]:
+    """The loaded model and data and, on rank 0 only, the opened output (no collective)."""
     m = _load(args, labels=False)
     try:
         return m, _PredictionFile(args.out, m) if rank == 0 else None
@@ -307,6 +305,7 @@ def _load_predict(args: argparse.Namespace, rank: int) -> tuple[Loaded, _Predict
 
 
 def _predict(m: Loaded, comm, writer: _PredictionFile | None) -> None:
+    """All rounds of compute-then-gather; rank 0 (`writer`) writes each round's rows."""
     chunk, rounds = gather_plan(m.ds.n, comm.size, m.net.n_outputs, m.net.dtype.itemsize)
     buf = np.zeros((comm.size, chunk, m.net.n_outputs), m.net.dtype)
     for t in range(rounds):
@@ -332,67 +331,4 @@ def _run_predict(args: argparse.Namespace, job) -> int:
         m.close()
         if writer is not None:
             writer.discard()
-    return EXIT_OK
-
-
-# ----------------------------------------------------------------------------- inspect
-
-def _verified_count(ckpt: checkpoint.Checkpoint) -> int:
-    """Datasets checkpoint.load checked against their SHA-256: W and b per layer, optimizer
-    state, /config/json, /rng (seed, epoch, step_in_epoch), preprocessing, /metrics/jsonl."""
-    return (2 * (len(ckpt.layers) - 1) + len(ckpt.optimizer_state) + 1 + 3
-            + len(ckpt.preprocess) + 1)
-
-
-def _inspect_record(ckpt: checkpoint.Checkpoint, net: Network) -> dict:
-    # informational attribute, not part of load(); no file locking, as load() (NFS/Lustre)
-    with h5py.File(ckpt.path, "r", locking=False) as f:
-        created = str(f.attrs.get("created", ""))
-    vals = [r for r in ckpt.metrics if r.get("kind") == "val"]
-    return {"checkpoint": str(ckpt.path), "verified": True,
-            "datasets_verified": _verified_count(ckpt), "step": ckpt.step, "epoch": ckpt.epoch,
-            "step_in_epoch": ckpt.step_in_epoch, "seed": ckpt.seed, "layers": list(ckpt.layers),
-            "activation": ckpt.activation, "output": ckpt.output, "loss": ckpt.loss,
-            "dtype": ckpt.dtype, "parameters": int(net.params.size),
-            "preprocess": {k: v.item() if v.ndim == 0 else {"shape": list(v.shape)}
-                           for k, v in sorted(ckpt.preprocess.items())},
-            "optimizer": ckpt.optimizer_name, "optimizer_state": sorted(ckpt.optimizer_state),
-            "world_size": ckpt.world_size, "distbp_version": ckpt.distbp_version,
-            "created": created, "last_validation": vals[-1] if vals else None,
-            "config": ckpt.config}
-
-
-def _print_inspect(r: dict) -> None:
-    prep = ", ".join(f"{k} {v}" if not isinstance(v, dict) else f"{k} {tuple(v['shape'])}"
-                     for k, v in r["preprocess"].items()) or "none"
-    val = r["last_validation"]
-    print(f"checkpoint {r['checkpoint']}: OK, {r['datasets_verified']} datasets verified "
-          f"(SHA-256)")
-    print(f"step {r['step']}, epoch {r['epoch']} (step {r['step_in_epoch']} of it), "
-          f"seed {r['seed']}")
-    print(f"model: {'-'.join(map(str, r['layers']))} {r['activation']}/{r['output']}/"
-          f"{r['loss']} {r['dtype']}, {r['parameters']:,} parameters")
-    print(f"preprocess: {prep}")
-    print(f"optimizer: {r['optimizer']} (state: {', '.join(r['optimizer_state']) or 'none'})")
-    print(f"written by distbp {r['distbp_version']} on {r['world_size']} rank(s)"
-          + (f", {r['created']}" if r["created"] else ""))
-    print("last validation: " + (f"step {val.get('step')}, loss {val.get('loss'):.6f}, "
-                                 f"accuracy {val.get('accuracy'):.4f}" if val else "none"))
-    print("config: " + json.dumps(r["config"], sort_keys=True), flush=True)
-
-
-def _run_inspect(args: argparse.Namespace, job) -> int:
-    comm = get_comm(timeout=_TIMEOUT_S)
-    job.comm = comm
-
-    def load() -> dict:
-        ckpt = checkpoint.load(args.checkpoint)
-        return _inspect_record(ckpt, model_from_checkpoint(ckpt))
-
-    record = agree(comm, load)
-    if comm.rank == 0:
-        if args.json:
-            print(json.dumps(record), flush=True)
-        else:
-            _print_inspect(record)
     return EXIT_OK
