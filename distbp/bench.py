@@ -29,6 +29,7 @@ __all__ = ["add_commands", "gemm_peak", "run_bench"]
 
 
 def add_commands(sub) -> None:
+    """Add `distbp bench` and its options to the `distbp` subcommands."""
     p = sub.add_parser("bench", help="measure step time, allreduce and model FLOPs utilisation",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", default="784,256,10", help="layer widths (default 784,256,10)")
@@ -54,37 +55,62 @@ def gemm_peak(n: int, dtype: str, repeats: int = 10) -> float:
 
 
 def _timed(fn) -> float:
+    """Seconds one call of fn() takes."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
 def run_bench(args: argparse.Namespace, job) -> int:
+    """`distbp bench`: the GEMM peak, then --warmup + --steps timed training steps on random
+    data; rank 0 prints the slowest rank's median phase times and the derived figures."""
     from distbp.cli import set_threads
     from distbp.comm import get_comm
-    from distbp.data import shard_bounds
-    from distbp.network import Network
-    from distbp.optim import SGD
 
     layers = _parse_layers(args.layers)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.gemm_size < 1:
         raise UsageError("--batch-size, --steps and --gemm-size must be >= 1, --warmup >= 0")
     job.comm = comm = get_comm()
     threads = set_threads(args.threads, comm.local_size)
+    net, x, y = _model_and_shard(layers, args, comm)
+    comm.barrier()
+    peak = gemm_peak(args.gemm_size, args.dtype)
+    slowest = np.ascontiguousarray(_time_steps(net, x, y, comm, args.warmup, args.steps))
+    comm.allreduce_max(slowest)
+    peaks = np.array([peak, -peak])
+    comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
+    if comm.rank == 0:
+        report = _report(net, args, comm, threads, np.median(slowest, axis=0), -peaks[1])
+        print(json.dumps(report) if args.json else _text(report))
+    return 0
+
+
+def _model_and_shard(layers: list[int], args: argparse.Namespace, comm):
+    """The network (seed 0) and this rank's shard of a random global batch: x (b, n_in) in
+    the run's dtype, y (b,) int labels, b this rank's share of --batch-size."""
+    from distbp.data import shard_bounds
+    from distbp.network import Network
+
     net = Network(layers, activation=args.activation, seed=0, dtype=args.dtype)
     lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((hi - lo, layers[0])).astype(args.dtype)
     y = rng.integers(0, layers[-1], hi - lo)
-    buf = np.zeros(net.params.size + 2, net.dtype)
+    return net, x, y
+
+
+def _time_steps(net, x: np.ndarray, y: np.ndarray, comm, warmup: int, steps: int
+                ) -> np.ndarray:
+    """(steps, 3) seconds of this rank's forward+backward, allreduce and update, one row per
+    timed step after `warmup` untimed ones. Momentum SGD, lr 0.01, as a run would step."""
+    from distbp.optim import SGD
+
+    buf = np.zeros(net.params.size + 2, net.dtype)  # gradient, loss sum, rows: one allreduce
     grad = buf[:net.params.size]
     opt = SGD(momentum=0.9)
     state = opt.init(net.params)
-
-    comm.barrier()
-    peak = gemm_peak(args.gemm_size, args.dtype)
-    times = np.zeros((args.steps, 3))
-    for i in range(args.warmup + args.steps):
+    times = np.zeros((steps, 3))
+    for i in range(warmup + steps):
         comm.barrier()  # time each phase, not the waiting for a straggler's previous step
         t0 = time.perf_counter()
         buf[-2] = net.loss_grad_sum(x, y, grad)
@@ -95,19 +121,13 @@ def run_bench(args: argparse.Namespace, job) -> int:
         grad /= buf[-1]
         opt.step(net.params, grad, state, 0.01)
         t3 = time.perf_counter()
-        if i >= args.warmup:
-            times[i - args.warmup] = (t1 - t0, t2 - t1, t3 - t2)
-    slowest = np.ascontiguousarray(times)
-    comm.allreduce_max(slowest)
-    peaks = np.array([peak, -peak])
-    comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
-    if comm.rank == 0:
-        report = _report(net, args, comm, threads, np.median(slowest, axis=0), -peaks[1])
-        print(json.dumps(report) if args.json else _text(report))
-    return 0
+        if i >= warmup:
+            times[i - warmup] = (t1 - t0, t2 - t1, t3 - t2)
+    return times
 
 
 def _parse_layers(text: str) -> list[int]:
+    """'784,256,10' -> [784, 256, 10]; UsageError naming --layers otherwise."""
     try:
         layers = [int(v) for v in text.split(",")]
     except ValueError:
@@ -118,6 +138,7 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def _report(net, args, comm, threads: str, med: np.ndarray, peak: float) -> dict:
+    """The figures, from median (compute, allreduce, update) seconds and the GEMM peak FLOP/s."""
     compute, allreduce, update = (float(v) for v in med)
     step = compute + allreduce + update
     p = comm.size
@@ -144,6 +165,7 @@ def _report(net, args, comm, threads: str, med: np.ndarray, peak: float) -> dict
 
 
 def _text(r: dict) -> str:
+    """The report as lines of text for a person."""
     lines = [
         f"distbp bench: {r['ranks']} rank(s), {r['comm']}; {r['threads']}; {r['dtype']}",
         f"model {'-'.join(map(str, r['layers']))} ({r['params']:,} parameters), "

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Other commands live in their own modules, each with add_commands(sub):
     from distbp import cli_eval  # imported here: cli_eval imports agree from this module
     cli_eval.add_commands(sub)
-    from distbp import cli_data
+    from distbp import cli_data, cli_inspect
+    cli_inspect.add_commands(sub)
     cli_data.add_commands(sub)
     bench.add_commands(sub)
     return parser
@@ -301,11 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"distbp: error: {e.message}", file=sys.stderr)
         return e.code
     except UsageError as e:
-        if _ranks_may_diverge(job):
-            return _abort(job, EXIT_USAGE, f"distbp: rank {job.rank}: error: {e}")
-        if job.rank == 0:  # before the communicator every rank fails alike: say it once
-            print(f"distbp: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _bad_input(job, e)
     except NonFiniteError as e:
         if job.rank == 0:
             print(f"distbp: error: {e}", file=sys.stderr)
@@ -317,8 +314,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 -- the designed failure path
         if isinstance(e, SystemExit) and e.code in (0, None) and job.comm is None:
             raise  # --help, --version: nothing ran
-        return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: {type(e).__name__}: "
-                                       f"{e}\n{traceback.format_exc()}")
+        return _abort(job, EXIT_ERROR, _crash_report(job, e))
+
+
+def _bad_input(job: _Job, e: UsageError) -> int:
+    """Exit 2 for bad input: one line, said once when every rank fails alike (before there is
+    a communicator); once ranks may be apart, this rank says it and aborts the job."""
+    if _ranks_may_diverge(job):
+        return _abort(job, EXIT_USAGE, f"distbp: rank {job.rank}: error: {e}")
+    if job.rank == 0:  # before the communicator every rank fails alike: say it once
+        print(f"distbp: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _crash_report(job: _Job, e: BaseException) -> str:
+    """'distbp: rank R: error: Type: message' and the traceback; call it in the except block."""
+    return f"distbp: rank {job.rank}: error: {type(e).__name__}: {e}\n{traceback.format_exc()}"
 
 
 def _ranks_may_diverge(job: _Job) -> bool:

@@ -67,28 +67,42 @@ def loss_delta(output: str, loss: str, z: Array, a: Array, t: Array, delta: Arra
     Must follow `output_forward` on the same Scratch (softmax reuses m and Σe^(z−m) from it).
     """
     if loss == "cross_entropy" and output == "softmax":
-        # lse = m + log Σ e^(z−m), kept from output_forward in row (m) and row2 (the sum)
-        np.log(s.row2, out=s.row2)
-        s.row2 += s.row  # lse: (B, 1)
-        np.sum(t, axis=1, keepdims=True, out=s.row)  # ΣT per row: (B, 1), 1 for one-hot
-        np.multiply(t, z, out=s.bk)
-        total = float(np.dot(s.row2[:, 0], s.row[:, 0])) - float(s.bk.sum())
-        np.multiply(a, s.row, out=delta)
-        delta -= t  # δ_L = a·ΣT − T
-        return total
+        return _softmax_cross_entropy(z, a, t, delta, s)
     if loss == "cross_entropy":  # sigmoid output: independent binary cross-entropies
-        np.abs(z, out=s.bk)
-        np.negative(s.bk, out=s.bk)
-        np.exp(s.bk, out=s.bk)
-        np.log1p(s.bk, out=s.bk)  # log(1 + e^(−|z|))
-        total = float(s.bk.sum())
-        np.maximum(z, 0.0, out=s.bk)
-        total += float(s.bk.sum())
-        np.multiply(t, z, out=s.bk)
-        total -= float(s.bk.sum())
-        np.subtract(a, t, out=delta)  # δ_L = a − T
-        return total
-    # mse: Δa_L = a − T, L = ½ Σ (Δa_L)²
+        return _sigmoid_cross_entropy(z, a, t, delta, s)
+    return _mse(output, a, t, delta, s)
+
+
+def _softmax_cross_entropy(z: Array, a: Array, t: Array, delta: Array, s: Scratch) -> float:
+    """L = Σ_rows [lse(z)·ΣT − Σ_k T z], δ_L = a·ΣT − T; lse from output_forward's Scratch."""
+    # lse = m + log Σ e^(z−m), kept from output_forward in row (m) and row2 (the sum)
+    np.log(s.row2, out=s.row2)
+    s.row2 += s.row  # lse: (B, 1)
+    np.sum(t, axis=1, keepdims=True, out=s.row)  # ΣT per row: (B, 1), 1 for one-hot
+    np.multiply(t, z, out=s.bk)
+    total = float(np.dot(s.row2[:, 0], s.row[:, 0])) - float(s.bk.sum())
+    np.multiply(a, s.row, out=delta)
+    delta -= t  # δ_L = a·ΣT − T
+    return total
+
+
+def _sigmoid_cross_entropy(z: Array, a: Array, t: Array, delta: Array, s: Scratch) -> float:
+    """L = Σ [softplus(z) − T z] with softplus(z) = max(z, 0) + log(1 + e^(−|z|)), δ_L = a − T."""
+    np.abs(z, out=s.bk)
+    np.negative(s.bk, out=s.bk)
+    np.exp(s.bk, out=s.bk)
+    np.log1p(s.bk, out=s.bk)  # log(1 + e^(−|z|))
+    total = float(s.bk.sum())
+    np.maximum(z, 0.0, out=s.bk)
+    total += float(s.bk.sum())
+    np.multiply(t, z, out=s.bk)
+    total -= float(s.bk.sum())
+    np.subtract(a, t, out=delta)  # δ_L = a − T
+    return total
+
+
+def _mse(output: str, a: Array, t: Array, delta: Array, s: Scratch) -> float:
+    """L = ½ Σ ‖a − T‖², Δa_L = a − T, δ_L = Δa_L ⊙ g′(z_L) for `output`'s g (identity: 1)."""
     np.subtract(a, t, out=delta)
     total = 0.5 * float(np.vdot(delta, delta))
     if output == "sigmoid":

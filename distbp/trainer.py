@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +37,16 @@ __all__ = ["FAULT_ENV", "StopFlag", "Trainer", "catch_stop_signals"]
 
 FAULT_ENV = "DISTBP_FAULT"  # test-only: "raise|kill|hang|perturb|exit0:RANK:STEP"
 _TAIL = 4  # loss sum, samples, correct, stop flag
+
+
+@dataclass
+class _RunLog:
+    """Rank 0's metrics file (None elsewhere), progress display, a record every `every` steps."""
+    metrics: MetricsLog | None
+    progress: Progress
+    every: int
+    interval: Interval = field(default_factory=Interval)
+    started: float = field(default_factory=time.perf_counter)  # the run's clock
 
 
 class Trainer:
@@ -57,10 +68,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        """Run to the end (EXIT_OK) or to a preemption checkpoint (EXIT_PREEMPTED). A collective
-        that times out is re-raised as CollectiveTimeout naming the step. NumPy's overflow
-        warnings are silenced: a diverging run is stopped by NonFiniteError with one message,
-        not by a screenful of RuntimeWarnings from every rank."""
+        """Run to the end (EXIT_OK) or to a preemption checkpoint (EXIT_PREEMPTED); a collective
+        that times out is re-raised as CollectiveTimeout naming the step. Overflow warnings are
+        silenced: a diverging run stops with one NonFiniteError, not RuntimeWarnings per rank."""
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                     self._open_loader():
@@ -72,28 +82,17 @@ class Trainer:
                 f"have died or hung") from None
 
     def _train(self) -> int:
-        s, cfg, comm = self.s, self.s.cfg, self.comm
-        self._setup_preprocess()
-        if self.rank0:
-            moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step)
-            if moved:
-                self.log(f"moved {len(moved)} checkpoint(s) newer than step {s.start_step} "
-                         f"(from an earlier run) to {moved[0].parent}")
-        metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
-        every = cfg.log_every or max(1, s.total_steps // 20)
-        progress = Progress(s.total_steps, every, mode=cfg.progress)
-        interval, started = Interval(), time.perf_counter()
+        """One step per pass, as DESIGN.md draws it: plan → forward/backward → allreduce → update
+        → metrics → checkpoint. EXIT_PREEMPTED after a stop signal's checkpoint, else EXIT_OK."""
+        s, comm = self.s, self.comm
+        log = self._begin()
         step = s.start_step
         while step < s.total_steps:
             self._at_step = step + 1
-            epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)
+            epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)  # plan
             x, y = self._read_shard(epoch, in_epoch)
             t0 = time.perf_counter()
-            loss_sum = s.net.loss_grad_sum(x, y, self.grad)
-            correct = s.net.count_correct(s.net.last_output, y) if len(y) else 0
-            tail = self.tail  # element by element: no temporary array per step
-            tail[0], tail[1], tail[2] = loss_sum, len(y), correct
-            tail[3] = self.stop.signum is not None
+            self._forward_backward(x, y)
             t1 = time.perf_counter()
             comm.allreduce_sum(self.buf)  # the one collective of the step
             t2 = time.perf_counter()
@@ -103,40 +102,77 @@ class Trainer:
             lr = s.schedule.lr_at(step)
             s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
             step += 1
-            interval.add(float(self.tail[0]), float(self.tail[2]), count, t1 - t0, t2 - t1)
+            log.interval.add(float(self.tail[0]), float(self.tail[2]), count, t1 - t0, t2 - t1)
             self._inject_fault(step)
-            if self.rank0:
-                if step % every == 0 or step == s.total_steps:
-                    record = interval.record(step, epoch, lr, time.perf_counter() - started)
-                    metrics.write(record)
-                    progress.line(format_train(record, s.total_steps))
-                    interval.reset()
-                progress.step(step, f"loss {float(self.tail[0]) / count:.4f}")
+            self._report(step, epoch, lr, log)
             end_of_epoch = step % s.steps_per_epoch == 0
             if end_of_epoch and s.val is not None:
-                self._evaluate(step, epoch, metrics, progress)
+                self._evaluate(step, epoch, log)
             if self.tail[3] > 0 and step < s.total_steps:  # at the last step: just finish
-                self._save(step, metrics, progress)
-                if self.rank0:
-                    self.log(f"preempted by a signal: checkpoint at step {step} written; run "
-                             f"again with --resume auto to continue ({self._signals_seen()})")
-                comm.barrier()
-                if not self.rank0 and self.stop.count > 1:  # counted while rank 0 saved
-                    print(f"distbp: warning: rank {comm.rank} received the stop signal "
-                          f"{self.stop.count} times (last {self._signal_name()}): each rank "
-                          f"should get it once; is it sent both directly and forwarded?",
-                          file=sys.stderr, flush=True)
-                return EXIT_PREEMPTED
-            if cfg.check_every and step % cfg.check_every == 0:
-                self.check_replicas(step)
+                return self._preempt(step, log)
             if self._checkpoint_due(step, end_of_epoch):
-                self._save(step, metrics, progress)
-        if s.start_step >= s.total_steps and self.rank0:
-            progress.line(f"nothing to do: already at step {s.start_step} of {s.total_steps}")
-        if metrics:
-            metrics.close()
-        comm.barrier()
+                self._save(step, log)  # checks the replicas first: a check step checks once
+            elif s.cfg.check_every and step % s.cfg.check_every == 0:
+                self.check_replicas(step)
+        self._finish(log)
         return EXIT_OK
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
+        loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce)."""
+        net = self.s.net
+        loss_sum = net.loss_grad_sum(x, y, self.grad)
+        correct = net.count_correct(net.last_output, y) if len(y) else 0
+        tail = self.tail  # element by element: no temporary array per step
+        tail[0], tail[1], tail[2] = loss_sum, len(y), correct
+        tail[3] = self.stop.signum is not None
+
+    def _begin(self) -> _RunLog:
+        """Before the first step: the preprocessing statistics (a collective), rank 0 moves aside
+        checkpoints newer than the start (left by an earlier, longer run) and opens the metrics."""
+        s, cfg = self.s, self.s.cfg
+        self._setup_preprocess()
+        if self.rank0:
+            moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step)
+            if moved:
+                self.log(f"moved {len(moved)} checkpoint(s) newer than step {s.start_step} "
+                         f"(from an earlier run) to {moved[0].parent}")
+        metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
+        every = cfg.log_every or max(1, s.total_steps // 20)
+        return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every)
+
+    def _report(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
+        """Rank 0: a train record every `log.every` steps and at the last; the bar every step."""
+        if not self.rank0:
+            return
+        if step % log.every == 0 or step == self.s.total_steps:
+            record = log.interval.record(step, epoch, lr, time.perf_counter() - log.started)
+            log.metrics.write(record)
+            log.progress.line(format_train(record, self.s.total_steps))
+            log.interval.reset()
+        log.progress.step(step, f"loss {float(self.tail[0]) / float(self.tail[1]):.4f}")
+
+    def _preempt(self, step: int, log: _RunLog) -> int:
+        """All ranks saw the stop flag in the same reduced buffer: checkpoint, EXIT_PREEMPTED."""
+        self._save(step, log)
+        if self.rank0:
+            self.log(f"preempted by a signal: checkpoint at step {step} written; run "
+                     f"again with --resume auto to continue ({self._signals_seen()})")
+        self.comm.barrier()
+        if not self.rank0 and self.stop.count > 1:  # counted while rank 0 saved
+            print(f"distbp: warning: rank {self.comm.rank} received the stop signal "
+                  f"{self.stop.count} times (last {self._signal_name()}): each rank should get "
+                  f"it once; is it sent both directly and forwarded?", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+
+    def _finish(self, log: _RunLog) -> None:
+        """After the last step (or none: already there), close the metrics and meet every rank."""
+        s = self.s
+        if s.start_step >= s.total_steps and self.rank0:
+            log.progress.line(f"nothing to do: already at step {s.start_step} of {s.total_steps}")
+        if log.metrics:
+            log.metrics.close()
+        self.comm.barrier()
 
     def _signal_name(self) -> str:
         """'USR1', 'TERM': the last stop signal this rank received."""
@@ -149,6 +185,7 @@ class Trainer:
         return f"{self._signal_name()} received {self.stop.count} time(s) on rank {self.comm.rank}"
 
     def _checkpoint_due(self, step: int, end_of_epoch: bool) -> bool:
+        """Every --checkpoint-every steps (else at each epoch's end), and at the last step."""
         every = self.s.cfg.checkpoint_every
         due = step % every == 0 if every else end_of_epoch
         return due or step == self.s.total_steps
@@ -232,7 +269,7 @@ class Trainer:
                 self.comm.bcast(self.s.opt_state[key], root=0)
         return False
 
-    def _evaluate(self, step: int, epoch: int, metrics, progress) -> None:
+    def _evaluate(self, step: int, epoch: int, log: _RunLog) -> None:
         """Exact loss and accuracy over the validation set: each rank takes a contiguous share."""
         s, comm = self.s, self.comm
         totals = np.zeros(3, np.float64)  # loss sum, correct, rows
@@ -246,14 +283,14 @@ class Trainer:
             n = max(totals[2], 1.0)
             record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
                       "accuracy": totals[1] / n, "samples": int(totals[2])}
-            metrics.write(record)
-            progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
+            log.metrics.write(record)
+            log.progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
                           f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
 
-    def _save(self, step: int, metrics, progress) -> None:
+    def _save(self, step: int, log: _RunLog) -> None:
+        """Check the replicas (repairing them), refuse non-finite ones, rank 0 writes the file."""
         self.check_replicas(step)
-        # The update of a finite gradient can still overflow; such a checkpoint is not "good".
-        # The replicas are equal now, so every rank decides alike.
+        # A finite gradient's update can still overflow; the replicas agree, so all ranks refuse.
         if not np.isfinite(self.s.net.params).all():
             raise NonFiniteError(f"non-finite parameters after step {step}: the run diverged "
                                  f"(try a smaller --lr); the last good checkpoint is kept")
@@ -265,14 +302,13 @@ class Trainer:
             s.checkpoint_dir, step=step, epoch=epoch, step_in_epoch=in_epoch, seed=s.cfg.seed,
             layers=s.net.layers, activation=s.net.activation, output=s.net.output,
             loss=s.net.loss, params=s.net.params, optimizer_name=s.optimizer.name,
-            optimizer_state=s.opt_state, config=stored_config(s.cfg), metrics=metrics.history,
+            optimizer_state=s.opt_state, config=stored_config(s.cfg), metrics=log.metrics.history,
             world_size=self.comm.size, preprocess=s.preprocess, keep=s.cfg.keep)
-        progress.line(f"checkpoint {path}")
+        log.progress.line(f"checkpoint {path}")
 
     def _inject_fault(self, step: int) -> None:
-        if self.fault is None or self.fault[1] != step:
-            return
-        kind = self.fault[0]
+        """DISTBP_FAULT (test-only): fail this rank the chosen way right after the chosen step."""
+        kind = self.fault[0] if self.fault is not None and self.fault[1] == step else None
         if kind == "raise":
             raise RuntimeError(f"injected fault at step {step}")
         if kind == "kill":

@@ -102,6 +102,22 @@ def test_replicas_agree_bitwise_and_a_perturbed_one_is_detected_and_repaired(tmp
     np.testing.assert_array_equal(params, clean_params)
 
 
+def test_a_step_that_is_both_a_check_and_a_checkpoint_step_checks_the_replicas_once(tmp_path):
+    # 66 rows in batches of 16: 5 steps per epoch, so checkpoints after steps 5 and 10 (ends of
+    # epochs) and 12 (the last); --check-every 3 asks for checks after 3, 6, 9 and 12. Every
+    # checkpoint checks the replicas, so step 12, both, must check once, not once per reason.
+    data = write_data(tmp_path / "d.h5", 66)
+    out = tmp_path / "dump"
+    args = train_args(data, tmp_path / "run", "--dtype", "float64", "--steps", "12",
+                      "--batch-size", "16", "--check-every", "3")
+    proc = ok(run_py([DUMP, str(out), *args[2:]], timeout=60, env=clean_env()))
+    saved = [int(m) for m in re.findall(r"^checkpoint \S*ckpt-(\d+)\.h5$", proc.stdout, re.M)]
+    assert saved == [5, 10, 12]
+    calls = sorted(out.glob("call*-before.npy"))  # one file per call, named in call order
+    steps = [int(re.search(r"-step(\d+)-", path.name).group(1)) for path in calls]
+    assert steps == [3, 5, 6, 9, 10, 12]
+
+
 def without_mpi4py(tmp_path: Path) -> dict[str, str]:
     """A child environment in which `import mpi4py` raises ImportError."""
     shim = tmp_path / "no-mpi4py"
