@@ -41,6 +41,7 @@ import numpy as np
 from distbp import __version__, checkpoint, data, preprocess
 from distbp.cli import agree, set_threads
 from distbp.comm import get_comm
+from distbp.durable import replace_durably
 from distbp.errors import EXIT_OK, CheckpointError, ConfigError, DataError
 from distbp.network import Network
 
@@ -274,24 +275,13 @@ class _PredictionFile:
     def commit(self) -> None:
         """Close, flush to disk and rename onto --out, then flush the directory entry."""
         self.file.close()
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.out)
-        _fsync(self.out.parent)
+        replace_durably(self.tmp, self.out)
 
     def discard(self) -> None:
         """Remove the temporary file unless commit() renamed it (safe to call always)."""
         if self.file.id.valid:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_predict(args: argparse.Namespace, rank: int) -> tuple[Loaded, _PredictionFile | None]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from distbp.durable import fsync_path
 from distbp.errors import DataError, UsageError
 from distbp.idx import IdxReader
 
@@ -91,10 +92,12 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
                 done += len(xb)
             if done != n:
                 raise RuntimeError(f"blocks hold {done} rows, expected {n}")
-        _fsync(tmp)
+        # not durable.replace_durably: the chmod sits between the fsync and the rename, and
+        # only the rename's OSError is the user's fault (_replace makes it a UsageError)
+        fsync_path(tmp)
         os.chmod(tmp, 0o644 & ~_umask())  # mkstemp made it 0600: readable like any new file
         _replace(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -135,15 +138,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _fsync(path: str | Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk before relying on the rename."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- IDX import
