@@ -20,7 +20,9 @@ load() verifies the userblock's file hash before the HDF5 library reads a byte. 
   /rng         seed, epoch, step_in_epoch (0-d int64): the batch plan is a pure function of
                (seed, epoch), so with the cursor they are all an exact resume needs
   /preprocess  optional arrays (mean, std, ...)
-  /metrics     jsonl: the metrics history, one JSON object per line
+  /metrics     jsonl: the metrics history, one JSON object per line; optional group interval:
+               the sums behind the next train record (metrics.Interval.state()), 0-d datasets
+               steps (int64), loss_sum, correct, samples (float64); absent in older files
 Every dataset also has attr sha256, the SHA-256 of its bytes. Nothing is pickled; load reads
 numbers and strings only. Only rank 0 calls this module.
 """
@@ -42,6 +44,7 @@ import numpy as np
 from distbp.ckpt_integrity import (
     FORMAT,
     FORMAT_VERSION,
+    INTERVAL_KEYS,
     NUMERIC,
     USERBLOCK,
     check_file,
@@ -53,10 +56,12 @@ from distbp.ckpt_integrity import (
     read_fields,
     userblock,
 )
+from distbp.durable import fsync_path, replace_durably  # shared with cli_eval and data_import
 from distbp.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "check_compatible", "checkpoint_path",
-           "latest_valid", "list_checkpoints", "load", "param_shapes", "save", "set_aside_newer"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "INTERVAL_KEYS", "Checkpoint", "check_compatible",
+           "checkpoint_path", "latest_valid", "list_checkpoints", "load", "param_shapes", "save",
+           "set_aside_newer"]
 
 _NAME = re.compile(r"ckpt-(\d{8})\.h5")
 _TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\d+")  # never matches _NAME: a crash leaves no ckpt-*
@@ -85,6 +90,7 @@ class Checkpoint:
     metrics: list[dict]
     world_size: int
     distbp_version: str
+    interval: dict[str, float] | None = None  # /metrics/interval; None in files without it
 
 
 def checkpoint_path(directory, step: int) -> Path:
@@ -121,7 +127,7 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
          activation: str, output: str, loss: str, params: np.ndarray, optimizer_name: str,
          optimizer_state: dict[str, np.ndarray], config: dict, metrics: list[dict],
          world_size: int, preprocess: dict[str, np.ndarray] | None = None,
-         keep: int | None = 3) -> Path:
+         keep: int | None = 3, interval: dict[str, float] | None = None) -> Path:
     """Write directory/ckpt-<step:08d>.h5 atomically and return its path.
 
     Written under a temporary name that no ckpt-* pattern matches, fsynced, renamed over the final
@@ -129,7 +135,8 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
     file-hash header is written into the userblock after HDF5 closes the file, before the fsync.
     Then all but the newest `keep` checkpoints (None: keep all; the file just written always
     stays) and stale temporary files are removed. `optimizer_state` keys starting with "_" are
-    scratch and not saved. `config` and `metrics` must be JSON-serializable.
+    scratch and not saved. `config` and `metrics` must be JSON-serializable. `interval`: the
+    sums of the train record in progress, keys INTERVAL_KEYS (None: the group is not written).
     """
     params = _check_save_args(step, keep, params, layers)
     directory = Path(directory)
@@ -146,6 +153,8 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
         _put_arrays(f.create_group("preprocess"), preprocess or {})
         _put_text(f.create_group("metrics"), "jsonl",
                   "".join(json.dumps(m) + "\n" for m in metrics))
+        if interval is not None:
+            _put_arrays(f.create_group("metrics/interval"), _interval_arrays(interval))
 
     final = _write_atomically(checkpoint_path(directory, step), contents)
     _rotate(directory, keep, final)
@@ -180,9 +189,7 @@ def _write_atomically(final: Path, contents: Callable[[h5py.File], None]) -> Pat
         with h5py.File(tmp, "w", userblock_size=USERBLOCK, libver="earliest") as f:
             contents(f)
         _seal(tmp)
-        _fsync(tmp)
-        os.replace(tmp, final)
-        _fsync(directory)
+        replace_durably(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint '{final}': {one_line(e)}") from e
@@ -221,6 +228,15 @@ def _write_optimizer(g: h5py.Group, name: str, state: dict[str, np.ndarray]) -> 
     _put_arrays(g, {k: v for k, v in state.items() if not k.startswith("_")})
 
 
+def _interval_arrays(interval: dict[str, float]) -> dict[str, np.ndarray]:
+    """/metrics/interval's 0-d datasets: steps as int64, the sums as float64 (a Python float's
+    exact bits, so the resumed record's loss and accuracy are the uninterrupted run's)."""
+    if sorted(interval) != sorted(INTERVAL_KEYS):
+        raise ValueError(f"interval has keys {sorted(interval)}, expected {list(INTERVAL_KEYS)}")
+    return {k: np.int64(interval[k]) if k == "steps" else np.float64(interval[k])
+            for k in INTERVAL_KEYS}
+
+
 def _put_arrays(g: h5py.Group, arrays: dict, dtype=None) -> None:
     """One contiguous dataset per numeric array, each with its sha256 attribute."""
     for name, value in arrays.items():
@@ -244,15 +260,6 @@ def _seal(path: Path) -> None:
         block = userblock(fh, os.fstat(fh.fileno()).st_size, path)
         fh.seek(0)
         fh.write(block)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory (so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rotate(directory: Path, keep: int | None, written: Path) -> None:
@@ -279,7 +286,7 @@ def set_aside_newer(directory, step: int) -> list[Path]:
     for path in newer:
         os.replace(path, target / path.name)
         moved.append(target / path.name)
-    _fsync(Path(directory))
+    fsync_path(Path(directory))
     return moved
 
 

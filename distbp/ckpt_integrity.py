@@ -40,12 +40,14 @@ import numpy as np
 
 from distbp.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAGIC", "NUMERIC", "USERBLOCK", "attr", "check_file",
-           "digest", "error", "file_digest", "join_ints", "member", "one_line", "param_shapes",
-           "read_fields", "userblock", "verified_array", "verified_text"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "INTERVAL_KEYS", "MAGIC", "NUMERIC", "USERBLOCK", "attr",
+           "check_file", "digest", "error", "file_digest", "join_ints", "member", "one_line",
+           "param_shapes", "read_fields", "userblock", "verified_array", "verified_text"]
 
 FORMAT = "distbp-checkpoint"
 FORMAT_VERSION = 1
+# /metrics/interval (optional, format_version 1 files before it lack it): the train record's sums
+INTERVAL_KEYS = ("steps", "loss_sum", "correct", "samples")
 USERBLOCK = 512  # bytes before the HDF5 superblock; HDF5 looks for it at 0, 512, 1024, ...
 MAGIC = FORMAT.encode() + b" sha256 "
 NUMERIC = "biuf"  # dtype kinds allowed; object, compound, opaque and references are refused
@@ -140,7 +142,8 @@ def read_fields(f: h5py.File, path: Path) -> dict:
     if int(verified_array(rng, "epoch", path)) != epoch:
         raise error(path, "/rng/epoch disagrees with the root attribute epoch (file corrupt)")
     prep = f.get("preprocess", {})
-    metrics = verified_text(member(f, "metrics", path, h5py.Group), "jsonl", path)
+    metrics_group = member(f, "metrics", path, h5py.Group)
+    metrics = verified_text(metrics_group, "jsonl", path)
     return dict(  # in Checkpoint's order, which is also the order the checks run in
         step=int(attr(f, "step", path)), epoch=epoch,
         step_in_epoch=int(verified_array(rng, "step_in_epoch", path)),
@@ -154,7 +157,20 @@ def read_fields(f: h5py.File, path: Path) -> dict:
         preprocess={k: verified_array(prep, k, path) for k in prep},
         metrics=[json.loads(line) for line in metrics.splitlines() if line.strip()],
         world_size=int(attr(f, "world_size", path)),
-        distbp_version=str(attr(f, "distbp_version", path)))
+        distbp_version=str(attr(f, "distbp_version", path)),
+        interval=_read_interval(metrics_group, path))
+
+
+def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float] | None:
+    """/metrics/interval as {"steps": int, "loss_sum"/"correct"/"samples": float}, each a
+    verified 0-d dataset (steps an integer); None when the file has no such group."""
+    if "interval" not in metrics:
+        return None
+    g = member(metrics, "interval", path, h5py.Group)
+    arrays = {k: verified_array(g, k, path) for k in INTERVAL_KEYS}
+    if any(a.shape != () for a in arrays.values()) or arrays["steps"].dtype.kind not in "iu":
+        raise error(path, "/metrics/interval must hold 0-d datasets, steps an integer")
+    return {k: int(a) if k == "steps" else float(a) for k, a in arrays.items()}
 
 
 def _read_params(model: h5py.Group, layers: tuple[int, ...], dtype: str, path: Path) -> np.ndarray:

@@ -39,9 +39,10 @@ def add_commands(sub) -> None:
 
 def _verified_count(ckpt: checkpoint.Checkpoint) -> int:
     """Datasets checkpoint.load checked against their SHA-256: W and b per layer, optimizer
-    state, /config/json, /rng (seed, epoch, step_in_epoch), preprocessing, /metrics/jsonl."""
+    state, /config/json, /rng (seed, epoch, step_in_epoch), preprocessing, /metrics/jsonl and
+    the running sums of the train record in progress (/metrics/interval, when present)."""
     return (2 * (len(ckpt.layers) - 1) + len(ckpt.optimizer_state) + 1 + 3
-            + len(ckpt.preprocess) + 1)
+            + len(ckpt.preprocess) + 1 + len(ckpt.interval or {}))
 
 
 def _inspect_record(ckpt: checkpoint.Checkpoint, net: Network) -> dict:

@@ -7,7 +7,9 @@ Each metrics record is one JSON object per line, for example
     {"kind": "val", "step": 230, "epoch": 3, "loss": 0.25, "accuracy": 0.93, "samples": 360}
 
 `step` counts optimizer steps taken so far. The same records go into every checkpoint, so a resumed
-run rewrites the file up to the checkpoint and continues it: no duplicated or missing lines.
+run rewrites the file up to the checkpoint and continues it: no duplicated or missing lines. The
+sums behind the train record in progress (Interval.state()) go into checkpoints too, so the first
+record after a resume is the one an uninterrupted run writes, timings aside.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -41,16 +44,35 @@ class MetricsLog:
 
 
 class Interval:
-    """Sums over the steps since the last report: loss, correct rows, samples, seconds."""
+    """Sums over the steps since the last train record.
 
-    def __init__(self) -> None:
+    The exact sums (EXACT: steps, loss sum, correct rows, samples) go into every checkpoint
+    (`state()`) and come back on resume (`Interval(carried)`), so a record whose interval spans a
+    stop and resume has the uninterrupted run's loss and accuracy, bit for bit. The timings
+    (seconds of compute and communication, wall time, and the steps and samples they cover) count
+    only the steps this process ran: downtime and another machine's speed are not carried."""
+
+    EXACT = ("steps", "loss_sum", "correct", "samples")
+
+    def __init__(self, carried: Mapping[str, float] | None = None) -> None:
+        """`carried`: `state()` of the interval in progress when the checkpoint resumed from
+        was written; None or empty starts afresh (also a checkpoint written before it was kept)."""
         self.reset()
+        if carried:
+            self.steps = int(carried["steps"])
+            self.loss_sum, self.correct, self.samples = (
+                float(carried[k]) for k in ("loss_sum", "correct", "samples"))
 
     def reset(self) -> None:
         self.steps = 0
         self.loss_sum = self.correct = self.samples = 0.0
-        self.compute_s = self.comm_s = 0.0
+        self.timed_steps = 0
+        self.timed_samples = self.compute_s = self.comm_s = 0.0
         self.started = time.perf_counter()
+
+    def state(self) -> dict[str, float]:
+        """The exact sums, as checkpoints store them: {"steps": int, the others float}."""
+        return {k: getattr(self, k) for k in self.EXACT}
 
     def add(self, loss_sum: float, correct: float, samples: float, compute_s: float,
             comm_s: float) -> None:
@@ -58,17 +80,21 @@ class Interval:
         self.loss_sum += loss_sum
         self.correct += correct
         self.samples += samples
+        self.timed_steps += 1
+        self.timed_samples += samples
         self.compute_s += compute_s
         self.comm_s += comm_s
 
     def record(self, step: int, epoch: int, lr: float, elapsed: float) -> dict:
+        """The train record at `step`: loss and accuracy over the interval's samples; samples/s
+        and per-step milliseconds over the steps timed in this process."""
         wall = max(time.perf_counter() - self.started, 1e-9)
-        n = max(self.samples, 1.0)
+        n, timed = max(self.samples, 1.0), max(self.timed_steps, 1)
         return {"kind": "train", "step": step, "epoch": epoch,
                 "loss": self.loss_sum / n, "accuracy": self.correct / n, "lr": lr,
-                "samples_per_s": round(self.samples / wall, 1),
-                "compute_ms": round(1e3 * self.compute_s / max(self.steps, 1), 4),
-                "comm_ms": round(1e3 * self.comm_s / max(self.steps, 1), 4),
+                "samples_per_s": round(self.timed_samples / wall, 1),
+                "compute_ms": round(1e3 * self.compute_s / timed, 4),
+                "comm_ms": round(1e3 * self.comm_s / timed, 4),
                 "time": round(elapsed, 3)}
 
 

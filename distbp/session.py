@@ -50,6 +50,7 @@ class Session:
     checkpoint_dir: Path = Path(".")
     metrics_path: Path = Path("metrics.jsonl")
     history: list[dict] = field(default_factory=list)
+    interval: dict[str, float] = field(default_factory=dict)  # metrics.Interval.state(); {}: fresh
     preprocess: dict[str, np.ndarray] = field(default_factory=dict)
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
@@ -246,6 +247,7 @@ def _restore(s: Session, ckpt) -> None:
             f"{cursor[0]}, step {cursor[1]}: the training data changed since it was written")
     s.start_step = ckpt.step
     s.history = [r for r in ckpt.metrics if r.get("step", 0) <= ckpt.step]
+    s.interval = dict(ckpt.interval or {})  # absent in older checkpoints: the interval restarts
     s.preprocess = dict(ckpt.preprocess)
     s.resumed_from = ckpt.path
     if ckpt.step >= s.total_steps:

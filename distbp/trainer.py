@@ -129,7 +129,8 @@ class Trainer:
 
     def _begin(self) -> _RunLog:
         """Before the first step: the preprocessing statistics (a collective), rank 0 moves aside
-        checkpoints newer than the start (left by an earlier, longer run) and opens the metrics."""
+        checkpoints newer than the start (left by an earlier, longer run) and opens the metrics;
+        the record in progress continues from the resumed checkpoint's sums."""
         s, cfg = self.s, self.s.cfg
         self._setup_preprocess()
         if self.rank0:
@@ -139,7 +140,9 @@ class Trainer:
                          f"(from an earlier run) to {moved[0].parent}")
         metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
         every = cfg.log_every or max(1, s.total_steps // 20)
-        return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every)
+        # the sums since the last record, as the resumed checkpoint left them: exact records
+        return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every,
+                       Interval(s.interval))
 
     def _report(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
         """Rank 0: a train record every `log.every` steps and at the last; the bar every step."""
@@ -221,28 +224,9 @@ class Trainer:
         if scale is not None:
             s.preprocess["scale"] = np.asarray(scale, s.net.dtype)
         if cfg.standardize and "mean" not in s.preprocess:
-            s.preprocess["mean"], s.preprocess["std"] = self._feature_stats()
-
-    def _feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature mean and population std of the (scaled) training rows, in float64.
-
-        Each rank reads its contiguous share once for its count, mean and M2 (the sum of squared
-        deviations from its own mean); Chan et al.'s parallel formula combines them exactly:
-        mean = Σ n_r·mean_r / n, M2 = Σ (M2_r + n_r·(mean_r − mean)²): two small allreduces.
-        Unlike E[x²] − E[x]², nothing cancels when a feature's offset dwarfs its spread."""
-        s, comm = self.s, self.comm
-        n_in = s.net.n_inputs
-        lo, hi = data.shard_bounds(s.train.n, comm.rank, comm.size)
-        scale = float(s.preprocess["scale"]) if "scale" in s.preprocess else None
-        n_r, mean_r, m2_r = _share_moments(s.train, lo, hi, scale, n_in)
-        sums = np.append(mean_r * n_r, float(n_r))
-        comm.allreduce_sum(sums)
-        mean = sums[:n_in] / sums[-1]
-        m2 = m2_r + n_r * (mean_r - mean) ** 2
-        comm.allreduce_sum(m2)
-        var = m2 / sums[-1]
-        std = np.where(var > 1e-12, np.sqrt(var), 1.0)  # constant features pass through
-        return mean.astype(s.net.dtype), std.astype(s.net.dtype)
+            scale = float(s.preprocess["scale"]) if "scale" in s.preprocess else None
+            s.preprocess["mean"], s.preprocess["std"] = preprocess.feature_stats(
+                s.train, self.comm, scale, s.net.dtype)
 
     # ------------------------------------------------------------------ checks and events
 
@@ -303,7 +287,8 @@ class Trainer:
             layers=s.net.layers, activation=s.net.activation, output=s.net.output,
             loss=s.net.loss, params=s.net.params, optimizer_name=s.optimizer.name,
             optimizer_state=s.opt_state, config=stored_config(s.cfg), metrics=log.metrics.history,
-            world_size=self.comm.size, preprocess=s.preprocess, keep=s.cfg.keep)
+            interval=log.interval.state(), world_size=self.comm.size, preprocess=s.preprocess,
+            keep=s.cfg.keep)
         log.progress.line(f"checkpoint {path}")
 
     def _inject_fault(self, step: int) -> None:
@@ -319,27 +304,6 @@ class Trainer:
             self.s.net.params[0] += 1e-3
         if kind == "exit0":  # a rank leaving "successfully" mid-run must not look like success
             raise SystemExit(0)
-
-
-def _share_moments(ds, lo: int, hi: int, scale: float | None, n_in: int
-                   ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows, mean (n_in,), M2 (n_in,)) of rows lo..hi-1 of `ds` times `scale`, float64, read in
-    blocks of 4096 rows: each block's own mean and M2 (two passes over the block in memory),
-    merged into the running ones by Chan et al.'s pairwise update. (0, zeros, zeros) if empty."""
-    n, mean, m2 = 0, np.zeros(n_in), np.zeros(n_in)
-    for start in range(lo, hi, 4096):
-        rows = np.arange(start, min(start + 4096, hi))
-        x = ds.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
-        if scale is not None:
-            x *= scale
-        k, block_mean = len(rows), x.mean(axis=0)
-        x -= block_mean
-        block_m2 = np.einsum("ij,ij->j", x, x)
-        delta, total = block_mean - mean, n + k
-        mean += delta * (k / total)
-        m2 += block_m2 + delta * delta * (n * k / total)
-        n = total
-    return n, mean, m2
 
 
 def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:

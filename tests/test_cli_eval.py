@@ -144,6 +144,12 @@ def test_inspect_prints_the_checkpoint_fields_and_verifies_checksums(run):
         assert r["distbp_version"] == f.attrs["distbp_version"]
         assert r["config"] == json.loads(f["config/json"][()])
     assert r["parameters"] == 5 * 8 + 8 + 8 * 3 + 3 and r["verified"] is True
+    digests = []  # every dataset that carries a digest is one that load() checked
+    with h5py.File(run["ckpt"], "r") as f:
+        f.visititems(lambda name, obj: digests.append(name)
+                     if isinstance(obj, h5py.Dataset) and "sha256" in obj.attrs else None)
+    assert "metrics/interval/loss_sum" in digests
+    assert r["datasets_verified"] == len(digests)
 
 
 def test_corrupt_checkpoint_is_exit_2_with_one_line_for_inspect_and_on_2_ranks(run, tmp_path):

@@ -82,7 +82,9 @@ def replica_run(tmp_path: Path, name: str, data: Path, **env: str):
 def test_replicas_agree_bitwise_and_a_perturbed_one_is_detected_and_repaired(tmp_path):
     data = write_data(tmp_path / "d.h5", 66)
     proc, calls, clean_params = replica_run(tmp_path, "clean", data)
-    assert {step for _, step, _ in calls} == {5, 10, 15, 20}
+    # every 5th step is both a check and a checkpoint step (5 steps per epoch): one check each
+    checks = [(0, 5), (1, 10), (2, 15), (3, 20)]
+    assert sorted((call, step) for call, step, when in calls if when == "before") == checks
     for replicas in calls.values():
         for other in replicas[1:]:
             np.testing.assert_array_equal(other, replicas[0])
@@ -90,9 +92,9 @@ def test_replicas_agree_bitwise_and_a_perturbed_one_is_detected_and_repaired(tmp
 
     # rank 1's replica is nudged right after step 10, which is a check step
     proc, calls, params = replica_run(tmp_path, "perturbed", data, DISTBP_FAULT="perturb:1:10")
-    first_check = min(call for call, step, _ in calls if step == 10)
-    rank0, rank1, rank2 = calls[first_check, 10, "before"]
-    assert rank1[0] != rank0[0]
+    assert sorted((call, step) for call, step, when in calls if when == "before") == checks
+    rank0, rank1, rank2 = calls[1, 10, "before"]  # the one check at step 10 sees the nudge
+    assert rank1[0] == rank0[0] + 1e-3 and np.array_equal(rank1[1:], rank0[1:])
     np.testing.assert_array_equal(rank2, rank0)
     assert proc.stdout.count("replica check at step 10: parameters differ between ranks") == 1
     for (_, step, when), replicas in calls.items():
