@@ -52,13 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_gradcheck(sub)
-    # Other commands live in their own modules, each with add_commands(sub):
-    from distbp import cli_eval  # imported here: cli_eval imports agree from this module
-    cli_eval.add_commands(sub)
-    from distbp import cli_data, cli_inspect
-    cli_inspect.add_commands(sub)
-    cli_data.add_commands(sub)
-    bench.add_commands(sub)
+    # Other commands live in their own modules, each with add_commands(sub); imported here
+    # because cli_eval and cli_inspect import agree from this module.
+    from distbp import cli_data, cli_eval, cli_inspect, cli_plot
+    for module in (cli_eval, cli_inspect, cli_data, bench, cli_plot):
+        module.add_commands(sub)
     return parser
 
 
