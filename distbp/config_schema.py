@@ -73,11 +73,21 @@ class TrainConfig:
                                     check="positive")
     lr_gamma: float = _opt(0.1, "decay factor for --schedule step", check="positive")
     min_lr: float = _opt(0.0, "final learning rate for --schedule cosine", check="nonneg")
+    clip_grad_norm: float | None = _opt(None, "scale the averaged gradient down to this global "
+                                              "L2 norm when it is larger; none: no clipping",
+                                        check="positive")
     # length and numerics
     epochs: int | None = _opt(None, "passes over the data (excludes --steps; neither: 10 epochs)",
                               check="positive")
     steps: int | None = _opt(None, "total optimizer steps of the run (excludes --epochs)",
                              check="positive")
+    early_stop: int | None = _opt(None, "stop when --early-stop-metric has not improved for this "
+                                        "many validations in a row (one per epoch; needs "
+                                        "validation data); none: off", check="positive")
+    early_stop_metric: str = _opt("val_loss", "the validation result --early-stop watches",
+                                  choices=("val_loss", "val_accuracy"))
+    early_stop_min_delta: float = _opt(0.0, "a validation improves only when better than the "
+                                            "best so far by more than this", check="nonneg")
     seed: int = _opt(0, "seed for initial weights and the shuffling of every epoch")
     dtype: str = _opt("float32", "floating-point type of parameters and arithmetic",
                       choices=("float32", "float64"))
@@ -275,6 +285,10 @@ def _cross_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
         yield "nesterov", f"--nesterov needs --momentum > 0, got --momentum {c.momentum}"
     if c.schedule == "step" and c.lr_step_size is None:
         yield "schedule", "--schedule step needs --lr-step-size N (steps between decays)"
+    if c.early_stop is not None and c.data is not None and c.val_data is None \
+            and c.val_fraction is None:
+        yield "early_stop", (f"--early-stop needs validation data: add --val-data FILE or "
+                             f"--val-fraction F (--data {c.data!r} alone has none)")
     if c.min_lr > c.lr:
         yield "min_lr", f"--min-lr must not exceed --lr, got --min-lr {c.min_lr} > --lr {c.lr}"
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from distbp.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SCRATCH_KEY", "SGD", "Adam", "Schedule", "linear_scaling",
-           "make_optimizer"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "SCRATCH_KEY", "SGD", "Adam", "Schedule", "clip_grad_norm",
+           "linear_scaling", "make_optimizer"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -187,6 +187,33 @@ class Adam:
         s1 /= s2                                              # w = w − α·(m̂ / (√v̂ + ε))
         s1 *= dt(lr)
         params -= s1
+
+
+def clip_grad_norm(grad: np.ndarray, max_norm: float, scratch: np.ndarray) -> float:
+    """Scale `grad` in place so that its global L2 norm is at most `max_norm`; return the norm
+    it had (a Python float), as in PyTorch's `clip_grad_norm_` over all parameters at once:
+
+        n = √(Σ Δw²)          over the whole flat gradient, every layer's W and b together
+        Δw = Δw · (C / n)     when n > C (C = max_norm > 0); otherwise Δw is left untouched
+
+    `scratch`: an array of grad's shape and dtype, overwritten (no allocation per call). The
+    squares are summed by NumPy's pairwise sum, whose order depends only on the length, not on
+    BLAS threads or memory alignment: every rank, given the same averaged gradient, computes
+    the same bits. C/n is formed in double precision and rounded once to grad.dtype. Unlike
+    PyTorch there is no +1e-6 in the divisor, so a clipped gradient's norm is C to rounding.
+    """
+    with np.errstate(over="ignore"):  # an overflow is caught below, not warned about
+        np.multiply(grad, grad, out=scratch)
+        norm = math.sqrt(float(scratch.sum()))
+    if not math.isfinite(norm):  # squares overflowed (float32 beyond ~1e19): scale first
+        np.abs(grad, out=scratch)
+        top = float(scratch.max())
+        np.divide(grad, grad.dtype.type(top), out=scratch)
+        np.multiply(scratch, scratch, out=scratch)
+        norm = top * math.sqrt(float(scratch.sum()))
+    if norm > max_norm:
+        grad *= grad.dtype.type(max_norm / norm)
+    return norm
 
 
 def make_optimizer(name: str, *, momentum: float = 0.0, nesterov: bool = False,

@@ -29,10 +29,13 @@ default_epochs = 10
 # records, and how it runs. Every other setting decides the trajectory (data, batch, seed,
 # model, optimizer and its hyper-parameters, schedule, preprocessing) and must match the
 # checkpoint. `steps`/`epochs` move the end of the run and with it a cosine schedule's end;
-# `min_lr` is that schedule's end value.
+# `min_lr` is that schedule's end value. Early stopping, too, only moves the end: it is decided
+# afresh from the validation history the checkpoint carries, so a new patience applies to the
+# whole run (a run that stopped can go on with more patience). `clip_grad_norm` is fixed.
 _MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
                       "checkpoint_every", "keep", "resume", "metrics", "check_every", "log_every",
-                      "progress", "threads", "collective_timeout", "in_memory")
+                      "progress", "threads", "collective_timeout", "in_memory", "early_stop",
+                      "early_stop_metric", "early_stop_min_delta")
 
 
 @dataclass

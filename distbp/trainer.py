@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distbp import checkpoint, data, preprocess
+from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, format_train
+from distbp.optim import clip_grad_norm
 from distbp.session import Session, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals  # re-exported: their old home
 
@@ -59,6 +61,9 @@ class Trainer:
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
         self.buf = np.zeros(net.params.size + _TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
+        self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
+        self._grad_norm: float | None = None  # the last step's, before clipping
+        self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
         self.stop = stop or catch_stop_signals()
         self.loader: ShardLoader | None = None  # open while train() runs
         self._x: dict[int, np.ndarray] = {}
@@ -87,6 +92,8 @@ class Trainer:
         s, comm = self.s, self.comm
         log = self._begin()
         step = s.start_step
+        if step < s.total_steps and self._early_stop() is not None:  # resumed after its stop
+            return self._stop_early(step, log, saved=True)
         while step < s.total_steps:
             self._at_step = step + 1
             epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)  # plan
@@ -99,6 +106,8 @@ class Trainer:
             count = float(self.tail[1])
             self._check_finite(step)
             self.grad /= count  # the exact mean over the global batch
+            if self._sq is not None:  # the same bits on every rank: the mean is the same
+                self._grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
             lr = s.schedule.lr_at(step)
             s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
             step += 1
@@ -106,8 +115,8 @@ class Trainer:
             self._inject_fault(step)
             self._report(step, epoch, lr, log)
             end_of_epoch = step % s.steps_per_epoch == 0
-            if end_of_epoch and s.val is not None:
-                self._evaluate(step, epoch, log)
+            if end_of_epoch and s.val is not None and self._validate(step, epoch, lr, log):
+                return self._stop_early(step, log)
             if self.tail[3] > 0 and step < s.total_steps:  # at the last step: just finish
                 return self._preempt(step, log)
             if self._checkpoint_due(step, end_of_epoch):
@@ -144,12 +153,16 @@ class Trainer:
         return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every,
                        Interval(s.interval))
 
-    def _report(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
-        """Rank 0: a train record every `log.every` steps and at the last; the bar every step."""
+    def _report(self, step: int, epoch: int, lr: float, log: _RunLog, last: bool = False) -> None:
+        """Rank 0: a train record every `log.every` steps and at the last (`last`: an early stop's
+        step, if steps since the last record remain); the bar every step. With clipping the
+        record carries "grad_norm": the norm of the record's own step, before clipping."""
         if not self.rank0:
             return
-        if step % log.every == 0 or step == self.s.total_steps:
+        if log.interval.steps and (last or step % log.every == 0 or step == self.s.total_steps):
             record = log.interval.record(step, epoch, lr, time.perf_counter() - log.started)
+            if self._grad_norm is not None:
+                record["grad_norm"] = self._grad_norm
             log.metrics.write(record)
             log.progress.line(format_train(record, self.s.total_steps))
             log.interval.reset()
@@ -167,6 +180,22 @@ class Trainer:
                   f"{self.stop.count} times (last {self._signal_name()}): each rank should get "
                   f"it once; is it sent both directly and forwarded?", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+
+    def _early_stop(self) -> str | None:
+        """Why to stop after the last validation (distbp.early_stop), or None: go on."""
+        cfg = self.s.cfg
+        return stop_reason(self._vals, cfg.early_stop, cfg.early_stop_metric,
+                           cfg.early_stop_min_delta)
+
+    def _stop_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
+        """Every rank decided alike: the final checkpoint (unless `saved`: resumed from it),
+        rank 0 says why, EXIT_OK."""
+        if not saved:
+            self._save(step, log)
+        if self.rank0:
+            log.progress.line(self._early_stop())
+        self._finish(log)
+        return EXIT_OK
 
     def _finish(self, log: _RunLog) -> None:
         """After the last step (or none: already there), close the metrics and meet every rank."""
@@ -253,8 +282,9 @@ class Trainer:
                 self.comm.bcast(self.s.opt_state[key], root=0)
         return False
 
-    def _evaluate(self, step: int, epoch: int, log: _RunLog) -> None:
-        """Exact loss and accuracy over the validation set: each rank takes a contiguous share."""
+    def _validate(self, step: int, epoch: int, lr: float, log: _RunLog) -> bool:
+        """Exact loss and accuracy over the validation set: each rank takes a contiguous share.
+        True when early stopping ends the run here (before its last step), on every rank."""
         s, comm = self.s, self.comm
         totals = np.zeros(3, np.float64)  # loss sum, correct, rows
         lo, hi = data.shard_bounds(s.val.n, comm.rank, comm.size)
@@ -262,14 +292,19 @@ class Trainer:
             x, y = s.val.read(np.arange(start, min(start + s.cfg.batch_size, hi)))
             loss, correct = s.net.loss_sum(self._preprocess(x), y)
             totals += (loss, correct, len(y))
-        comm.allreduce_sum(totals)
+        comm.allreduce_sum(totals)  # the same totals on every rank
+        n = max(totals[2], 1.0)
+        record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
+                  "accuracy": totals[1] / n, "samples": int(totals[2])}
+        self._vals.append(record)
         if self.rank0:
-            n = max(totals[2], 1.0)
-            record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
-                      "accuracy": totals[1] / n, "samples": int(totals[2])}
             log.metrics.write(record)
             log.progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
                           f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
+        stop = step < s.total_steps and self._early_stop() is not None
+        if stop:  # the steps since the last train record get theirs first
+            self._report(step, epoch, lr, log, last=True)
+        return stop
 
     def _save(self, step: int, log: _RunLog) -> None:
         """Check the replicas (repairing them), refuse non-finite ones, rank 0 writes the file."""

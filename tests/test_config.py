@@ -159,6 +159,19 @@ CLI_CASES = [
     (["--val-data", "v.h5", "--val-fraction", "0.1"],
      "--val-data and --val-fraction are mutually exclusive"),
     (["--min-lr", "0.5", "--lr", "0.1"], "--min-lr must not exceed --lr"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be a positive number, got 0.0"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a positive number, got -1.0"),
+    (["--clip-grad-norm", "inf"], "--clip-grad-norm must be a positive number, got inf"),
+    (["--clip-grad-norm", "big"], "--clip-grad-norm must be a number, got 'big'"),
+    (["--early-stop", "0"], "--early-stop must be a positive integer, got 0"),
+    (["--early-stop", "2.5"], "--early-stop must be an integer, got '2.5'"),
+    (["--early-stop-metric", "loss"],
+     "--early-stop-metric must be one of val_loss, val_accuracy, got 'loss'"),
+    (["--early-stop-min-delta", "-0.1"],
+     "--early-stop-min-delta must be a non-negative number, got -0.1"),
+    (["--early-stop", "3", "--data", "d.h5"],
+     "--early-stop needs validation data: add --val-data FILE or --val-fraction F "
+     "(--data 'd.h5' alone has none)"),
 ]
 
 
@@ -191,6 +204,11 @@ TOML_CASES = [
     ('schedule = "step"', "--schedule step needs --lr-step-size"),
     ('val_data = "v.h5"\nval_fraction = 0.1', "--val-data and --val-fraction are mutually"),
     ("[train]\nlr = 0.1", "unknown key 'train'"),
+    ("clip_grad_norm = 0", "--clip-grad-norm must be a positive number, got 0.0"),
+    ('early_stop = "3"', "--early-stop must be an integer, got string '3'"),
+    ("early_stop = 0", "--early-stop must be a positive integer, got 0"),
+    ("early_stop_min_delta = -1", "--early-stop-min-delta must be a non-negative number"),
+    ('data = "d.h5"\nearly_stop = 2', "--early-stop needs validation data"),
 ]
 
 
@@ -321,3 +339,4 @@ def test_momentum_is_refused_for_adam_instead_of_silently_ignored():
     message = config_error("--optimizer", "adam", "--momentum", "0.5", "--data", "d.h5")
     assert "--momentum applies to --optimizer sgd only" in message
     assert resolve("--optimizer", "adamw", "--data", "d.h5").momentum is None
+
