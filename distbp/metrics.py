@@ -9,7 +9,9 @@ Each metrics record is one JSON object per line, for example
 `step` counts optimizer steps taken so far. The same records go into every checkpoint, so a resumed
 run rewrites the file up to the checkpoint and continues it: no duplicated or missing lines. The
 sums behind the train record in progress (Interval.state()) go into checkpoints too, so the first
-record after a resume is the one an uninterrupted run writes, timings aside.
+record after a resume is the one an uninterrupted run writes, timings aside. With
+--clip-grad-norm, train records also carry "grad_norm": the norm of their last step's averaged
+gradient before clipping.
 """
 
 from __future__ import annotations

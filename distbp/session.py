@@ -199,13 +199,16 @@ def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConf
     checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
                                 output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
     new = dataclasses.replace(cfg, layers=tuple(layers)).to_dict()
-    differ = [k for k in new if k in old and _norm(old[k], k) != _norm(new[k], k)]
+    # A setting the checkpoint does not name did not exist when it was written: that run had
+    # the default (e.g. no --clip-grad-norm), so turning it on now is a change like any other.
+    old = {**TrainConfig().to_dict(), **old}
+    differ = [k for k in new if _norm(old[k], k) != _norm(new[k], k)]
     fixed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k not in _MUTABLE_ON_RESUME]
     if fixed:
         raise CheckpointError(f"checkpoint '{ckpt.path}' was written with other settings that "
                               f"decide the trajectory: {'; '.join(fixed)} (only "
-                              f"{', '.join(_MUTABLE_ON_RESUME[:3])} and where/how the run "
-                              f"records may change on resume)")
+                              f"{', '.join(_MUTABLE_ON_RESUME[:3])}, the early-stop options "
+                              f"and where/how the run records may change on resume)")
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k != "resume"]
     if changed:
         notes.append("resuming with changed settings: " + "; ".join(changed))

@@ -173,3 +173,26 @@ def test_clipping_may_not_change_on_resume(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "clip_grad_norm None -> 1.0" in line
+
+
+def test_clipping_may_not_be_turned_on_when_resuming_a_checkpoint_from_before_the_option(tmp_path):
+    # a checkpoint written before --clip-grad-norm existed has no such key: that run had the
+    # default (no clipping), so asking for clipping now is refused like any change of it
+    from distbp import checkpoint
+    data = write_data(tmp_path / "d.h5", ROWS)
+    ok(train(0, data, tmp_path / "run", *OPTS[:-4], "--steps", "5"))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    c = checkpoint.load(checkpoint.list_checkpoints(ckpt_dir)[-1])
+    config = {k: v for k, v in c.config.items() if k != "clip_grad_norm"}
+    checkpoint.save(ckpt_dir, step=c.step, epoch=c.epoch, step_in_epoch=c.step_in_epoch,
+                    seed=c.seed, layers=c.layers, activation=c.activation, output=c.output,
+                    loss=c.loss, params=c.params, optimizer_name=c.optimizer_name,
+                    optimizer_state=c.optimizer_state, config=config, metrics=c.metrics,
+                    world_size=c.world_size, preprocess=c.preprocess, interval=c.interval)
+    assert "clip_grad_norm" not in checkpoint.load(c.path).config
+    proc = train(0, data, tmp_path / "run", *OPTS[:-4], "--steps", "10", "--resume", "auto",
+                 "--clip-grad-norm", "1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "clip_grad_norm None -> 1.0" in line and "the early-stop options" in line
+    ok(train(0, data, tmp_path / "run", *OPTS[:-4], "--steps", "10", "--resume", "auto"))
