@@ -18,43 +18,34 @@ within seconds) and always stopped at the end.
 Needs root and Debian's slurmctld, slurmd, slurm-client and munge (slurm-local.sh installs them
 with apt when missing); skipped when neither is possible. Jobs are polled with squeue, which is
 asked again when it fails or times out (a busy slurmctld, another cluster on the machine) until
-the wait's own deadline.
+the wait's own deadline. Every test that needs the cluster is here (it is started once per
+module); the client, `Cluster`, is in tests/helpers/slurmlab.py and its tests that need no
+cluster in tests/test_slurm_tools.py.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import BIN, ROOT, child_env, mpiexec_path
+from conftest import BIN, ROOT, mpiexec_path
+from helpers.slurmlab import DAEMONS, SCRIPT, Cluster, free_ports, job_env, unavailable
 
 from distbp import checkpoint
-from distbp.trainer import catch_stop_signals
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"
 SWEEP = ROOT / "hpc" / "slurm" / "sweep.sbatch"
-DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged")
-# What a Slurm client prints when slurmctld did not answer in time: the request may have been
-# carried out, or not.
-TRANSIENT = ("Socket timed out", "Unable to contact slurm controller",
-             "Zero Bytes were transmitted")
-LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
 
 # A model big enough that 800 steps (1.5-2 ms each on an idle 2-core machine) outlast the
 # ~0.3 s a signal sent with scancel takes to arrive, small enough for a few seconds a run.
@@ -67,147 +58,22 @@ TINY = ("--layers", "32,8,4", "--dtype", "float64", "--batch-size", "64", "--see
         "--collective-timeout", "60")
 
 
-def _unavailable() -> str | None:
-    """Why this machine cannot run a local Slurm, or None."""
-    if not sys.platform.startswith("linux"):
-        return "a local Slurm needs Linux"
-    if os.geteuid() != 0:
-        return "a local Slurm needs root (slurmd starts the jobs); run the tests as root"
-    if not all(Path(p).exists() for p in DAEMONS) and shutil.which("apt-get") is None:
-        return "slurmctld/slurmd/munge are not installed and there is no apt-get"
-    if mpiexec_path() is None:
-        return "no mpiexec for the reference run: pip install '.[mpi]'"
-    return None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _job_env(conf: Path, **extra: str) -> dict[str, str]:
-    """The submitting shell: no launcher variables, our cluster, this venv's distbp on PATH."""
-    env = {k: v for k, v in child_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
-    env["SLURM_CONF"] = str(conf)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-class Cluster:
-    """The running local Slurm: submit, poll, inspect."""
-
-    query_timeout = 30.0  # seconds one squeue/scontrol may take before it is asked again
-    settle = 15.0  # seconds an unanswered control command is given to show its effect
-
-    def __init__(self, lab: Path):
-        self.lab = lab
-        self.env = _job_env(lab / "etc" / "slurm.conf")
-
-    def run(self, *cmd: str, timeout: float = 120, check: bool = True, **kw
-            ) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=kw.pop("env", self.env), **kw)
-        if check:
-            assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n" \
-                                         f"{proc.stdout}{proc.stderr}"
-        return proc
-
-    def control(self, *cmd: str, took_effect: Callable[[], bool], deadline: float | None = None
-                ) -> None:
-        """Run a command that changes the cluster (scancel, scontrol update). When slurmctld is
-        too busy to answer in time ("Socket timed out on send/recv operation": a CI run failed
-        so), the command may or may not have been carried out: wait up to `settle` seconds for
-        `took_effect()`, and send it again only if it did not, until `deadline` (default 120 s
-        from now). Any other failure fails at once."""
-        deadline = time.monotonic() + 120 if deadline is None else deadline
-        while True:
-            try:
-                proc = self.run(*cmd, check=False,
-                                timeout=max(min(60.0, deadline - time.monotonic()), 5.0))
-            except subprocess.TimeoutExpired as exc:
-                why = f"timed out after {exc.timeout:g} s"
-            else:
-                if proc.returncode == 0:
-                    return
-                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
-                if not any(t in proc.stderr for t in TRANSIENT):
-                    raise AssertionError(f"{' '.join(cmd)}: {why}")
-            wait_until = min(time.monotonic() + self.settle, deadline)
-            while time.monotonic() < wait_until:
-                if took_effect():
-                    return
-                time.sleep(0.2)
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
-
-    def sbatch(self, *args: str, **kw) -> str:
-        return self.run("sbatch", "--parsable", *args, **kw).stdout.strip().split(";")[0]
-
-    def query(self, *cmd: str, deadline: float | None = None) -> str:
-        """stdout of a read-only command (squeue, scontrol show), asked again while it fails or
-        times out (a busy slurmctld: another cluster may share the machine) until `deadline`
-        (time.monotonic(); default 60 s from now)."""
-        deadline = time.monotonic() + 60 if deadline is None else deadline
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                proc = self.run(*cmd, check=False,
-                                timeout=min(self.query_timeout, max(left, 5.0)))
-            except subprocess.TimeoutExpired as exc:
-                why = f"timed out after {exc.timeout:g} s"
-            else:
-                if proc.returncode == 0:
-                    return proc.stdout
-                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
-            time.sleep(0.5)
-
-    def state(self, job: str, deadline: float | None = None) -> str:
-        """squeue's state of the job ('' once it has left the queue)."""
-        return self.query("squeue", "-h", "-j", job, "-o", "%T", deadline=deadline).strip()
-
-    def wait(self, job: str, timeout: float = 120) -> dict[str, str]:
-        """Poll squeue (sbatch --wait polls coarsely) until the job is gone; scontrol's record."""
-        deadline = time.monotonic() + timeout
-        try:
-            while self.state(job, deadline):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"job {job} still queued after {timeout} s")
-                time.sleep(0.2)
-        except AssertionError:
-            self.run("scancel", job, check=False, timeout=60)
-            raise
-        return self.show(job)
-
-    def show(self, job: str) -> dict[str, str]:
-        out = self.query("scontrol", "-o", "show", "job", job).splitlines()[0]
-        return dict(f.split("=", 1) for f in out.split() if "=" in f)
-
-
 @pytest.fixture(scope="module")
 def slurm():
     """A fresh single-node cluster for this module, stopped (by PID) however the module ends."""
-    reason = _unavailable()
+    reason = unavailable()
     if reason:
         pytest.skip(reason)
     # Short and world-searchable: munged runs as the munge user, and its socket path must stay
     # under 108 bytes (pytest's tmp dirs are private to root).
     lab = Path(tempfile.mkdtemp(prefix="distbp-slurm-", dir="/tmp"))
     lab.chmod(0o755)
-    ctld, slurmd = _free_ports(2)
-    env = _job_env(lab / "etc" / "slurm.conf", SLURMLAB_DIR=str(lab), SLURMCTLD_PORT=str(ctld),
-                   SLURMD_PORT=str(slurmd), SLURM_CRED_EXPIRE="5", SLURM_SCHED_INTERVAL="1",
-                   # job ids unlike those of a cluster another test session may run beside this
-                   # one: MPICH names its PMI key space and shared memory after job.step
-                   SLURM_FIRST_JOB_ID=str(random.randrange(1000, 60_000_000)))
+    ctld, slurmd = free_ports(2)
+    env = job_env(lab / "etc" / "slurm.conf", SLURMLAB_DIR=str(lab), SLURMCTLD_PORT=str(ctld),
+                  SLURMD_PORT=str(slurmd), SLURM_CRED_EXPIRE="5", SLURM_SCHED_INTERVAL="1",
+                  # job ids unlike those of a cluster another test session may run beside this
+                  # one: MPICH names its PMI key space and shared memory after job.step
+                  SLURM_FIRST_JOB_ID=str(random.randrange(1000, 60_000_000)))
     try:
         up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True,
                             timeout=300, env=env)
@@ -412,72 +278,6 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
     k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written", log, re.M)[1])
     assert _final(run_dir, k).step == k
     assert_signal_reached_each_rank_once(log, "TERM")  # from slurmd; the trap does not forward it
-
-
-def test_a_squeue_that_times_out_is_asked_again_until_the_deadline(tmp_path):
-    # a CI run failed with "squeue timed out after 30 seconds" while another Slurm instance
-    # shared the machine; a fake squeue hangs twice, then answers (no cluster needed)
-    fake, calls = tmp_path / "bin", tmp_path / "calls"
-    fake.mkdir()
-    (fake / "squeue").write_text(
-        "#!/bin/sh\n"
-        f'echo call >> "{calls}"\n'
-        f'if [ "$(wc -l < "{calls}")" -le 2 ]; then exec sleep 60; fi\n'
-        "echo RUNNING\n")
-    (fake / "squeue").chmod(0o755)
-    cluster = Cluster(tmp_path)
-    cluster.env["PATH"] = f"{fake}{os.pathsep}{cluster.env['PATH']}"
-    cluster.query_timeout = 0.3
-    assert cluster.state("42", deadline=time.monotonic() + 30) == "RUNNING"
-    assert calls.read_text().count("call") == 3
-    calls.write_text("")  # hangs again, and the deadline passes: a clear failure
-    with pytest.raises(AssertionError, match=r"squeue -h -j 42 -o %T kept failing until the "
-                                             r"deadline: timed out after 0\.3 s"):
-        cluster.state("42", deadline=time.monotonic() + 0.5)
-
-
-def test_a_scancel_that_slurmctld_did_not_answer_is_sent_again_only_if_it_did_nothing(tmp_path):
-    # a CI run failed with "scancel: error: Kill job error on job id N: Socket timed out on
-    # send/recv operation"; a fake scancel times out twice, then succeeds (no cluster needed)
-    fake, calls = tmp_path / "bin", tmp_path / "calls"
-    fake.mkdir()
-    (fake / "scancel").write_text(
-        "#!/bin/sh\n"
-        f'echo call >> "{calls}"\n'
-        f'if [ "$(wc -l < "{calls}")" -le 2 ]; then\n'
-        '  echo "scancel: error: Kill job error on job id 42: Socket timed out on send/recv '
-        'operation" >&2; exit 140\n'
-        "fi\n")
-    (fake / "scancel").chmod(0o755)
-    cluster = Cluster(tmp_path)
-    cluster.env["PATH"] = f"{fake}{os.pathsep}{cluster.env['PATH']}"
-    cluster.settle = 0.3
-    cluster.control("scancel", "42", took_effect=lambda: False)
-    assert calls.read_text().count("call") == 3
-    calls.write_text("")  # it timed out, but the job did get the signal: not sent twice
-    cluster.control("scancel", "42", took_effect=lambda: True)
-    assert calls.read_text().count("call") == 1
-    calls.write_text("call\ncall\ncall\n")  # any other failure is reported at once
-    (fake / "scancel").write_text("#!/bin/sh\necho 'scancel: error: Invalid job id' >&2; exit 1\n")
-    with pytest.raises(AssertionError, match=r"scancel 42: exit 1: scancel: error: Invalid job"):
-        cluster.control("scancel", "42", took_effect=lambda: False)
-
-
-def test_stop_flag_counts_every_delivery_so_a_double_one_shows():
-    # what the preemption line and the warning of ranks > 0 report (no cluster needed)
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        flag = catch_stop_signals()
-        assert (flag.count, flag.signum) == (0, None)
-        for n, sig in enumerate((signal.SIGUSR1, signal.SIGUSR1, signal.SIGTERM), start=1):
-            os.kill(os.getpid(), sig)
-            deadline = time.monotonic() + 5
-            while flag.count < n and time.monotonic() < deadline:
-                time.sleep(0.001)  # the Python-level handler runs between bytecodes
-            assert (flag.count, flag.signum) == (n, sig)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work, tmp_path):

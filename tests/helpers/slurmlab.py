@@ -1,0 +1,161 @@
+"""Shared by tests/test_slurm.py and tests/test_slurm_tools.py: the local Slurm those tests
+start with scripts/slurm-local.sh, and `Cluster`, the client that submits, polls and inspects
+jobs on it. Separate so that the client's own tests (fake squeue/scancel) need no cluster.
+
+    cluster = Cluster(lab)                  # lab: the directory slurm-local.sh set up
+    job = cluster.sbatch("--ntasks=2", "train.sbatch", ...)
+    info = cluster.wait(job)                # scontrol's record once the job left the queue
+
+Jobs are polled with squeue, which is asked again when it fails or times out (a busy slurmctld,
+another cluster on the machine) until the wait's own deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import BIN, ROOT, child_env, mpiexec_path
+
+__all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "free_ports",
+           "job_env", "unavailable"]
+
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+
+DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged")
+# What a Slurm client prints when slurmctld did not answer in time: the request may have been
+# carried out, or not.
+TRANSIENT = ("Socket timed out", "Unable to contact slurm controller",
+             "Zero Bytes were transmitted")
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot run a local Slurm, or None."""
+    if not sys.platform.startswith("linux"):
+        return "a local Slurm needs Linux"
+    if os.geteuid() != 0:
+        return "a local Slurm needs root (slurmd starts the jobs); run the tests as root"
+    if not all(Path(p).exists() for p in DAEMONS) and shutil.which("apt-get") is None:
+        return "slurmctld/slurmd/munge are not installed and there is no apt-get"
+    if mpiexec_path() is None:
+        return "no mpiexec for the reference run: pip install '.[mpi]'"
+    return None
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def job_env(conf: Path, **extra: str) -> dict[str, str]:
+    """The submitting shell: no launcher variables, our cluster, this venv's distbp on PATH."""
+    env = {k: v for k, v in child_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env["SLURM_CONF"] = str(conf)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+class Cluster:
+    """The running local Slurm: submit, poll, inspect."""
+
+    query_timeout = 30.0  # seconds one squeue/scontrol may take before it is asked again
+    settle = 15.0  # seconds an unanswered control command is given to show its effect
+
+    def __init__(self, lab: Path):
+        self.lab = lab
+        self.env = job_env(lab / "etc" / "slurm.conf")
+
+    def run(self, *cmd: str, timeout: float = 120, check: bool = True, **kw
+            ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=kw.pop("env", self.env), **kw)
+        if check:
+            assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n" \
+                                         f"{proc.stdout}{proc.stderr}"
+        return proc
+
+    def control(self, *cmd: str, took_effect: Callable[[], bool], deadline: float | None = None
+                ) -> None:
+        """Run a command that changes the cluster (scancel, scontrol update). When slurmctld is
+        too busy to answer in time ("Socket timed out on send/recv operation": a CI run failed
+        so), the command may or may not have been carried out: wait up to `settle` seconds for
+        `took_effect()`, and send it again only if it did not, until `deadline` (default 120 s
+        from now). Any other failure fails at once."""
+        deadline = time.monotonic() + 120 if deadline is None else deadline
+        while True:
+            try:
+                proc = self.run(*cmd, check=False,
+                                timeout=max(min(60.0, deadline - time.monotonic()), 5.0))
+            except subprocess.TimeoutExpired as exc:
+                why = f"timed out after {exc.timeout:g} s"
+            else:
+                if proc.returncode == 0:
+                    return
+                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
+                if not any(t in proc.stderr for t in TRANSIENT):
+                    raise AssertionError(f"{' '.join(cmd)}: {why}")
+            wait_until = min(time.monotonic() + self.settle, deadline)
+            while time.monotonic() < wait_until:
+                if took_effect():
+                    return
+                time.sleep(0.2)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
+
+    def sbatch(self, *args: str, **kw) -> str:
+        return self.run("sbatch", "--parsable", *args, **kw).stdout.strip().split(";")[0]
+
+    def query(self, *cmd: str, deadline: float | None = None) -> str:
+        """stdout of a read-only command (squeue, scontrol show), asked again while it fails or
+        times out (a busy slurmctld: another cluster may share the machine) until `deadline`
+        (time.monotonic(); default 60 s from now)."""
+        deadline = time.monotonic() + 60 if deadline is None else deadline
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                proc = self.run(*cmd, check=False,
+                                timeout=min(self.query_timeout, max(left, 5.0)))
+            except subprocess.TimeoutExpired as exc:
+                why = f"timed out after {exc.timeout:g} s"
+            else:
+                if proc.returncode == 0:
+                    return proc.stdout
+                why = f"exit {proc.returncode}: {proc.stderr.strip()}"
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{' '.join(cmd)} kept failing until the deadline: {why}")
+            time.sleep(0.5)
+
+    def state(self, job: str, deadline: float | None = None) -> str:
+        """squeue's state of the job ('' once it has left the queue)."""
+        return self.query("squeue", "-h", "-j", job, "-o", "%T", deadline=deadline).strip()
+
+    def wait(self, job: str, timeout: float = 120) -> dict[str, str]:
+        """Poll squeue (sbatch --wait polls coarsely) until the job is gone; scontrol's record."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.state(job, deadline):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"job {job} still queued after {timeout} s")
+                time.sleep(0.2)
+        except AssertionError:
+            self.run("scancel", job, check=False, timeout=60)
+            raise
+        return self.show(job)
+
+    def show(self, job: str) -> dict[str, str]:
+        out = self.query("scontrol", "-o", "show", "job", job).splitlines()[0]
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
