@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from distbp import __version__, bench
+from distbp import __version__, bench, gradcheck
 from distbp.errors import (
     EXIT_ERROR,
-    EXIT_OK,
     EXIT_USAGE,
     CollectiveTimeout,
     NonFiniteError,
@@ -51,65 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
-    _add_gradcheck(sub)
     # Other commands live in their own modules, each with add_commands(sub); imported here
     # because cli_eval and cli_inspect import agree from this module.
     from distbp import cli_data, cli_eval, cli_inspect, cli_plot
-    for module in (cli_eval, cli_inspect, cli_data, bench, cli_plot):
+    for module in (gradcheck, cli_eval, cli_inspect, cli_data, bench, cli_plot):
         module.add_commands(sub)
     return parser
-
-
-def _add_gradcheck(sub) -> None:
-    p = sub.add_parser("gradcheck", help="compare backprop with finite differences (float64)",
-                       description="Build a network, compare backpropagation with central finite "
-                       "differences on random data, print per block (W_j, b_j) the normwise "
-                       "relative error |g_bp - g_fd| / (|g_bp| + |g_fd|) (2-norms), the max "
-                       "absolute error and, for information, the worst elementwise relative "
-                       "error (floor 1e-8); exit 1 when the worst normwise error is above "
-                       "--tolerance.")
-    p.add_argument("--layers", default="784,30,10", help="layer widths, e.g. 784,30,10")
-    p.add_argument("--activation", default="sigmoid")
-    p.add_argument("--output", default="softmax")
-    p.add_argument("--loss", default="cross_entropy")
-    p.add_argument("--batch", type=int, default=8, help="random rows, >= 1 (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step, > 0")
-    p.add_argument("--tolerance", type=float, default=1e-7,
-                   help="largest normwise relative error that passes, >= 0 (default 1e-7)")
-    p.set_defaults(run=_run_gradcheck)
-
-
-def _run_gradcheck(args: argparse.Namespace, job: _Job) -> int:
-    from distbp.gradcheck import gradcheck
-
-    try:
-        layers = [int(v) for v in args.layers.split(",")]
-    except ValueError:
-        raise UsageError(f"--layers must be comma-separated integers, got {args.layers!r}"
-                         ) from None
-    if args.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    if not (np.isfinite(args.eps) and args.eps > 0):
-        raise UsageError(f"--eps must be a finite number > 0, got {args.eps:g}")
-    if not args.tolerance >= 0:  # also refuses nan
-        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance:g}")
-    try:
-        rows = gradcheck(layers, args.activation, args.output, args.loss, batch=args.batch,
-                         seed=args.seed, eps=args.eps)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    print(f"gradcheck {','.join(map(str, layers))} {args.activation}/{args.output}/{args.loss}"
-          f" float64, {args.batch} rows, eps {args.eps:g}")
-    print(f"{'block':>6} {'params':>8} {'normwise rel error':>19} {'max abs error':>14}"
-          f" {'max elementwise rel error':>26}")
-    for r in rows:
-        print(f"{r.name:>6} {r.size:>8} {r.rel_error:>19.3e} {r.max_abs_error:>14.3e}"
-              f" {r.max_elem_rel_error:>26.3e}")
-    worst = max(r.rel_error for r in rows)
-    verdict = "OK" if worst <= args.tolerance else "FAIL"
-    print(f"worst normwise relative error {worst:.3e} (tolerance {args.tolerance:g}): {verdict}")
-    return EXIT_OK if worst <= args.tolerance else EXIT_ERROR
 
 
 def _add_train(sub) -> None:
@@ -309,10 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: {e}")
     except KeyboardInterrupt:
         return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: interrupted")
+    except BrokenPipeError:  # `distbp ... | head`: the reader has what it wanted
+        return _stdout_closed(job)
     except BaseException as e:  # noqa: BLE001 -- the designed failure path
         if isinstance(e, SystemExit) and e.code in (0, None) and job.comm is None:
             raise  # --help, --version: nothing ran
         return _abort(job, EXIT_ERROR, _crash_report(job, e))
+
+
+def _stdout_closed(job: _Job) -> int:
+    """Exit 1 without a traceback when stdout's reader went away; the rest of the job is aborted
+    like any failure of a rank (it cannot go on alone)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+    if job.comm is None or job.comm.size == 1:
+        return EXIT_ERROR
+    return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: stdout was closed")
 
 
 def _bad_input(job: _Job, e: UsageError) -> int:

@@ -36,7 +36,7 @@ from distbp.data_import import (
 from distbp.errors import EXIT_OK, DataError, UsageError
 
 __all__ = ["FASHION_MD5", "FASHION_URL", "DEBIAN_FASHION_DIR", "add_commands", "describe",
-           "fashion_mnist", "import_idx", "write_data_file"]
+           "fashion_mnist", "import_idx", "run_info", "write_data_file"]
 
 
 # ----------------------------------------------------------------------------- info
@@ -229,10 +229,11 @@ def _add_info(cmds) -> None:
     q.add_argument("file")
     q.add_argument("--y-name", default="y", help="labels dataset for class counts (default y)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
-    q.set_defaults(run=_run_info)
+    q.set_defaults(run=run_info)
 
 
-def _run_info(args: argparse.Namespace, job) -> int:
+def run_info(args: argparse.Namespace, job) -> int:
+    """`distbp data info FILE` (also `distbp info` for a file that is not a checkpoint)."""
     if _rank0(job):
         info = describe(args.file, args.y_name)
         if args.json:

@@ -1,7 +1,9 @@
-"""`distbp inspect`: show a checkpoint's contents after verifying every SHA-256.
+"""`distbp inspect`: show a checkpoint's contents after verifying every SHA-256; `distbp info`:
+describe any file distbp writes.
 
     distbp inspect runs/default/checkpoints/ckpt-00001350.h5      # text, one field per line
     distbp inspect ckpt.h5 --json                                 # one JSON line on stdout
+    distbp info FILE [--json]       # a checkpoint: as inspect; anything else: as `data info`
 
 checkpoint.load verifies the file's and every dataset's SHA-256 (a truncated or corrupt file is
 exit 2 with one line); the network is then built from it (distbp.cli_eval.model_from_checkpoint),
@@ -16,7 +18,8 @@ import json
 
 import h5py
 
-from distbp import checkpoint
+from distbp import checkpoint, cli_data
+from distbp.ckpt_integrity import MAGIC
 from distbp.cli import agree
 from distbp.cli_eval import COLLECTIVE_TIMEOUT_S, model_from_checkpoint
 from distbp.comm import get_comm
@@ -35,6 +38,30 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint file (ckpt-<step>.h5)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.set_defaults(run=_run_inspect)
+    p = sub.add_parser("info", help="describe a checkpoint (as inspect) or a data file (as "
+                       "data info)", description="Describe FILE: a checkpoint (recognised by its "
+                       "header) as `distbp inspect` does, any other file as `distbp data info`.")
+    p.add_argument("file", help="a checkpoint or an HDF5 data file")
+    p.add_argument("--y-name", default="y", help="data file: labels dataset for class counts "
+                   "(default y)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_info)
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether the file starts with a checkpoint's header (an unreadable one is not)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False  # `data info` names the problem
+
+
+def _run_info(args: argparse.Namespace, job) -> int:
+    """`distbp info FILE`: inspect a checkpoint, describe anything else as a data file."""
+    if _is_checkpoint(args.file):
+        return _run_inspect(argparse.Namespace(checkpoint=args.file, json=args.json), job)
+    return cli_data.run_info(args, job)
 
 
 def _verified_count(ckpt: checkpoint.Checkpoint) -> int:

@@ -4,12 +4,15 @@ under real mpiexec; atomic, ordered prediction files; corrupt checkpoints and ba
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import run_mpi, run_py
+from conftest import child_env, run_mpi, run_py
 
 from distbp import cli_eval
 from distbp.cli import main
@@ -204,3 +207,33 @@ def test_evaluate_of_the_default_digits_run_matches_the_trainers_last_validation
     assert r["step"] == val["step"] and r["data"] == "bundled digits (test)"
     assert (r["samples"], r["accuracy"]) == (val["samples"], val["accuracy"])
     assert r["loss"] == pytest.approx(val["loss"], rel=1e-6)
+
+
+def test_info_describes_a_checkpoint_as_inspect_and_a_data_file_as_data_info(run, tmp_path):
+    as_inspect = last_json(distbp("inspect", str(run["ckpt"]), "--json").stdout)
+    p = distbp("info", str(run["ckpt"]), "--json")
+    assert p.returncode == 0, p.stderr
+    assert last_json(p.stdout) == as_inspect and as_inspect["step"] == 20
+    as_data_info = json.loads(distbp("data", "info", str(run["test"]), "--json").stdout)
+    p = distbp("info", str(run["test"]), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == as_data_info and as_data_info["datasets"]
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not a checkpoint, not HDF5\n")
+    for path, problem in ((garbage, "not an HDF5 file"), (tmp_path / "none.h5", "not found")):
+        p = distbp("info", str(path))
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr.strip().splitlines() == [f"distbp: error: data file '{path}': {problem}"]
+
+
+def test_output_piped_into_a_reader_that_closed_ends_without_a_traceback(run):
+    # `distbp inspect ckpt | head -1`: the reader is gone before distbp writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "distbp", "inspect", str(run["ckpt"])],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=child_env())
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""
