@@ -74,6 +74,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0,
         cfg = _merge_resumed_config(cfg, resume, notes)
     train, val = _open_data(cfg, local_size, notes)
     layers = cfg.layers or _derive_layers(cfg, train)
+    cfg = dataclasses.replace(cfg, layers=tuple(layers))  # checkpoints name the derived widths
     for ds in (train, val):
         if ds is not None:
             # int labels or (N, out) targets; values on this rank's share of the rows only
@@ -202,6 +203,7 @@ def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConf
     # A setting the checkpoint does not name did not exist when it was written: that run had
     # the default (e.g. no --clip-grad-norm), so turning it on now is a change like any other.
     old = {**TrainConfig().to_dict(), **old}
+    old["layers"] = old["layers"] or list(ckpt.layers)  # older files stored derived widths as None
     differ = [k for k in new if _norm(old[k], k) != _norm(new[k], k)]
     fixed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k not in _MUTABLE_ON_RESUME]
     if fixed:
