@@ -9,10 +9,13 @@ read one step ahead by a background thread, and the `--in-memory` choice.
 The rows of a step are exactly data.shard_indices(epoch_permutation(seed, epoch, n), step_in_epoch,
 batch_size, rank, size), increasing, as the trainer always read them: prefetching changes when a
 batch is read, never which rows, so trajectories are unchanged. The thread reads, nothing else: no
-MPI call, no preprocessing (the trainer converts on the main thread into reused buffers). Memory
-is depth + 2 batches (queued, being read, in use) whatever the size of the data set; the thread
-allocates each batch it reads (off the hot path; h5py allocates anyway). h5py (>= 3) releases the
-GIL inside HDF5's read, so the read overlaps the step's NumPy/BLAS work.
+MPI call, no preprocessing (the trainer converts on the main thread into reused buffers). h5py
+(>= 3) releases the GIL inside HDF5's read, so the read overlaps the step's NumPy/BLAS work.
+
+Memory is depth + 2 batches (queued, being read, in use) whatever the size of the data set, and
+they are the same depth + 2 buffers all run long (`_BatchRing`): the thread reads each batch
+straight into the next one (`Dataset.read_into`), so a step allocates no rows. The price is a
+contract: the arrays `get` returns are valid until the next `get` (copy what you keep).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ IN_MEMORY_MAX_BYTES = 1 << 30  # auto: never load more than this (x and y) into 
 _BUDGET_SHARE = 4              # auto: and at most 1/4 of the memory a rank may use
 _POLL_S = 0.05                 # how often a waiting thread checks for close()
 _JOIN_S = 10.0                 # close() waits this long for a read in progress to finish
+_RING_SPARE = 2                # ring slots beyond the queue's depth: in use + being read
 _open_loaders: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
 
 
@@ -67,10 +71,44 @@ class BatchPlan:
                 perm, perm_epoch = data.epoch_permutation(self.seed, epoch, n), epoch
             yield step, data.shard_indices(perm, in_epoch, self.batch_size, self.rank, self.size)
 
+    def most_rows(self, n: int) -> int:
+        """The most rows this rank reads at one step: its share of an epoch's first batch,
+        min(batch_size, n) rows (a later batch is that size or the smaller last one)."""
+        lo, hi = data.shard_bounds(min(self.batch_size, n), self.rank, self.size)
+        return hi - lo
+
+
+class _BatchRing:
+    """`slots` (x, y) buffer pairs of `rows` rows each; step t is read into slot t % slots, the
+    first k rows (k <= rows: the last batch of an epoch may be smaller, a prefix is still
+    C-contiguous). A slot is made at its first use, so a short run makes only what it uses.
+
+    Why depth + 2 slots never overwrite a batch in use (one producer, one consumer, steps in
+    order, the consumer done with step s when it calls get(s + 1)): the thread starts filling
+    step t only after queueing t - 1, so the queue (at most depth batches) then holds a suffix
+    of t - depth .. t - 1 and the consumer has taken every step before it: the batch it may
+    still use is t - depth - 1 or later. Live batches are t - depth - 1 .. t - 1, depth + 1
+    slots, none of them t % (depth + 2). With depth + 1 slots step t would overwrite step
+    t - depth - 1 while the consumer still holds it.
+    """
+
+    def __init__(self, ds: data.Dataset, rows: int, slots: int):
+        self.ds, self.rows = ds, rows
+        self.slots: list[tuple[np.ndarray, np.ndarray] | None] = [None] * slots
+
+    def buffers(self, step: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """x (k, n_features) and y (k, ...) of step's slot, to be filled by `read_into`."""
+        i = step % len(self.slots)
+        slot = self.slots[i]
+        if slot is None or len(slot[0]) < k:   # k > rows only for a plan that contradicts n
+            slot = self.slots[i] = data.row_buffers(self.ds, max(k, self.rows))
+        return slot[0][:k], slot[1][:k]
+
 
 class ShardLoader:
     """This rank's (x, y) rows for steps start..stop-1, read by one daemon thread while the
-    previous step computes. x is (k, n_features) in the on-disk dtype, y (k,) or (k, outputs).
+    previous step computes. x is (k, n_features) in the on-disk dtype, y (k,) or (k, outputs);
+    both are views of the loader's ring buffers, valid until the next `get` (see _BatchRing).
 
     `get(step)` must be called for consecutive steps from `start`. An error in the thread is
     raised by the `get` of the step whose rows failed: a UsageError (e.g. DataError for a corrupt
@@ -84,6 +122,7 @@ class ShardLoader:
                              f"{depth}")
         self.ds, self.plan, self.next_step, self.stop = ds, plan, start, stop
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._ring = _BatchRing(ds, plan.most_rows(ds.n), depth + _RING_SPARE)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"distbp-reader-{plan.rank}",
                                         daemon=True)
@@ -97,7 +136,9 @@ class ShardLoader:
             if self._closing.is_set():
                 return
             try:
-                item = (step, *self.ds.read(rows), None)
+                x, y = self._ring.buffers(step, len(rows))
+                self.ds.read_into(rows, x, y)
+                item = (step, x, y, None)
             except BaseException as err:  # noqa: BLE001 -- handed to the main thread
                 item = (step, None, None, err)
             if not self._put(item) or item[3] is not None:
@@ -116,7 +157,8 @@ class ShardLoader:
     # ------------------------------------------------------------------ the main thread
 
     def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of global `step`: x (k, n_features), y (k, ...); k may be 0."""
+        """The rows of global `step`: x (k, n_features), y (k, ...); k may be 0. Valid until
+        the next `get`: the thread then reads a later step into the same buffers."""
         if step != self.next_step or step >= self.stop or self._closing.is_set():
             state = "closed" if self._closing.is_set() else f"next is {self.next_step}"
             raise RuntimeError(f"ShardLoader.get({step}): steps run {self.next_step}.."
@@ -147,7 +189,7 @@ class ShardLoader:
                                           ) from None
 
     def __iter__(self):
-        """(x, y) for each remaining step, in order."""
+        """(x, y) for each remaining step, in order; each valid until the next is taken."""
         while self.next_step < self.stop:
             yield self.get(self.next_step)
 

@@ -1,6 +1,7 @@
 """The shard loader (background reads of this rank's rows) and `--in-memory`: the same rows as
 the batch plan, read ahead while the step computes, errors at the right step, and memory bounded
-by the batch rather than the data set (real files, real `mpiexec` processes)."""
+by the batch rather than the data set (real files, real `mpiexec` processes). Its reused batch
+buffers (reads into them, and no batch overwritten while held): tests/test_loader_buffers.py."""
 
 from __future__ import annotations
 
@@ -49,18 +50,20 @@ def plan_rows(step: int, n: int, batch: int, rank: int, size: int, seed: int = S
 class RowIds:
     """A data set whose row i is [i]: what a loader returns shows which rows it read."""
 
+    n_features, x_dtype, y_dtype = 1, np.dtype(np.float64), np.dtype(np.int64)
+
     def __init__(self, n: int, read_s: float = 0.0, fail_on_call: int | None = None,
                  error: BaseException | None = None):
-        self.n, self.source, self.read_s = n, f"row-ids ({n} rows)", read_s
+        self.n, self.source, self.read_s, self.y_shape = n, f"row-ids ({n} rows)", read_s, (n,)
         self.fail_on_call, self.error, self.calls, self.threads = fail_on_call, error, 0, set()
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         self.threads.add(threading.current_thread().name)
         self.calls += 1
         time.sleep(self.read_s)
         if self.calls == self.fail_on_call:
             raise self.error
-        return indices[:, None].astype(np.float64), indices.copy()
+        x[:, 0], y[:] = indices, indices
 
 
 def test_loader_yields_the_batch_plan_rows_from_any_start_step_across_epochs():
@@ -69,7 +72,7 @@ def test_loader_yields_the_batch_plan_rows_from_any_start_step_across_epochs():
         plan = BatchPlan(SEED, -(-n // batch), batch, rank, size)
         ds = RowIds(n)
         with ShardLoader(ds, plan, start=7, stop=30) as shards:   # a resume mid-epoch 0
-            got = [y for _, y in shards]
+            got = [y.copy() for _, y in shards]          # each batch is valid until the next
         assert len(got) == 23
         for step, rows in zip(range(7, 30), got):
             np.testing.assert_array_equal(rows, plan_rows(step, n, batch, rank, size))
@@ -130,9 +133,10 @@ def test_an_unclosed_loader_does_not_hang_interpreter_exit(tmp_path):
         from distbp.loader import BatchPlan, ShardLoader
 
         class Rows:
-            n, source = 10_000, "rows"
-            def read(self, idx):
-                return np.zeros((len(idx), 2)), idx
+            n, source, n_features, y_shape = 10_000, "rows", 2, (10_000,)
+            x_dtype, y_dtype = np.dtype(float), np.dtype(int)
+            def read_into(self, idx, x, y):
+                x[:], y[:] = 0, idx
 
         loader = ShardLoader(Rows(), BatchPlan(0, 1000, 10, 0, 1), 0, 1000)
         loader.get(0)
@@ -142,24 +146,6 @@ def test_an_unclosed_loader_does_not_hang_interpreter_exit(tmp_path):
     done = run_py([str(tmp_path / "leave.py")], timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "leaving"
-
-
-@pytest.mark.parametrize("gap_rows, most_rows", [(None, None), (3, 50)])
-def test_chunked_reads_return_exactly_the_rows_asked_for_with_a_large_chunk_cache(
-        tmp_path, monkeypatch, gap_rows, most_rows):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(1000, 4, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, size=1000)
-    if gap_rows:  # small slices: many cuts, at gaps and at span boundaries (x rows: 12 bytes)
-        monkeypatch.setattr(data.hdf5, "_GAP_BYTES", 12 * gap_rows)
-        monkeypatch.setattr(data.hdf5, "SPAN_BYTES", 12 * most_rows)
-    ds = HDF5Dataset(write_chunked(tmp_path / "c.h5", x, y, chunk_rows=64))
-    assert ds._x.id.get_access_plist().get_chunk_cache()[1] == data.CHUNK_CACHE_BYTES
-    for idx in (np.sort(rng.permutation(1000)[:k]) for k in (0, 1, 2, 63, 64, 65, 500, 1000)):
-        xr, yr = ds.read(idx)
-        np.testing.assert_array_equal(xr, x.reshape(1000, 12)[idx])
-        np.testing.assert_array_equal(yr, y[idx])
-    ds.close()
 
 
 def test_in_memory_yes_auto_and_no_choose_the_source_and_auto_says_why(tmp_path, monkeypatch):

@@ -26,7 +26,14 @@ from distbp.data.plan import (
     step_cursor,
     steps_per_epoch,
 )
-from distbp.data.sources import ArrayDataset, Dataset, SubsetDataset, split_validation, subset
+from distbp.data.sources import (
+    ArrayDataset,
+    Dataset,
+    SubsetDataset,
+    row_buffers,
+    split_validation,
+    subset,
+)
 from distbp.data.synthetic import (
     SYNTHETIC_BLOCK_BYTES,
     synthetic_blocks,
@@ -39,6 +46,6 @@ from distbp.data.validate import validate_dataset
 __all__ = ["BUNDLED_DIR", "CHUNK_CACHE_BYTES", "HDF5_SUFFIXES", "SCAN_BYTES", "SPAN_BYTES",
            "SYNTHETIC_BLOCK_BYTES", "ArrayDataset", "Dataset", "HDF5Dataset", "SubsetDataset",
            "batch_bounds", "epoch_permutation", "global_batch_count", "open_dataset",
-           "shard_bounds", "shard_indices", "split_validation", "step_cursor",
+           "row_buffers", "shard_bounds", "shard_indices", "split_validation", "step_cursor",
            "steps_per_epoch", "subset", "synthetic_blocks", "synthetic_source",
            "synthetic_spiral", "synthetic_teacher", "validate_dataset"]

@@ -2,17 +2,20 @@
 
 A rank reads only the rows of its shard, so a file larger than one process's memory trains
 as well as a small one. Chunked datasets get a large chunk cache and are read as a few slices
-(`_read_spans`) rather than h5py's per-index selection; the tuning constants live here with
-the reader they tune.
+(`_SpanReader`) rather than h5py's per-index selection; the tuning constants live here with
+the reader they tune. `read_into` writes rows into the caller's buffers (h5py's `read_direct`,
+or HDF5 reads into reused dataspaces and a scratch slice), so training allocates no rows.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py import h5s, h5t
 
 from distbp.data.plan import _chunks
 from distbp.data.sources import ArrayDataset, _check_file, _check_layout, _fail, _one_line
@@ -21,6 +24,10 @@ __all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset"]
 
 CHUNK_CACHE_BYTES = 64 << 20   # HDF5 chunk cache per dataset (h5py's default is 1-8 MiB)
 _CHUNK_CACHE_SLOTS = 100_003   # hash slots: a prime, as HDF5 advises, ~100x the chunks that fit
+# Eviction: plain LRU. HDF5's default w0 = 0.75 first walks 75% of the cached chunks looking
+# for one read whole, which shuffled row reads seldom leave: with ~4000 cached 16 KiB chunks
+# that walk, once per miss, took 25-50% of the read time (the share depending on heap layout).
+_CHUNK_CACHE_W0 = 0.0
 SPAN_BYTES = 4 << 20           # a chunked read fetches at most ~this many bytes in one slice
 _GAP_BYTES = 64 << 10          # ... and bridges gaps up to this size: cheaper than another call
 
@@ -40,7 +47,7 @@ def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
     first open (a file-wide setting would need h5py.File arguments), so open it low-level."""
     if file.get(name, getclass=True) is h5py.Dataset:   # class only: nothing opened yet
         dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-        dapl.set_chunk_cache(_CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, 0.75)
+        dapl.set_chunk_cache(_CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, _CHUNK_CACHE_W0)
         # readonly, as h5py's own File[name] says it: lets h5py cache its selection readers
         return h5py.Dataset(h5py.h5d.open(file.id, name.encode(), dapl),
                             readonly=file.mode == "r")
@@ -66,7 +73,9 @@ class HDF5Dataset:
     The file stays open (one handle per process) and is opened with `locking=False`, which
     works on NFS/Lustre where HDF5 file locking fails. Call `close()` when done, or `load()` to
     hold every row in memory instead (`--in-memory`). Chunked datasets get a CHUNK_CACHE_BYTES
-    chunk cache and are read as a few slices, one per run of nearby rows (`_read_spans`).
+    chunk cache and are read as a few slices, one per run of nearby rows (`_SpanReader`, one
+    per thread and dataset: the training reader thread and the main thread's validation may
+    read the same file at once, and a span reader's dataspaces and scratch are state).
     """
 
     def __init__(self, path: str | Path, x_name: str = "x", y_name: str = "y",
@@ -89,7 +98,9 @@ class HDF5Dataset:
             raise
         self.n, self.x_dtype = self._x.shape[0], self._x.dtype
         self.y_dtype, self.y_shape = self._y.dtype, self._y.shape
+        self._x_row = self._x.shape[1:]   # x may be stored (n, 28, 28): read_into's view of x
         self._spans = {ds.name: _span_rows(ds) for ds in (self._x, self._y)}
+        self._local = threading.local()   # this thread's _SpanReader per dataset name
 
     @property
     def nbytes(self) -> int:
@@ -113,20 +124,47 @@ class HDF5Dataset:
         self.close()
         return ArrayDataset(x, y, source=self.source, scale=self.scale)
 
-    def _rows(self, ds: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    def _rows(self, ds: h5py.Dataset, indices: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `indices` of `ds` into `out` ((len, *ds.shape[1:]), C-contiguous), or into a
+        new array when `out` is None (h5py's own, for a slice or a contiguous dataset)."""
         try:
-            sel, spans = _selection(indices), self._spans.get(ds.name)
-            if spans is not None and not isinstance(sel, slice):
-                return _read_spans(ds, sel, *spans)
-            return ds[sel]
+            sel = _selection(indices)
+            reader = None if isinstance(sel, slice) else self._span_reader(ds)
+            if out is None and reader is None:
+                return ds[sel]
+            if out is None:
+                out = np.empty((len(indices), *ds.shape[1:]), ds.dtype)
+            if len(indices) and reader is not None:
+                reader.read_into(sel, out)
+            elif len(indices):
+                ds.read_direct(out, sel)
+            return out
         except OSError as err:  # e.g. a corrupt compressed chunk: bad input, found mid-run
             span = f" {indices[0]}..{indices[-1]}" if len(indices) else ""
             raise _fail(self.source, f"cannot read rows{span} ({len(indices)} rows) of "
                                      f"{ds.name!r}: {_one_line(err)}") from None
 
+    def _span_reader(self, ds: h5py.Dataset) -> _SpanReader | None:
+        """This thread's span reader of a chunked `ds` (made at its first read); None when
+        `ds` is contiguous."""
+        spans = self._spans.get(ds.name)
+        if spans is None:
+            return None
+        readers = self._local.__dict__.setdefault("readers", {})
+        if ds.name not in readers:
+            readers[ds.name] = _SpanReader(ds, *spans)
+        return readers[ds.name]
+
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = self._rows(self._x, indices)
         return x.reshape(len(x), self.n_features), self._rows(self._y, indices)
+
+    def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        if not (x.flags.c_contiguous and y.flags.c_contiguous):
+            raise ValueError("read_into needs C-contiguous x and y")  # else reshape would copy
+        self._rows(self._x, indices, x.reshape(len(x), *self._x_row))
+        self._rows(self._y, indices, y)
 
     def read_y(self, indices: np.ndarray) -> np.ndarray:
         return self._rows(self._y, indices)
@@ -145,17 +183,45 @@ def _span_rows(ds: h5py.Dataset) -> tuple[int, int] | None:
     return max(1, _GAP_BYTES // row_bytes), max(1, SPAN_BYTES // row_bytes)
 
 
-def _read_spans(ds: h5py.Dataset, idx: np.ndarray, gap: int, most: int) -> np.ndarray:
-    """Rows `idx` (strictly increasing) of a chunked dataset, read as slices: one per run of
-    rows whose gaps are at most `gap` rows, cut at every `most`-row boundary (so a slice holds
-    at most `most` rows), the wanted rows copied out. HDF5 reads whole chunks anyway (from its
-    chunk cache after the first time); h5py's per-index selection costs far more per row
-    (~50x for 1024 rows from 1024-row gzip chunks)."""
-    out = np.empty((len(idx), *ds.shape[1:]), ds.dtype)
-    if len(idx) == 0:
-        return out
-    cuts = np.flatnonzero((np.diff(idx) > gap) | (np.diff(idx // most) != 0)) + 1
-    for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(idx)].tolist()):
-        first, last = int(idx[lo]), int(idx[hi - 1])
-        out[lo:hi] = ds[first:last + 1][idx[lo:hi] - first]
-    return out
+class _SpanReader:
+    """Rows of a chunked dataset, read as slices into the caller's buffer: one slice per run
+    of rows whose gaps are at most `gap` rows, cut at every `most`-row boundary (so a slice
+    holds at most `most` rows). HDF5 reads whole chunks anyway (from its chunk cache after the
+    first time); h5py's per-index selection costs far more per row (~50x for 1024 rows from
+    1024-row gzip chunks).
+
+    A run without gaps is read straight into the output rows; a run with gaps is read into a
+    scratch slice of `most` rows (at most ~SPAN_BYTES, made once) and its wanted rows copied
+    out. The file dataspace, memory type and scratch are made once and reused (h5py's
+    `ds[a:b]` would allocate the slice it returns), so a read allocates no rows; only small
+    index arrays (8 bytes a row). One thread's: the dataspace selections are state.
+    """
+
+    def __init__(self, ds: h5py.Dataset, gap: int, most: int):
+        self.ds, self.gap, self.most = ds, gap, most
+        self.row, self.origin = ds.shape[1:], (0,) * (ds.ndim - 1)
+        self.fspace, self.mtype = ds.id.get_space(), h5t.py_create(ds.dtype)
+        self.scratch = np.empty((min(most, ds.shape[0]), *self.row), ds.dtype)
+        self.scratch_space = h5s.create_simple(self.scratch.shape)
+
+    def read_into(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """Rows `idx` (strictly increasing, at least one) into `out` (len(idx), *row)."""
+        cuts = np.flatnonzero((np.diff(idx) > self.gap) | (np.diff(idx // self.most) != 0)) + 1
+        out_space = h5s.create_simple(out.shape)
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(idx)].tolist()):
+            first, last = int(idx[lo]), int(idx[hi - 1])
+            if last - first == hi - lo - 1:             # no gaps: the slice is the rows
+                self._slice(first, hi - lo, out, out_space, lo)
+            else:
+                self._slice(first, last - first + 1, self.scratch, self.scratch_space, 0)
+                np.take(self.scratch, idx[lo:hi] - first, axis=0, out=out[lo:hi],
+                        mode="wrap")   # "raise" would copy out[lo:hi]; these are in range
+
+    def _slice(self, first: int, rows: int, dest: np.ndarray, dest_space: h5s.SpaceID,
+               at: int) -> None:
+        """File rows first..first+rows-1 into rows at..at+rows-1 of `dest` (described by
+        `dest_space`, made for dest's whole shape)."""
+        count = (rows, *self.row)
+        self.fspace.select_hyperslab((first, *self.origin), count)
+        dest_space.select_hyperslab((at, *self.origin), count)
+        self.ds.id.read(dest_space, self.fspace, dest, self.mtype)

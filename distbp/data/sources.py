@@ -5,6 +5,10 @@
 validation split, a subset) sit here with the shared checks because the file readers
 (`hdf5.HDF5Dataset`, `files.open_dataset`) build on them; nothing here opens a file format.
 Bad data raises `DataError` with one line starting "data file '<source>': ".
+
+Every source reads rows two ways: `read` returns new arrays (start-up checks, evaluation), and
+`read_into` fills the caller's buffers from `row_buffers` (the training loader's reused ring,
+so a step allocates no rows). Both give the same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import numpy as np
 
 from distbp.errors import ConfigError, DataError
 
-__all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "split_validation", "subset"]
+__all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "row_buffers", "split_validation",
+           "subset"]
 
 _VALIDATION_STREAM = 0x7661    # spawn keys: streams that never coincide with epoch permutations
 
@@ -36,8 +41,26 @@ class Dataset(Protocol):
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x rows (len, n_features) and y rows for strictly increasing int64 `indices`."""
 
+    def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """The rows of strictly increasing int64 `indices` written into x and y, C-contiguous
+        buffers shaped like `row_buffers(self, len(indices))`; allocates no rows."""
+
     def read_y(self, indices: np.ndarray) -> np.ndarray:
         """y rows only (label checks need not read x)."""
+
+
+def row_buffers(ds: Dataset, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uninitialized x (k, n_features) of ds.x_dtype and y (k, *y_shape[1:]) of ds.y_dtype:
+    what `read` returns for k rows, and what `read_into` fills."""
+    return (np.empty((k, ds.n_features), ds.x_dtype),
+            np.empty((k, *ds.y_shape[1:]), ds.y_dtype))
+
+
+def _check_rows(ds: Dataset, indices: np.ndarray) -> None:
+    """IndexError unless every index is a row of `ds` (O(k), allocates nothing)."""
+    if len(indices) and (indices.min() < 0 or indices.max() >= ds.n):
+        raise IndexError(f"{ds.source}: row indices must be in [0, {ds.n}), got "
+                         f"{indices.min()}..{indices.max()}")
 
 
 def _fail(source: str, problem: str) -> DataError:
@@ -106,6 +129,13 @@ class ArrayDataset:
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.x[indices], self.y[indices]
 
+    def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        _check_rows(self, indices)
+        # mode="wrap" (indices are checked above): take's default mode="raise" copies `out`
+        # first, so that an error leaves it untouched, which is a batch-sized allocation.
+        np.take(self.x, indices, axis=0, out=x, mode="wrap")
+        np.take(self.y, indices, axis=0, out=y, mode="wrap")
+
     def read_y(self, indices: np.ndarray) -> np.ndarray:
         return self.y[indices]
 
@@ -134,6 +164,17 @@ class SubsetDataset:
         rows, inverse = self._base_rows(indices)
         x, y = self.base.read(rows)
         return (x, y) if inverse is None else (x[inverse], y[inverse])
+
+    def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """Straight into x and y when the base rows increase (a split, a sorted subset);
+        otherwise through one base read of the distinct rows (allocates)."""
+        rows, inverse = self._base_rows(indices)
+        if inverse is None:
+            self.base.read_into(rows, x, y)
+            return
+        bx, by = self.base.read(rows)
+        np.take(bx, inverse, axis=0, out=x, mode="wrap")   # inverse < len(rows) by construction
+        np.take(by, inverse, axis=0, out=y, mode="wrap")
 
     def read_y(self, indices: np.ndarray) -> np.ndarray:
         rows, inverse = self._base_rows(indices)
