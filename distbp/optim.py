@@ -201,19 +201,40 @@ def clip_grad_norm(grad: np.ndarray, max_norm: float, scratch: np.ndarray) -> fl
     BLAS threads or memory alignment: every rank, given the same averaged gradient, computes
     the same bits. C/n is formed in double precision and rounded once to grad.dtype. Unlike
     PyTorch there is no +1e-6 in the divisor, so a clipped gradient's norm is C to rounding.
+    When the squares overflow, or underflow (float32 gradients of about 1e-19 and below, whose
+    squares are subnormal or 0), n is formed scaled instead: see _scaled_norm.
     """
-    with np.errstate(over="ignore"):  # an overflow is caught below, not warned about
+    with np.errstate(over="ignore", under="ignore"):  # both are caught below, not warned about
         np.multiply(grad, grad, out=scratch)
-        norm = math.sqrt(float(scratch.sum()))
-    if not math.isfinite(norm):  # squares overflowed (float32 beyond ~1e19): scale first
-        np.abs(grad, out=scratch)
-        top = float(scratch.max())
-        np.divide(grad, grad.dtype.type(top), out=scratch)
-        np.multiply(scratch, scratch, out=scratch)
-        norm = top * math.sqrt(float(scratch.sum()))
+        squares = float(scratch.sum())
+    norm = math.sqrt(squares)
+    if not math.isfinite(norm) or squares < _underflow_bound(grad.dtype):
+        norm = _scaled_norm(grad, scratch)
     if norm > max_norm:
         grad *= grad.dtype.type(max_norm / norm)
     return norm
+
+
+def _underflow_bound(dtype: np.dtype) -> float:
+    """tiny/eps of `dtype` (float32: 2⁻¹⁰³ ≈ 1e-31): a sum of squares at or above it is exact
+    to rounding even if some squares were subnormal, since each subnormal square is off by at
+    most tiny·eps/2, n of them by n·eps²/2 relative to the bound. Below it (also at 0, where
+    every square underflowed) the squares may have lost their digits."""
+    info = np.finfo(dtype)
+    return float(info.tiny) / float(info.eps)
+
+
+def _scaled_norm(grad: np.ndarray, scratch: np.ndarray) -> float:
+    """√(Σ Δw²) as m·√(Σ (Δw/m)²), m = max |Δw|: the largest scaled square is 1, so the sum
+    neither overflows nor underflows; the same pairwise sum, in `scratch`. 0.0 if Δw is 0."""
+    np.abs(grad, out=scratch)
+    top = float(scratch.max())
+    if top == 0.0:  # every element 0 (not merely tiny): the norm is exactly 0
+        return 0.0
+    with np.errstate(under="ignore"):  # an element far below the largest adds nothing anyway
+        np.divide(grad, grad.dtype.type(top), out=scratch)
+        np.multiply(scratch, scratch, out=scratch)
+    return top * math.sqrt(float(scratch.sum()))
 
 
 def make_optimizer(name: str, *, momentum: float = 0.0, nesterov: bool = False,

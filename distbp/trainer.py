@@ -115,7 +115,7 @@ class Trainer:
             self._inject_fault(step)
             self._report(step, epoch, lr, log)
             end_of_epoch = step % s.steps_per_epoch == 0
-            if end_of_epoch and s.val is not None and self._validate(step, epoch, lr, log):
+            if end_of_epoch and s.val is not None and self._validate(step, epoch, log):
                 return self._stop_early(step, log)
             if self.tail[3] > 0 and step < s.total_steps:  # at the last step: just finish
                 return self._preempt(step, log)
@@ -153,20 +153,23 @@ class Trainer:
         return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every,
                        Interval(s.interval))
 
-    def _report(self, step: int, epoch: int, lr: float, log: _RunLog, last: bool = False) -> None:
-        """Rank 0: a train record every `log.every` steps and at the last (`last`: an early stop's
-        step, if steps since the last record remain); the bar every step. With clipping the
-        record carries "grad_norm": the norm of the record's own step, before clipping."""
+    def _report(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
+        """Rank 0: a train record every `log.every` steps and at the last; the bar every step."""
         if not self.rank0:
             return
-        if log.interval.steps and (last or step % log.every == 0 or step == self.s.total_steps):
-            record = log.interval.record(step, epoch, lr, time.perf_counter() - log.started)
-            if self._grad_norm is not None:
-                record["grad_norm"] = self._grad_norm
-            log.metrics.write(record)
-            log.progress.line(format_train(record, self.s.total_steps))
-            log.interval.reset()
+        if log.interval.steps and (step % log.every == 0 or step == self.s.total_steps):
+            self._record(step, epoch, lr, log)
         log.progress.step(step, f"loss {float(self.tail[0]) / float(self.tail[1]):.4f}")
+
+    def _record(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
+        """Rank 0: the train record of the steps in `log.interval` up to `step`, which restarts;
+        with clipping, "grad_norm": `step`'s before clipping, if this process took that step."""
+        record = log.interval.record(step, epoch, lr, time.perf_counter() - log.started)
+        if self._grad_norm is not None:
+            record["grad_norm"] = self._grad_norm
+        log.metrics.write(record)
+        log.progress.line(format_train(record, self.s.total_steps))
+        log.interval.reset()
 
     def _preempt(self, step: int, log: _RunLog) -> int:
         """All ranks saw the stop flag in the same reduced buffer: checkpoint, EXIT_PREEMPTED."""
@@ -183,13 +186,15 @@ class Trainer:
 
     def _early_stop(self) -> str | None:
         """Why to stop after the last validation (distbp.early_stop), or None: go on."""
-        cfg = self.s.cfg
-        return stop_reason(self._vals, cfg.early_stop, cfg.early_stop_metric,
-                           cfg.early_stop_min_delta)
+        c = self.s.cfg
+        return stop_reason(self._vals, c.early_stop, c.early_stop_metric, c.early_stop_min_delta)
 
     def _stop_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
-        """Every rank decided alike: the final checkpoint (unless `saved`: resumed from it),
-        rank 0 says why, EXIT_OK."""
+        """Every rank decided alike: the record of the steps since the last one (also those a
+        resumed checkpoint carried), the final checkpoint (unless `saved`), the reason, EXIT_OK."""
+        if self.rank0 and log.interval.steps:  # the loop's epoch and lr of step `step`
+            self._record(step, data.step_cursor(step - 1, self.s.steps_per_epoch)[0],
+                         self.s.schedule.lr_at(step - 1), log)
         if not saved:
             self._save(step, log)
         if self.rank0:
@@ -219,8 +224,7 @@ class Trainer:
     def _checkpoint_due(self, step: int, end_of_epoch: bool) -> bool:
         """Every --checkpoint-every steps (else at each epoch's end), and at the last step."""
         every = self.s.cfg.checkpoint_every
-        due = step % every == 0 if every else end_of_epoch
-        return due or step == self.s.total_steps
+        return (step % every == 0 if every else end_of_epoch) or step == self.s.total_steps
 
     # ------------------------------------------------------------------ data
 
@@ -282,7 +286,7 @@ class Trainer:
                 self.comm.bcast(self.s.opt_state[key], root=0)
         return False
 
-    def _validate(self, step: int, epoch: int, lr: float, log: _RunLog) -> bool:
+    def _validate(self, step: int, epoch: int, log: _RunLog) -> bool:
         """Exact loss and accuracy over the validation set: each rank takes a contiguous share.
         True when early stopping ends the run here (before its last step), on every rank."""
         s, comm = self.s, self.comm
@@ -301,10 +305,7 @@ class Trainer:
             log.metrics.write(record)
             log.progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
                           f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
-        stop = step < s.total_steps and self._early_stop() is not None
-        if stop:  # the steps since the last train record get theirs first
-            self._report(step, epoch, lr, log, last=True)
-        return stop
+        return step < s.total_steps and self._early_stop() is not None
 
     def _save(self, step: int, log: _RunLog) -> None:
         """Check the replicas (repairing them), refuse non-finite ones, rank 0 writes the file."""

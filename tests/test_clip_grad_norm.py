@@ -1,6 +1,7 @@
 """Gradient clipping by global norm (`--clip-grad-norm C`): the function against a hand-written
-reference, one clipped training step against the update written out by hand, clipping on 1 and
-2 ranks within 1e-10, an inactive bound bitwise equal to no clipping, exact resume with clipping.
+reference (also where float32 squares overflow or underflow), one clipped training step against
+the update written out by hand, clipping on 1 and 2 ranks within 1e-10, an inactive bound
+bitwise equal to no clipping, exact resume with clipping.
 Shared helpers: tests/helpers/trainruns.py."""
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ BOUND = "0.6"
 
 
 def reference_norm(g: np.ndarray) -> float:
-    """√(Σ g²) over every element, summed exactly (math.fsum) in double precision."""
-    return math.sqrt(math.fsum(float(v) * float(v) for v in g.ravel()))
+    """√(Σ g²) over every element, summed exactly (math.fsum) in double precision, scaled by a
+    power of two (exact) so that no double square overflows or underflows."""
+    top = max((abs(float(v)) for v in g.ravel()), default=0.0)
+    k = -math.frexp(top)[1] if top else 0  # 2^k · max |g| in [0.5, 1)
+    total = math.fsum(math.ldexp(float(v), k) ** 2 for v in g.ravel())
+    return math.ldexp(math.sqrt(total), -k)
 
 
 def test_a_gradient_above_the_bound_is_scaled_to_the_bound_as_the_reference_says():
@@ -56,6 +61,39 @@ def test_float32_squares_that_overflow_still_give_the_true_norm():
     assert clip_grad_norm(got, 1.0, np.empty_like(got)) == pytest.approx(norm, rel=1e-6)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, g.astype(np.float64) / norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e-30), (np.float32, 1e-20),
+                                          (np.float32, 1e-40), (np.float64, 1e-160)])
+def test_squares_that_underflow_still_give_the_true_norm_and_clip(dtype, scale, strict_numpy):
+    # float32 1e-30: every square (1e-60) is 0; 1e-20: the squares (1e-40) are subnormal, with
+    # 4 or 5 digits left, though their sum (~1e-37) is normal; 1e-40: subnormal elements
+    g = (np.random.default_rng(3).normal(size=1001) * scale).astype(dtype)
+    norm = reference_norm(g)  # the float32 values themselves, squared and summed exactly
+    assert 0 < norm < 1e-14
+    got = g.copy()
+    # abs=0: pytest.approx would otherwise accept anything within 1e-12, 0.0 included
+    assert clip_grad_norm(got, norm * 2, np.empty_like(got)) == pytest.approx(norm, 1e-6, 0)
+    np.testing.assert_array_equal(got, g)  # within the bound: untouched
+    c = norm / 4
+    assert clip_grad_norm(got, c, np.empty_like(got)) == pytest.approx(norm, 1e-6, 0)
+    assert reference_norm(got) == pytest.approx(c, 1e-5 if scale == 1e-40 else 1e-6, 0)
+
+
+def test_equal_tiny_elements_whose_subnormal_squares_all_round_down_give_the_true_norm():
+    # v² = 700.49 units of float32's smallest subnormal (2^-149): each square rounds to 700
+    # units, 7e-4 too small, and 100 000 of them sum to ~7e-38, a normal float32
+    v = np.float32(math.sqrt(700.49 * 2.0 ** -149))
+    g = np.full(100_000, v)
+    norm = reference_norm(g)  # exactly |v|·√n
+    assert math.isclose(norm, float(v) * math.sqrt(g.size), rel_tol=1e-15)
+    assert clip_grad_norm(g.copy(), 1.0, np.empty_like(g)) == pytest.approx(norm, 1e-6, 0)
+
+
+def test_an_all_zero_gradient_has_norm_0_and_is_left_alone(strict_numpy):
+    got = np.zeros(7, np.float32)
+    assert clip_grad_norm(got, 1e-30, np.empty_like(got)) == 0.0
+    np.testing.assert_array_equal(got, 0.0)
 
 
 def test_clipping_allocates_no_array():

@@ -2,7 +2,8 @@
 rule on hand-made histories; real 2-rank runs that stop at the epoch their own validation records
 call for (found here by a loop written out independently), with the parameters the uninterrupted
 run had at that step; a run killed mid-way and resumed stops at the same epoch, bitwise; a
-stopped run resumed stops again at once, or trains on with more patience; bad values exit 2.
+stopped run resumed stops again at once, or trains on with more patience; a run resumed with
+less patience that stops at once still writes its last train record; bad values exit 2.
 Shared helpers: tests/helpers/trainruns.py."""
 
 from __future__ import annotations
@@ -223,6 +224,31 @@ def test_a_stopped_run_resumed_stops_at_once_or_trains_on_with_more_patience(run
     assert "early_stop 3 -> 100" in proc.stdout and "early stop" not in proc.stdout
     assert_same_params(final(run, EPOCHS * SPE), final(runs["full"], EPOCHS * SPE))
     assert val_records(run) == val_records(runs["full"])
+
+
+def test_a_resume_that_stops_at_once_with_less_patience_writes_the_carried_steps_record(
+        runs, tmp_path):
+    # patience 3 trains past the epoch where patience 2 stops; killed just after it, with a
+    # train record in progress in its checkpoint there, and resumed with patience 2: it stops
+    # at once, and its records are the uninterrupted patience-2 run's, the last one included
+    epoch = reference_stop(val_records(runs["full"]), "loss", False, 2, 0.0)[0]
+    step = (epoch + 1) * SPE
+    assert step < EPOCHS * SPE
+    every = next(n for n in (4, 5) if step % n)  # no record due at the stop step itself
+    opts = (*OPTS, "--checkpoint-every", str(SPE), "--log-every", str(every))
+    ok(train(2, runs["data"], tmp_path / "two", *opts, "--early-stop", "2"))
+    run = tmp_path / "run"
+    died = train(2, runs["data"], run, *opts, "--early-stop", "3",
+                 env=clean_env(DISTBP_FAULT=f"raise:0:{step + 1}"))
+    assert died.returncode == 1, died.stdout + died.stderr
+    assert ckpt_steps(run)[-1] == step and checkpoint.load(
+        checkpoint.checkpoint_path(run / "checkpoints", step)).interval["steps"] == step % every
+    proc = ok(train(2, runs["data"], run, *opts, "--early-stop", "2", "--resume", "auto"))
+    assert f"early stop after epoch {epoch}:" in proc.stdout
+    exact = ("kind", "step", "epoch", "loss", "accuracy", "lr")  # timings differ
+    records = [tuple(r.get(k) for k in exact) for r in metrics(run)]
+    assert records == [tuple(r.get(k) for k in exact) for r in metrics(tmp_path / "two")]
+    assert records[-1][:2] == ("train", step) and records[-2][:2] == ("val", step)
 
 
 def test_early_stopping_without_validation_data_exits_2_with_one_line(tmp_path):
