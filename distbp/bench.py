@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from distbp.activations import HIDDEN
 from distbp.errors import UsageError
 
 __all__ = ["add_commands", "gemm_peak", "run_bench"]
@@ -31,15 +32,22 @@ __all__ = ["add_commands", "gemm_peak", "run_bench"]
 def add_commands(sub) -> None:
     """Add `distbp bench` and its options to the `distbp` subcommands."""
     p = sub.add_parser("bench", help="measure step time, allreduce and model FLOPs utilisation",
-                       description=__doc__.split("\n\n")[0])
+                       description="Measure, in one run, each rank's GEMM peak and a training "
+                       "step on random data split into forward+backward, allreduce and update; "
+                       "print model FLOPs utilisation against the peak and the allreduce's "
+                       "bandwidth (times: the slowest rank's median over --steps).")
     p.add_argument("--layers", default="784,256,10", help="layer widths (default 784,256,10)")
-    p.add_argument("--activation", default="relu")
+    p.add_argument("--activation", default="relu", choices=tuple(HIDDEN),
+                   help="hidden-layer activation (default relu)")
     p.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (default 256)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--gemm-size", type=int, default=2048, help="n of the n×n×n peak GEMM")
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="parameter and data dtype (default float32)")
+    p.add_argument("--gemm-size", type=int, default=2048,
+                   help="n of the n×n×n peak GEMM (default 2048)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads per rank, >= 1 (default: as for train --threads)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     p.set_defaults(run=run_bench)
 
@@ -70,6 +78,8 @@ def run_bench(args: argparse.Namespace, job) -> int:
     layers = _parse_layers(args.layers)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.gemm_size < 1:
         raise UsageError("--batch-size, --steps and --gemm-size must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     job.comm = comm = get_comm()
     threads = set_threads(args.threads, comm.local_size)
     net, x, y = _model_and_shard(layers, args, comm)

@@ -4,10 +4,11 @@
     ckpt = load(path)                       # whole file, then every dataset, SHA-256 verified
     path, skipped = latest_valid("ck")      # `--resume auto`: the newest file that loads
 
-This module is the only code that writes, renames or removes checkpoint files: save() (with its
-helpers _write_atomically and _seal), _rotate() and set_aside_newer(). distbp/ckpt_integrity.py
-computes and checks the hashes (the 512-byte userblock holding the SHA-256 of the rest of the
-file, the per-dataset sha256 attributes; its docstring specifies both) but writes nothing.
+Checkpoint files are written, renamed and removed only from here: save() (with its helpers
+_write_atomically, whose final rename and directory fsync go through distbp.durable, and _seal),
+_rotate() and set_aside_newer(). distbp/ckpt_integrity.py computes and checks the hashes (the
+512-byte userblock holding the SHA-256 of the rest of the file, the per-dataset sha256
+attributes; its docstring specifies both) but writes nothing.
 
 Format (format_version 1): an HDF5 file behind a 512-byte userblock, readable with plain h5py.
 load() verifies the userblock's file hash before the HDF5 library reads a byte. The HDF5 part:
@@ -24,7 +25,8 @@ load() verifies the userblock's file hash before the HDF5 library reads a byte. 
                the sums behind the next train record (metrics.Interval.state()), 0-d datasets
                steps (int64), loss_sum, correct, samples (float64); absent in older files
 Every dataset also has attr sha256, the SHA-256 of its bytes. Nothing is pickled; load reads
-numbers and strings only. Only rank 0 calls this module.
+numbers and strings only. Every rank loads (load, latest_valid: resume, evaluate, inspect); only
+rank 0 calls save, _rotate and set_aside_newer.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
     python -m distbp train --help
 
 Exit codes: 0 done · 2 bad input or configuration (one line on stderr) · 75 preempted, a
-checkpoint was written: run the same command with --resume auto to continue · 1 anything else.
+checkpoint was written: run the same command with --resume auto to continue · 141 stdout was
+closed by its reader (`distbp ... | head`), as a shell reports SIGPIPE · 1 anything else.
 """
 
 from __future__ import annotations
@@ -24,18 +25,19 @@ import numpy as np
 from distbp import __version__, bench, gradcheck
 from distbp.errors import (
     EXIT_ERROR,
+    EXIT_STDOUT_CLOSED,
     EXIT_USAGE,
     CollectiveTimeout,
     NonFiniteError,
     UsageError,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["agree", "build_parser", "main", "set_threads"]
 
 EPILOG = """exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the
 problem); 75 preempted (SIGTERM/SIGUSR1): a checkpoint was written, run the same command with
---resume auto to continue; 1 anything else (the failing rank prints its traceback and every
-rank stops)."""
+--resume auto to continue; 141 stdout was closed by its reader (`distbp ... | head`), as for
+SIGPIPE; 1 anything else (the failing rank prints its traceback and every rank stops)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,7 +176,8 @@ def set_threads(requested: int | None, local_size: int) -> str:
     """Set BLAS threads per rank and say why: --threads, else the user's OMP/OPENBLAS/MKL
     variable, else SLURM_CPUS_PER_TASK, else the CPUs this rank may use divided by the ranks on
     the node — unless the launcher pinned each rank to its own share of the node, then that
-    share. Never more threads than CPUs on the node."""
+    share. That derived default is never more than the CPUs; --threads and the *_NUM_THREADS
+    variables are taken as given (the user may mean to oversubscribe)."""
     from threadpoolctl import threadpool_limits
 
     if requested is not None:
@@ -264,13 +267,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stdout_closed(job: _Job) -> int:
-    """Exit 1 without a traceback when stdout's reader went away; the rest of the job is aborted
-    like any failure of a rank (it cannot go on alone)."""
+    """Exit 141 (EXIT_STDOUT_CLOSED) without a traceback when stdout's reader went away: quietly
+    for one process; with several ranks the rest of the job is aborted with that code, like any
+    failure of a rank (it cannot go on alone)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-    if job.comm is None or job.comm.size == 1:
-        return EXIT_ERROR
-    return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: stdout was closed")
+    try:  # so the interpreter's final flush does not fail again
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout
+        pass
+    finally:
+        os.close(devnull)
+    if not _ranks_may_diverge(job):
+        return EXIT_STDOUT_CLOSED
+    return _abort(job, EXIT_STDOUT_CLOSED, f"distbp: rank {job.rank}: error: stdout was closed")
 
 
 def _bad_input(job: _Job, e: UsageError) -> int:

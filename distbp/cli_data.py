@@ -1,11 +1,11 @@
-"""`distbp data`: build, generate and describe HDF5 data files.
+"""`distbp data`: build and generate HDF5 data files; describe HDF5 and NPZ data files.
 
     distbp data fashion-mnist --out data                 # from Debian's dataset-fashion-mnist
     distbp data fashion-mnist --out data --from ~/idx    # from a directory of IDX files (gz/raw)
     distbp data fashion-mnist --out data --download      # fetch the official files, verify MD5s
     distbp data import-idx train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz --out train.h5
     distbp data synthetic --out bench.h5 --n 100000 --features 784 --classes 10 --seed 0
-    distbp data info data/fashion-mnist-train.h5
+    distbp data info data/fashion-mnist-train.h5         # or an .npz archive, as training takes
 
 This module holds the argument parsing and `info` (describe); the files are written by
 distbp.data_import (layout, atomic writes, streaming: see its docstring), whose public names are
@@ -18,6 +18,8 @@ import argparse
 import json
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -48,7 +50,7 @@ def _filters(ds: h5py.Dataset) -> str:
     return " + ".join(parts) or "uncompressed"
 
 
-def _class_counts(ds: h5py.Dataset) -> dict[int, int] | None:
+def _class_counts(ds: h5py.Dataset | np.ndarray) -> dict[int, int] | None:
     """Counts per label (1-D integer y) or per argmax (2-D targets), read in bounded blocks."""
     if ds.dtype.kind not in "iuf" or ds.ndim not in (1, 2) or ds.shape[0] == 0:
         return None
@@ -72,13 +74,32 @@ def _attr(v):
 
 
 def describe(path: str | Path, y_name: str = "y") -> dict:
-    """Datasets (shape, dtype, chunks, filters), attributes and class counts of `y_name`."""
+    """Datasets (shape, dtype, chunks, filters), attributes and class counts of `y_name`, of an
+    HDF5 file or (format "npz", recognised as training recognises it: by the suffix .npz or a
+    zip signature) an NPZ archive's arrays. DataError (one line) for anything else."""
     path = str(path)
-    if not Path(path).is_file():
+    _check_path(path)
+    if h5py.is_hdf5(path):
+        return _describe_hdf5(path, y_name)
+    if path.lower().endswith(".npz") or zipfile.is_zipfile(path):
+        return _describe_npz(path, y_name)
+    raise DataError(f"data file {path!r}: not an HDF5 or NPZ file")
+
+
+def _check_path(path: str) -> None:
+    """DataError unless `path` names a regular file (a directory or a FIFO is said so)."""
+    if not os.path.exists(path):
         raise DataError(f"data file {path!r}: not found")
-    if not h5py.is_hdf5(path):
-        raise DataError(f"data file {path!r}: not an HDF5 file")
-    info: dict = {"file": path, "bytes": os.path.getsize(path), "datasets": {}}
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r}: is a directory, not a data file")
+    if not os.path.isfile(path):  # a FIFO, socket or device: reading could block forever
+        raise DataError(f"data file {path!r}: not a regular file")
+
+
+def _describe_hdf5(path: str, y_name: str) -> dict:
+    """describe() of an HDF5 file: every dataset, the file's attributes, class counts."""
+    info: dict = {"file": path, "format": "hdf5", "bytes": os.path.getsize(path),
+                  "datasets": {}}
     with h5py.File(path, "r", locking=False) as f:
         info["attributes"] = {k: _attr(v) for k, v in f.attrs.items()}
 
@@ -97,12 +118,51 @@ def describe(path: str | Path, y_name: str = "y") -> dict:
     return info
 
 
+def _describe_npz(path: str, y_name: str) -> dict:
+    """describe() of an NPZ archive: each array's shape and dtype from its .npy header (x is
+    not loaded), its zip compression; class counts of `y_name` (loaded whole, as training
+    loads the archive). NPZ has no attributes."""
+    info: dict = {"file": path, "format": "npz", "bytes": os.path.getsize(path),
+                  "datasets": {}, "attributes": {}}
+    kinds = {}  # array name -> dtype kind
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.filename.endswith(".npy"):  # np.savez stores key k as k.npy
+                    name = member.filename[:-4]
+                    info["datasets"][name], kinds[name] = _npy_entry(archive, member)
+        if kinds.get(y_name, "O") in "iuf":  # not object arrays: they would need pickle
+            with np.load(path, allow_pickle=False) as arrays:
+                counts = _class_counts(arrays[y_name])
+            if counts is not None:
+                info["class_counts"] = {str(k): v for k, v in counts.items()}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        problem = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"data file {path!r}: not a valid NPZ archive ({problem})") from None
+    return info
+
+
+def _npy_entry(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[dict, str]:
+    """An archive member's description and dtype kind, read from its .npy header alone."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in readers:
+            raise ValueError(f"{member.filename}: .npy format version {version} not supported")
+        shape, _, dtype = readers[version](fh)
+    compressed = member.compress_type != zipfile.ZIP_STORED
+    return {"shape": list(shape), "dtype": str(dtype), "chunks": None,
+            "filters": "zip deflate" if compressed else "uncompressed", "attributes": {}
+            }, dtype.kind
+
+
 def _print_info(info: dict) -> None:
-    print(f"{info['file']}: {info['bytes']:,} bytes")
+    print(f"{info['file']}: {info['bytes']:,} bytes, {info['format'].upper()}")
     for name, d in info["datasets"].items():
         chunks = "x".join(map(str, d["chunks"])) if d["chunks"] else "contiguous"
-        print(f"  {name}: shape {tuple(d['shape'])} {d['dtype']}, "
-              f"chunks {chunks}, {d['filters']}")
+        layout = f"chunks {chunks}, " if info["format"] == "hdf5" else ""
+        print(f"  {name}: shape {tuple(d['shape'])} {d['dtype']}, {layout}{d['filters']}")
     for k, v in info["attributes"].items():
         shown = f"{v:.8g}" if isinstance(v, float) else json.dumps(v)
         if k == "scale" and isinstance(v, float) and v > 0:
@@ -137,8 +197,9 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     """Register `distbp data {import-idx,fashion-mnist,synthetic,info}` on the subparsers."""
-    p = sub.add_parser("data", help="build, generate and describe HDF5 data files",
-                       description="Build, generate and describe HDF5 data files.",
+    p = sub.add_parser("data", help="build, generate and describe data files",
+                       description="Build and generate HDF5 data files; describe HDF5 and NPZ "
+                       "data files.",
                        epilog="Bad or corrupt input exits with code 2 and one line naming the "
                               "file and the problem.")
     cmds = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -225,9 +286,11 @@ def _run_synthetic(args: argparse.Namespace, job) -> int:
 
 def _add_info(cmds) -> None:
     q = cmds.add_parser("info", help="shapes, dtypes, chunking, attributes, class counts",
-                        description="Describe an HDF5 data file.")
-    q.add_argument("file")
-    q.add_argument("--y-name", default="y", help="labels dataset for class counts (default y)")
+                        description="Describe a data file: HDF5 (datasets, chunking, filters, "
+                        "attributes) or NPZ (arrays, zip compression), with class counts.")
+    q.add_argument("file", help="an HDF5 (.h5/.hdf5/.hdf) or NPZ (.npz) data file")
+    q.add_argument("--y-name", default="y", help="labels dataset or array for class counts "
+                   "(default y)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(run=run_info)
 

@@ -92,7 +92,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int,
                    help="rows per forward pass and rank (default: the training batch size)")
     p.add_argument("--threads", type=_positive_int,
-                   help="BLAS threads per rank (default: cores per node / ranks per node)")
+                   help="BLAS threads per rank (default: as for train --threads)")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,9 +1,9 @@
 """`distbp inspect`: show a checkpoint's contents after verifying every SHA-256; `distbp info`:
-describe any file distbp writes.
+describe a checkpoint or a data file (HDF5 or NPZ).
 
     distbp inspect runs/default/checkpoints/ckpt-00001350.h5      # text, one field per line
     distbp inspect ckpt.h5 --json                                 # one JSON line on stdout
-    distbp info FILE [--json]       # a checkpoint: as inspect; anything else: as `data info`
+    distbp info FILE [--json]       # a checkpoint: as inspect; else as `data info` (HDF5, NPZ)
 
 checkpoint.load verifies the file's and every dataset's SHA-256 (a truncated or corrupt file is
 exit 2 with one line); the network is then built from it (distbp.cli_eval.model_from_checkpoint),
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import h5py
 
@@ -23,7 +24,7 @@ from distbp.ckpt_integrity import MAGIC
 from distbp.cli import agree
 from distbp.cli_eval import COLLECTIVE_TIMEOUT_S, model_from_checkpoint
 from distbp.comm import get_comm
-from distbp.errors import EXIT_OK
+from distbp.errors import EXIT_OK, UsageError
 from distbp.network import Network
 
 __all__ = ["add_commands"]
@@ -40,8 +41,9 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_run_inspect)
     p = sub.add_parser("info", help="describe a checkpoint (as inspect) or a data file (as "
                        "data info)", description="Describe FILE: a checkpoint (recognised by its "
-                       "header) as `distbp inspect` does, any other file as `distbp data info`.")
-    p.add_argument("file", help="a checkpoint or an HDF5 data file")
+                       "header) as `distbp inspect` does, any other file as `distbp data info` "
+                       "(an HDF5 or NPZ data file).")
+    p.add_argument("file", help="a checkpoint, or an HDF5 (.h5) or NPZ (.npz) data file")
     p.add_argument("--y-name", default="y", help="data file: labels dataset for class counts "
                    "(default y)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -59,9 +61,26 @@ def _is_checkpoint(path: str) -> bool:
 
 def _run_info(args: argparse.Namespace, job) -> int:
     """`distbp info FILE`: inspect a checkpoint, describe anything else as a data file."""
+    if Path(args.file).is_dir():
+        raise UsageError(_directory_hint(Path(args.file)))
     if _is_checkpoint(args.file):
         return _run_inspect(argparse.Namespace(checkpoint=args.file, json=args.json), job)
     return cli_data.run_info(args, job)
+
+
+def _directory_hint(path: Path) -> str:
+    """The one-line error for `distbp info DIR`: what to give instead, naming the newest
+    checkpoint and the plot command when DIR is a run directory (or its checkpoints/)."""
+    hints = []
+    for ckpt_dir in (path / "checkpoints", path):
+        ckpts = checkpoint.list_checkpoints(ckpt_dir)
+        if ckpts or (ckpt_dir.name == "checkpoints" and ckpt_dir.is_dir()):
+            hints.append(f"`distbp info {ckpts[-1] if ckpts else ckpt_dir / 'ckpt-….h5'}`")
+            break
+    if (path / "metrics.jsonl").is_file():
+        hints.append(f"`distbp plot {path}` for its curves")
+    return (f"'{path}' is a directory; give a checkpoint or a data file (HDF5 or NPZ)"
+            + (", e.g. " + " or ".join(hints) if hints else ""))
 
 
 def _verified_count(ckpt: checkpoint.Checkpoint) -> int:

@@ -8,32 +8,36 @@ The reading and drawing are distbp.plot's; this module holds the command: which 
 panels, where the picture goes. It reads files and writes one, so it creates no communicator:
 under mpiexec only rank 0 acts, as in `distbp data`. The SVG is written under a temporary name in
 the output's directory and renamed onto it (distbp.durable.replace_durably): a viewer never
-sees half a picture, and a failed write leaves the previous one.
+sees half a picture, and a failed write leaves the previous one. The output may replace an
+earlier picture, never an input nor a file that is not an SVG (a typo in -o must not turn a
+metrics file or a checkpoint into a drawing).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from distbp.durable import replace_durably
 from distbp.errors import EXIT_OK, UsageError
-from distbp.plot import METRICS, read_run, render_svg
+from distbp.plot import METRICS, display_name, read_run, render_svg
 
 __all__ = ["add_commands", "plot", "run_names"]
 
 
 def add_commands(sub) -> None:
     """Register `plot` on the `distbp` subparsers."""
-    p = sub.add_parser("plot", help="draw the loss and accuracy curves of runs as an SVG",
+    p = sub.add_parser("plot", help="draw the metric curves of runs as an SVG",
                        description="Draw metrics of one or more runs against the step from "
                        "their JSON-lines metrics files: one panel per metric, train solid, "
                        "validation dashed, every run in its own colour, named after the file's "
                        "directory. Writes a self-contained SVG and prints its path. Bad input "
                        "(a missing file, a line that is not JSON, no record with a metric, an "
-                       "unwritable output) exits with code 2 and one line.")
+                       "unwritable output, an output that is an input or an existing file other "
+                       "than an SVG) exits with code 2 and one line.")
     p.add_argument("inputs", nargs="+", metavar="METRICS",
                    help="a metrics.jsonl file, or a run directory holding one")
     p.add_argument("-o", "--out", metavar="FILE.svg",
@@ -41,7 +45,8 @@ def add_commands(sub) -> None:
                    "metrics file)")
     p.add_argument("--metric", nargs="+", choices=tuple(METRICS), default=["loss", "accuracy"],
                    metavar="METRIC", help="panels, top to bottom, from: " + ", ".join(METRICS)
-                   + " (default: loss accuracy; val records carry loss and accuracy only)")
+                   + " (default: loss accuracy; val records carry loss and accuracy only, "
+                   "train records grad_norm only with --clip-grad-norm)")
     p.add_argument("--log-y", nargs="+", choices=tuple(METRICS), default=[], metavar="METRIC",
                    help="draw these panels on a log-scale y axis (values <= 0 are not drawn)")
     p.set_defaults(run=_run_plot)
@@ -56,8 +61,20 @@ def _run_plot(args: argparse.Namespace, job) -> int:
         raise UsageError(f"--log-y {' '.join(stray)}: not among the panels drawn "
                          f"(--metric {' '.join(metrics)})")
     out = plot(args.inputs, args.out, metrics, args.log_y)
-    print(out, flush=True)
+    _print_path(out)
     return EXIT_OK
+
+
+def _print_path(path: Path) -> None:
+    """The path and a newline on stdout, as the file system's bytes: a name that is not valid
+    UTF-8 prints as it is (as `ls` does), not as an encoding error."""
+    sys.stdout.flush()
+    raw = getattr(sys.stdout, "buffer", None)
+    if raw is None:  # a text-only stream (an embedding): the undecodable bytes as U+FFFD
+        print(display_name(str(path)), flush=True)
+        return
+    raw.write(os.fsencode(path) + b"\n")
+    raw.flush()
 
 
 def plot(inputs: Sequence[str], out: str | None, metrics: Sequence[str],
@@ -68,10 +85,12 @@ def plot(inputs: Sequence[str], out: str | None, metrics: Sequence[str],
     metrics file. UsageError (one line) for bad input or an output that cannot be written; no
     file is written then."""
     files = [_metrics_file(p) for p in inputs]
+    target = Path(out) if out is not None else files[0].parent / "metrics.svg"
+    option = "-o" if out is not None else "output"
+    _check_target(target, files, option)
     runs = [read_run(f, name) for f, name in zip(files, run_names(files))]
     svg = render_svg(runs, metrics, log)
-    target = Path(out) if out is not None else files[0].parent / "metrics.svg"
-    _write(target, svg, "-o" if out is not None else "output")
+    _write(target, svg, option)
     return target
 
 
@@ -89,11 +108,12 @@ def _metrics_file(given: str) -> Path:
 
 def run_names(files: Sequence[Path]) -> list[str]:
     """Legend names: each file's directory name; where different directories share a name,
-    the directory as given; where one file comes twice, a " #n" suffix. Always distinct."""
+    the directory as given; where one file comes twice, a " #n" suffix. Always distinct, and
+    fit for XML (plot.display_name: undecodable bytes and control characters as U+FFFD)."""
     dirs = [f.resolve().parent for f in files]
-    names = [d.name or str(d) for d in dirs]
+    names = [display_name(d.name or str(d)) for d in dirs]
     shared = {n for n, d in zip(names, dirs) if any(m == n and e != d for m, e in zip(names, dirs))}
-    names = [str(f.parent) if n in shared else n for f, n in zip(files, names)]
+    names = [display_name(str(f.parent)) if n in shared else n for f, n in zip(files, names)]
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         seen[n] = seen.get(n, 0) + 1
@@ -102,13 +122,39 @@ def run_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def _write(out: Path, text: str, option: str) -> None:
-    """Write `text` to a temporary file beside `out`, then replace_durably onto it."""
+def _check_target(out: Path, inputs: Sequence[Path], option: str) -> None:
+    """UsageError (one line) unless `out` may be written: a file name in an existing directory,
+    not one of the `inputs` (by inode: links and other spellings too), and, if it exists, an
+    SVG (or empty): an earlier picture may be replaced, nothing else."""
     if out.is_dir():
         raise UsageError(f"{option} '{out}' is a directory; give a file name, e.g. "
                          f"'{out / 'metrics.svg'}'")
     if not out.parent.is_dir():
         raise UsageError(f"{option} '{out}': directory '{out.parent}' does not exist")
+    if not out.exists():
+        return
+    for given in inputs:
+        if os.path.samefile(out, given):
+            raise UsageError(f"{option} '{out}' is the metrics file '{given}' being plotted; "
+                             "give another file name")
+    head = _head(out, option)
+    if head and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith((b"<?xml", b"<svg")):
+        raise UsageError(f"{option} '{out}' exists and is not an SVG (it starts with "
+                         f"{head[:16]!r}); not overwriting it: give another file name")
+
+
+def _head(path: Path, option: str) -> bytes:
+    """The first bytes of an existing output, enough to recognise an SVG."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(256)
+    except OSError as e:
+        raise UsageError(f"{option} '{path}': cannot read it to check that it is an SVG "
+                         f"({e.strerror or e})") from None
+
+
+def _write(out: Path, text: str, option: str) -> None:
+    """Write `text` to a temporary file beside `out`, then replace_durably onto it."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:  # a new file's usual mode, unlike mkstemp

@@ -106,9 +106,10 @@ class TrainConfig:
     metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl")
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
                                         "none: only at checkpoints", check="positive")
-    progress: str = _opt("auto", "rank 0's progress: a bar redrawn in place, periodic lines, or "
-                                 "both per terminal (auto: bar on a terminal, lines otherwise; "
-                                 "under mpiexec stdout is a pipe, so ask for bar)",
+    progress: str = _opt("auto", "rank 0's progress. lines: a line every --log-every steps; bar: "
+                                 "those lines plus a bar redrawn in place; auto: bar on a "
+                                 "terminal, else lines (under mpiexec stdout is a pipe: ask for "
+                                 "bar)",
                          choices=("auto", "bar", "lines"))
     log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run",
                                  check="positive")

@@ -6,12 +6,14 @@ and exits with code 2. Their messages must name the problem and the file or opti
 """
 
 __all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "CollectiveTimeout",
-           "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED"]
+           "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED",
+           "EXIT_STDOUT_CLOSED"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what shells and mpiexec report for `... | head`
 
 
 class UsageError(ValueError):

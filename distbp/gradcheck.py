@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distbp.activations import HIDDEN, OUTPUTS
 from distbp.errors import EXIT_ERROR, EXIT_OK, UsageError
+from distbp.losses import LOSSES
 from distbp.network import Network, param_views
 
 __all__ = ["LayerError", "add_commands", "gradcheck", "relative_error",
@@ -110,13 +112,18 @@ def add_commands(sub) -> None:
                        "absolute error and, for information, the worst elementwise relative "
                        "error (floor 1e-8); exit 1 when the worst normwise error is above "
                        "--tolerance.")
-    p.add_argument("--layers", default="784,30,10", help="layer widths, e.g. 784,30,10")
-    p.add_argument("--activation", default="sigmoid")
-    p.add_argument("--output", default="softmax")
-    p.add_argument("--loss", default="cross_entropy")
+    p.add_argument("--layers", default="784,30,10", help="layer widths (default 784,30,10)")
+    p.add_argument("--activation", default="sigmoid", choices=tuple(HIDDEN),
+                   help="hidden-layer activation (default sigmoid)")
+    p.add_argument("--output", default="softmax", choices=OUTPUTS,
+                   help="output-layer activation (default softmax)")
+    p.add_argument("--loss", default="cross_entropy", choices=LOSSES,
+                   help="loss on the output activations (default cross_entropy)")
     p.add_argument("--batch", type=int, default=8, help="random rows, >= 1 (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps", type=float, default=1e-6, help="finite-difference step, > 0")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights and the random rows (default 0)")
+    p.add_argument("--eps", type=float, default=1e-6,
+                   help="finite-difference step, > 0 (default 1e-6)")
     p.add_argument("--tolerance", type=float, default=1e-7,
                    help="largest normwise relative error that passes, >= 0 (default 1e-7)")
     p.set_defaults(run=_run_gradcheck)

@@ -13,30 +13,35 @@ Every element says what it is, so a picture can be checked by code as well as by
     ("M x y" starts a piece, "L x y" continues it) are the records' (step, value), in file
     order, mapped through the panel's axes. A piece of one record is drawn as a zero-length
     line ("M x y L x y", a dot through its round cap).
-Values that cannot be drawn (NaN or ±inf from a diverged run, null; <= 0 on a log axis) break the
-curve at that record and are counted in the legend.
+Values that cannot be drawn (NaN or ±inf from a diverged run, null, beyond ±1e300; on a log axis
+below 1e-300, so <= 0 too) break the curve at that record and are counted in the legend: a finite
+value near the float limit is a diverged run as surely as inf, and no axis grid reaching it stays
+finite. Run names are shown with undecodable bytes and characters XML forbids replaced by U+FFFD.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from distbp.errors import UsageError
+from distbp.plot_axes import LIMIT, Axis, drawable, linear_axis, log_axis
 
-__all__ = ["KINDS", "METRICS", "Axis", "Run", "Series", "linear_axis", "log_axis", "read_run",
-           "render_svg", "series_of"]
+__all__ = ["KINDS", "LIMIT", "METRICS", "Axis", "Run", "Series", "display_name", "linear_axis",
+           "log_axis", "read_run", "render_svg", "series_of"]
 
 KINDS = ("train", "val")
 # Numeric fields of train records (loss and accuracy also of val records), as distbp.metrics
 # writes them, with the panel titles they get.
 METRICS = {"loss": "loss", "accuracy": "accuracy", "lr": "learning rate",
            "samples_per_s": "samples per second", "compute_ms": "compute ms per step",
-           "comm_ms": "communication ms per step"}
+           "comm_ms": "communication ms per step",
+           "grad_norm": "gradient norm before clipping"}  # with --clip-grad-norm only
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 WIDTH, PANEL_H = 880, 270  # pixels: the picture's width, each panel's height
@@ -88,18 +93,45 @@ def _record(path: Path, n: int, line: str, partial: bool) -> dict | None:
         raise UsageError(f"metrics file '{path}': line {n} is not a JSON object")
     if record.get("kind") not in KINDS:
         return None  # progress of other tools, future kinds: not curves against the step
-    if not _is_number(record.get("step")) or not math.isfinite(record["step"]):
-        raise UsageError(f"metrics file '{path}': line {n}: {record['kind']} record without "
-                         f"a numeric 'step'")
-    for key in METRICS:
+    where = f"metrics file '{path}': line {n}"
+    if not _is_number(record.get("step")):
+        raise UsageError(f"{where}: {record['kind']} record without a numeric 'step'")
+    for key in ("step", *METRICS):
         if key in record and not (_is_number(record[key]) or record[key] is None):
-            raise UsageError(f"metrics file '{path}': line {n}: '{key}' is not a number "
-                             f"({json.dumps(record[key])[:40]})")
+            raise UsageError(f"{where}: '{key}' is not a number ({_shown(record[key])})")
+        if _is_number(record.get(key)) and not _is_float(record[key]):
+            raise UsageError(f"{where}: '{key}' is too large for a float ({_shown(record[key])})")
+    if not abs(record["step"]) <= LIMIT:  # also nan, inf: a step places the record
+        raise UsageError(f"{where}: 'step' is not a finite number within ±{LIMIT:g} "
+                         f"({_shown(record['step'])})")
     return record
 
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_float(v: int | float) -> bool:
+    """Whether a JSON number converts to a float (an integer literal of 400 digits does not)."""
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
+def _shown(v: object) -> str:
+    """A value as the file has it, cut to 40 characters for a one-line message."""
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def display_name(name: str) -> str:
+    """`name` fit for XML text and attributes: every undecodable byte of a file name (a
+    surrogate escape), control character (XML 1.0 forbids most; a one-line legend shows none)
+    and U+FFFE/U+FFFF becomes U+FFFD."""
+    return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cs") or c in "\ufffe\uffff"
+                   else c for c in name)
 
 
 @dataclass(frozen=True)
@@ -129,71 +161,9 @@ def series_of(runs: Sequence[Run], metric: str) -> list[Series]:
 
 # ----------------------------------------------------------------------------- axes
 
-@dataclass(frozen=True)
-class Axis:
-    """[lo, hi] with tick values inside it; `log`: positions by log10. `spacing` is the linear
-    tick step (labels get as many decimals as it needs), 0 on a log axis."""
-
-    lo: float
-    hi: float
-    ticks: tuple[float, ...]
-    log: bool = False
-    spacing: float = 0.0
-
-    def frac(self, v: float) -> float:
-        """Where v sits between lo (0) and hi (1)."""
-        if self.log:
-            return math.log10(v / self.lo) / math.log10(self.hi / self.lo)
-        return (v - self.lo) / (self.hi - self.lo)
-
-    def drawable(self, v: float) -> bool:
-        return math.isfinite(v) and (v > 0 or not self.log)
-
-    def label(self, v: float) -> str:
-        if self.log:
-            return f"{v:g}"
-        decimals = max(0, -math.floor(math.log10(self.spacing) + 1e-9))
-        return f"{v:.{decimals}f}" if decimals <= 6 and abs(v) < 1e7 else f"{v:.4g}"
-
-
-def linear_axis(lo: float, hi: float, target: int = 5, integer: bool = False) -> Axis:
-    """The smallest [a, b] ⊇ [lo, hi] on a grid of 1, 2 or 5 × 10^e, about `target` steps of
-    it; lo == hi (or within 1e-9 of each other, relatively: a constant up to rounding) is
-    widened by 10 % (1 if zero). `integer`: a step of at least 1."""
-    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
-        pad = abs(lo) * 0.1 or 1.0
-        pad = max(pad, 1.0) if integer else pad
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / target
-    e = math.floor(math.log10(raw))
-    m = next(m for m in (1, 2, 5, 10) if m * 10.0**e >= raw * (1 - 1e-9))
-    spacing = max(m * 10.0**e, 1.0) if integer else m * 10.0**e
-    digits = max(0, -math.floor(math.log10(spacing) + 1e-9))
-    first, last = math.floor(lo / spacing + 1e-9), math.ceil(hi / spacing - 1e-9)
-    ticks = tuple(round(k * spacing, digits) + 0.0 for k in range(first, last + 1))  # no -0.0
-    return Axis(ticks[0], ticks[-1], ticks, spacing=spacing)
-
-
-def log_axis(lo: float, hi: float) -> Axis:
-    """Log axis around [lo, hi] (both > 0). Within two decades: bounds and ticks on the 1-2-5
-    grid (0.2, 0.5, 1, 2, ...); wider: whole decades, a tick at every power of ten (every k-th
-    when there would be more than about 8)."""
-    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    b = max(b, a + 1)
-    if b - a > 2:
-        every = math.ceil((b - a) / 8)
-        ticks = tuple(float(f"1e{e}") for e in range(a, b + every, every))
-        return Axis(ticks[0], ticks[-1], ticks, log=True)
-    grid = sorted(float(f"{m}e{e}") for e in range(a, b + 2) for m in (1, 2, 5))
-    first = max(i for i, g in enumerate(grid) if g <= lo * (1 + 1e-12))
-    last = min(i for i, g in enumerate(grid) if g >= hi * (1 - 1e-12))
-    ticks = tuple(grid[first:max(last, first + 1) + 1])  # lo == hi on the grid: one step up
-    return Axis(ticks[0], ticks[-1], ticks, log=True)
-
-
 def _value_axis(series: Sequence[Series], log: bool) -> Axis:
     """The y axis of a panel: around every drawable value, [0, 1] (log: [1, 10]) if none."""
-    values = [v for s in series for v in s.values if math.isfinite(v) and (v > 0 or not log)]
+    values = [v for s in series for v in s.values if drawable(v, log)]
     if log:
         return log_axis(min(values), max(values)) if values else log_axis(1.0, 10.0)
     return linear_axis(min(values), max(values)) if values else linear_axis(0.0, 1.0)
@@ -219,7 +189,7 @@ def render_svg(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] =
     heights = [max(PANEL_H, TOP + 18 * len(series) + 16) for _, series in panels]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{sum(heights)}" '
            f'viewBox="0 0 {WIDTH} {sum(heights)}" font-family="sans-serif" font-size="12">',
-           f"<title>{escape('distbp metrics: ' + ', '.join(r.name for r in runs))}</title>",
+           f"<title>{_xml('distbp metrics: ' + ', '.join(r.name for r in runs))}</title>",
            "<defs>", *_dot_markers(), "</defs>",
            f'<rect width="{WIDTH}" height="{sum(heights)}" fill="white"/>']
     for i, (metric, series) in enumerate(panels):
@@ -259,9 +229,9 @@ def _panel(top: float, metric: str, series: Sequence[Series], x: Axis, y: Axis,
     for n, s in enumerate(series):
         d, hidden = _path_data(s, box, x, y)
         style = _stroke(s.kind, colours[s.run])
-        out.append(f'<path class="series" data-run={quoteattr(s.run)} data-kind="{s.kind}" '
+        out.append(f'<path class="series" data-run={_attr(s.run)} data-kind="{s.kind}" '
                    f'data-metric="{metric}" d="{d}" {style}>'
-                   f"<title>{escape(s.run)} {s.kind} {metric}</title></path>")
+                   f"<title>{_xml(s.run)} {s.kind} {metric}</title></path>")
         out += _legend_entry(top + TOP + 8 + 18 * n, s, style, hidden)
     return out + ["</g>"]
 
@@ -313,11 +283,21 @@ def _legend_entry(y: float, s: Series, style: str, hidden: int) -> list[str]:
     """A line sample and "run train|validation", with the count of values not drawn."""
     name = s.run if len(s.run) <= 24 else s.run[:23] + "…"
     kind = "train" if s.kind == "train" else "validation"
-    note = (f" ({hidden} not drawn)<title>{hidden} value(s) NaN, infinite, null or, on a log "
-            f"axis, &lt;= 0</title>") if hidden else ""
+    note = (f" ({hidden} not drawn)<title>{hidden} value(s) NaN, infinite, null, beyond "
+            f"±{LIMIT:g} or, on a log axis, below {1 / LIMIT:g}</title>") if hidden else ""
     return [f'<g class="legend"><path d="M{LEGEND_X} {y} L{LEGEND_X + 12} {y} L{LEGEND_X + 24} '
             f'{y}" {style}/><text x="{LEGEND_X + 30}" y="{y}" dy="0.35em">'
-            f"{escape(name)} {kind}{note}</text></g>"]
+            f"{_xml(name)} {kind}{note}</text></g>"]
+
+
+def _xml(text: str) -> str:
+    """Text content: display_name's replacements, then &, < and > escaped."""
+    return escape(display_name(text))
+
+
+def _attr(text: str) -> str:
+    """A quoted attribute value: display_name's replacements, then quoted and escaped."""
+    return quoteattr(display_name(text))
 
 
 def _px(v: float) -> str:

@@ -41,3 +41,22 @@ def test_bench_under_mpi_prints_once_with_allreduce_bandwidth():
 def test_bench_rejects_bad_layers_with_one_line():
     out = run_py(["-m", "distbp", "bench", "--layers", "64,x"], timeout=30)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--layers" in out.stderr
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
+])
+def test_bench_rejects_bad_threads_and_activations_with_one_line(flags, phrase):
+    out = run_py(["-m", "distbp", "bench", "--layers", "8,4,2", "--steps", "1", *flags],
+                 timeout=30)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.count("\n") == 1 and phrase in out.stderr, out.stderr
+
+
+def test_bench_help_is_plain_text_with_defaults():
+    out = run_py(["-m", "distbp", "bench", "--help"], timeout=30)
+    assert out.returncode == 0 and "`" not in out.stdout, out.stdout
+    text = " ".join(out.stdout.split())
+    for shown in ("(default relu)", "(default float32)", "(default 2048)"):
+        assert shown in text, shown

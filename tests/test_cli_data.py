@@ -1,6 +1,6 @@
 """`distbp data import-idx | synthetic | info`: exact HDF5 contents, the layout promised (uint8
-kept, chunked by rows, gzip + shuffle, scale attribute), atomic writes, and exit 2 with one line
-naming the file for every malformed input."""
+kept, chunked by rows, gzip + shuffle, scale attribute), atomic writes, `info` of HDF5 and NPZ
+files, and exit 2 with one line naming the file for every malformed input."""
 
 from __future__ import annotations
 
@@ -276,4 +276,25 @@ def test_info_counts_one_hot_targets_by_argmax(tmp_path, capsys):
 def test_info_on_missing_or_non_hdf5_files_exits_2(tmp_path, capsys):
     _fails(capsys, ["data", "info", str(tmp_path / "nope.h5")], "nope.h5", "not found")
     (tmp_path / "t.txt").write_text("hello")
-    _fails(capsys, ["data", "info", str(tmp_path / "t.txt")], "t.txt", "not an HDF5 file")
+    _fails(capsys, ["data", "info", str(tmp_path / "t.txt")], "t.txt", "not an HDF5 or NPZ file")
+    _fails(capsys, ["data", "info", str(tmp_path)], f"data file '{tmp_path}': is a directory")
+    (tmp_path / "t.npz").write_bytes(b"PK\x03\x04 truncated")
+    _fails(capsys, ["data", "info", str(tmp_path / "t.npz")], "t.npz", "not a valid NPZ archive")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_info_describes_npz_arrays_and_class_counts_as_for_hdf5(tmp_path, capsys, save):
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((40, 3, 2)).astype(np.float32), rng.integers(0, 5, 40)
+    save(tmp_path / "d.npz", x=x, y=y, extra=np.arange(3, dtype=np.uint8))
+    assert main(["data", "info", str(tmp_path / "d.npz"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    zipped = "zip deflate" if save is np.savez_compressed else "uncompressed"
+    assert info["format"] == "npz" and info["attributes"] == {}
+    assert {k: (d["shape"], d["dtype"], d["filters"]) for k, d in info["datasets"].items()} == {
+        "x": ([40, 3, 2], "float32", zipped), "y": ([40], "int64", zipped),
+        "extra": ([3], "uint8", zipped)}
+    assert info["class_counts"] == {str(k): int(n) for k, n in enumerate(np.bincount(y)) if n}
+    assert main(["data", "info", str(tmp_path / "d.npz")]) == 0
+    text = capsys.readouterr().out
+    assert f"x: shape (40, 3, 2) float32, {zipped}" in text and "classes: " in text

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import child_env, run_mpi, run_py
 
-from distbp import cli_eval
+from distbp import cli, cli_eval
 from distbp.cli import main
 
 N_TEST = 37  # evaluation rows: divisible by neither 2 nor 3, so shards differ in size
@@ -220,7 +220,8 @@ def test_info_describes_a_checkpoint_as_inspect_and_a_data_file_as_data_info(run
     assert json.loads(p.stdout) == as_data_info and as_data_info["datasets"]
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not a checkpoint, not HDF5\n")
-    for path, problem in ((garbage, "not an HDF5 file"), (tmp_path / "none.h5", "not found")):
+    for path, problem in ((garbage, "not an HDF5 or NPZ file"),
+                          (tmp_path / "none.h5", "not found")):
         p = distbp("info", str(path))
         assert p.returncode == 2 and p.stdout == ""
         assert p.stderr.strip().splitlines() == [f"distbp: error: data file '{path}': {problem}"]
@@ -236,4 +237,49 @@ def test_output_piped_into_a_reader_that_closed_ends_without_a_traceback(run):
                               env=child_env())
     finally:
         os.close(write_end)
-    assert proc.returncode == 1 and proc.stderr == ""
+    assert proc.returncode == 141 and proc.stderr == ""  # 128 + SIGPIPE, as a shell reports
+
+
+def test_a_closed_stdout_on_one_of_several_ranks_aborts_the_job_with_141(monkeypatch, capsys):
+    aborted = []
+
+    class TwoRanks:  # what cli._abort uses of a communicator
+        rank, size = 1, 2
+
+        def abort(self, code):
+            aborted.append(code)
+
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    job = cli._Job()
+    job.comm = TwoRanks()
+    try:
+        assert cli._stdout_closed(job) == 141 and aborted == [141]
+    finally:
+        sys.stdout.close()
+        os.close(read_end)
+    assert capsys.readouterr().err == "distbp: rank 1: error: stdout was closed\n"
+
+
+def test_info_of_a_directory_says_so_and_names_what_to_give(run, tmp_path):
+    ckpt = run["ckpt"]
+    for given, hints in ((run["dir"] / "run", [f"`distbp info {ckpt}`",
+                                              f"`distbp plot {run['dir'] / 'run'}`"]),
+                         (ckpt.parent, [f"`distbp info {ckpt}`"]), (tmp_path, [])):
+        p = distbp("info", str(given))
+        assert p.returncode == 2 and p.stdout == "", p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"distbp: error: '{given}' is a directory; give a checkpoint or a data file"), lines
+        assert all(h in lines[0] for h in hints) and lines[0].count("`") == 2 * len(hints)
+
+
+def test_info_describes_an_npz_data_file(run, tmp_path):
+    with h5py.File(run["test"], "r") as f:
+        x, y = f["x"][()], f["y"][()]
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    p = distbp("info", str(tmp_path / "test.npz"), "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["datasets"]["x"]["shape"] == [N_TEST, FEATURES]
+    assert info["class_counts"] == {str(k): int(n) for k, n in enumerate(np.bincount(y)) if n}

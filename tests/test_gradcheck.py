@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import run_py
+from conftest import child_env, run_py
 
 from distbp import activations
 from distbp.gradcheck import elementwise_relative_error, gradcheck, relative_error
@@ -96,7 +96,9 @@ def test_error_above_tolerance_exits_1():
     (["--eps", "nan"], "--eps must be a finite number > 0, got nan"),
     (["--tolerance=-1e-7"], "--tolerance must be >= 0, got -1e-07"),
     (["--layers", "3,2.5,2"], "--layers must be comma-separated integers"),
-    (["--activation", "swish"], "unknown activation 'swish'"),
+    (["--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
+    (["--output", "tanh"], "argument --output: invalid choice: 'tanh'"),
+    (["--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_option(flags, phrase):
     r = run_py(["-m", "distbp", "gradcheck", "--layers", "4,3,2", *flags], timeout=60)
@@ -104,3 +106,14 @@ def test_bad_flags_exit_2_with_one_line_naming_the_option(flags, phrase):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and phrase in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_help_shows_every_choice_and_default():
+    r = run_py(["-m", "distbp", "gradcheck", "--help"], timeout=60, env=child_env(COLUMNS="200"))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for shown in ("--activation {sigmoid,tanh,relu,leaky_relu,identity}", "(default sigmoid)",
+                  "--output {softmax,sigmoid,identity}", "(default softmax)",
+                  "--loss {cross_entropy,mse}", "(default cross_entropy)", "(default 0)",
+                  "(default 784,30,10)", "(default 1e-6)"):
+        assert shown in text, shown

@@ -1,15 +1,19 @@
 """`distbp plot`: the SVG drawn from real training runs' metrics is well-formed XML, has one curve
 per (run, series), and every vertex, mapped back through the picture's own axis ticks, is a
 record's (step, value); diverged values break a curve without breaking the plot; bad input exits
-2 with one line and writes nothing; the write is atomic; under mpiexec one rank writes."""
+2 with one line and writes nothing; the output never replaces an input or a file that is not an
+SVG; the write is atomic; under mpiexec one rank writes."""
 
 from __future__ import annotations
 
 import errno
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -26,14 +30,15 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
-    """Two real serial runs ('a', 'b': different learning rates), 4 epochs of 7 steps, a
-    validation record per epoch."""
+    """Two real serial runs ('a', 'b': different learning rates, b with gradient clipping, so
+    its train records carry grad_norm), 4 epochs of 7 steps, a validation record per epoch."""
     tmp = tmp_path_factory.mktemp("plot")
     data = write_data(tmp / "d.h5", 140)
     dirs = [tmp / "a", tmp / "b"]
-    for run_dir, lr in zip(dirs, ("0.1", "0.02")):
+    for run_dir, options in zip(dirs, (["--lr", "0.1"], ["--lr", "0.02", "--clip-grad-norm",
+                                                          "0.5"])):
         ok(train(0, data, run_dir, "--epochs", "4", "--batch-size", "16", "--val-fraction",
-                 "0.2", "--lr", lr, "--log-every", "2", "--progress", "lines"))
+                 "0.2", "--log-every", "2", "--progress", "lines", *options))
     return dirs
 
 
@@ -86,11 +91,12 @@ def _curves(root: ET.Element) -> dict[tuple[str, str, str], tuple[ET.Element, ET
 
 def _check_curve(panel, path, records: list[dict], metric: str) -> None:
     """The path's vertices, mapped back through the axes, are the drawable records' (step,
-    value), in order; an undrawable value (non-finite, or <= 0 on a log axis) starts a piece."""
+    value), in order; an undrawable value (non-finite, beyond ±1e300, or below 1e-300 on a log
+    axis) starts a piece."""
     (x, x_per_px), (y, y_per_px) = _axis(panel, "x"), _axis(panel, "y")
     log = panel.get("data-scale") == "log"
     drawn = [(r["step"], math.log10(r[metric]) if log else r[metric]) for r in records
-             if math.isfinite(r[metric]) and (r[metric] > 0 or not log)]
+             if abs(r[metric]) <= 1e300 and (r[metric] >= 1e-300 or not log)]
     vertices = [v for piece in _pieces(path.get("d")) for v in piece]
     assert len(vertices) == len(drawn)
     for (px, py), (step, value) in zip(vertices, drawn):  # to the 1/100 px of the file
@@ -103,22 +109,25 @@ def test_every_vertex_maps_back_to_its_record_through_the_drawn_axes(runs, capsy
                                                                      log):
     out = tmp_path / "both.svg"
     root = _plot(capsys, str(runs[0]), str(runs[1] / "metrics.jsonl"), "-o", str(out),
-                 "--metric", "loss", "accuracy", "lr", *(["--log-y", "loss"] if log else []))
+                 "--metric", "loss", "accuracy", "lr", "grad_norm",
+                 *(["--log-y", "loss", "grad_norm"] if log else []))
     curves = _curves(root)
     expected = set()
     for run in runs:
         records = metrics(run)
-        for metric in ("loss", "accuracy", "lr"):
+        for metric in ("loss", "accuracy", "lr", "grad_norm"):
             for kind in ("train", "val"):
                 rows = [r for r in records if r["kind"] == kind and metric in r]
                 if rows:
                     expected.add((metric, run.name, kind))
                     _check_curve(*curves[(metric, run.name, kind)], rows, metric)
-    # 2 runs x (train + val loss, train + val accuracy, train lr): one path each, no more
-    assert set(curves) == expected and len(expected) == 10
+    # 2 runs x (train + val loss, train + val accuracy, train lr), b's train grad_norm
+    assert set(curves) == expected and len(expected) == 11
+    assert ("grad_norm", "b", "train") in expected
     scales = {p.get("data-metric"): p.get("data-scale") for p in root.iter(f"{SVG}g")
               if p.get("class") == "panel"}
-    assert scales == {"loss": "log" if log else "linear", "accuracy": "linear", "lr": "linear"}
+    scale = "log" if log else "linear"
+    assert scales == {"loss": scale, "accuracy": "linear", "lr": "linear", "grad_norm": scale}
 
 
 def test_legend_names_each_run_by_its_directory(runs, capsys, tmp_path):
@@ -166,6 +175,22 @@ def test_nan_and_inf_losses_break_the_curve_and_are_counted(runs, capsys, tmp_pa
                    if g.get("data-axis"))
 
 
+@pytest.mark.parametrize("log", [[], ["--log-y", "loss"]], ids=["linear", "log-loss"])
+def test_values_beyond_1e300_are_not_drawn_and_steps_up_to_1e300_are(capsys, tmp_path, log):
+    records = [{"kind": "train", "step": t, "loss": v} for t, v in
+               zip((-1e300, 0, 1, 2, 1e300), (0.5, 1.7e308, -1.7e308, 5e-324, 0.25))]
+    run = tmp_path / "huge"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    panel, path = _curves(_plot(capsys, str(run), "--metric", "loss", *log))[
+        ("loss", "huge", "train")]
+    _check_curve(panel, path, records, "loss")  # (±1e300, 0.5 and 0.25), 5e-324 linear only
+    assert all(abs(float(g.get("data-value"))) <= 1e300 for g in panel.iter(f"{SVG}g")
+               if g.get("data-axis"))
+    texts = ["".join(t.itertext()) for t in panel.iter(f"{SVG}text")]
+    assert any(t.startswith(f"huge train ({3 if log else 2} not drawn)") for t in texts), texts
+
+
 def test_other_kinds_and_a_partial_last_line_are_skipped(runs, capsys, tmp_path):
     plain = _plot(capsys, str(runs[0]), "-o", str(tmp_path / "plain.svg"))
     run = tmp_path / "a"
@@ -194,6 +219,13 @@ BAD = {  # name -> (metrics file text or None for no file, extra argv, fragments
                           ["line 1: val record without a numeric 'step'"]),
     "value_not_a_number": ('{"kind": "train", "step": 7, "loss": "low"}\n', [],
                            ["line 1: 'loss' is not a number"]),
+    "step_beyond_a_float": (TRAIN + '{"kind": "train", "step": 1' + "0" * 400 + "}\n", [],
+                            ["line 2: 'step' is too large for a float (1000"]),
+    "value_beyond_a_float": ('{"kind": "val", "step": 1, "loss": 1' + "0" * 400 + "}\n", [],
+                             ["line 1: 'loss' is too large for a float"]),
+    "step_beyond_1e300": ('{"kind": "train", "step": -1e308, "loss": 1}\n', [],
+                          ["line 1: 'step' is not a finite number within ±1e+300 (-1e+308)"]),
+    "step_nan": ('{"kind": "train", "step": NaN, "loss": 1}\n', [], ["line 1: 'step' is not a"]),
     "no_record_with_metric": (TRAIN, ["--metric", "samples_per_s"],
                               ["no train or val records with 'samples_per_s'"]),
     "empty_file": ("", [], ["no train or val records with 'loss'"]),
@@ -230,10 +262,45 @@ def test_unwritable_output_exits_2_with_one_line(runs, capsys, tmp_path):
     _fails(capsys, ["plot", str(tmp_path)], f"run directory '{tmp_path}' has no metrics.jsonl")
 
 
+def test_output_never_replaces_an_input_or_a_file_that_is_not_an_svg(runs, capsys, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(runs[0], run)
+    ckpt = sorted((run / "checkpoints").glob("ckpt-*.h5"))[-1]
+    (run / "link.svg").symlink_to("metrics.jsonl")
+    (tmp_path / "notes.svg").write_text("my notes\n")
+    kept = {p: p.read_bytes() for p in (run / "metrics.jsonl", ckpt, tmp_path / "notes.svg")}
+    for out in (run / "metrics.jsonl", run / "link.svg"):
+        _fails(capsys, ["plot", str(run), "-o", str(out)], f"-o '{out}' is the metrics file "
+               f"'{run / 'metrics.jsonl'}' being plotted")
+    for out in (ckpt, tmp_path / "notes.svg"):
+        _fails(capsys, ["plot", str(run), "-o", str(out)], f"-o '{out}' exists and is not an SVG")
+    (run / "metrics.svg").write_bytes(b"\x89PNG")  # the default output too
+    _fails(capsys, ["plot", str(run)], f"output '{run / 'metrics.svg'}' exists and is not an SVG "
+           "(it starts with b'\\x89PNG')")
+    assert {p: p.read_bytes() for p in kept} == kept
+    for _ in range(2):  # an earlier picture is replaced
+        _plot(capsys, str(run), "-o", str(tmp_path / "p.svg"))
+
+
+def test_run_names_that_are_not_utf8_or_hold_control_characters_give_valid_xml(runs, tmp_path):
+    dirs = [Path(os.fsdecode(os.fsencode(tmp_path) + b"/" + raw)) for raw in
+            (b"bad\xffbytes", b"ctl\x01\x1bx")]
+    for d in dirs:
+        d.mkdir()
+        shutil.copy(runs[0] / "metrics.jsonl", d)
+    proc = subprocess.run([sys.executable, "-m", "distbp", "plot", *map(str, dirs)],
+                          capture_output=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    assert proc.stdout == os.fsencode(dirs[0] / "metrics.svg") + b"\n"  # the name's own bytes
+    root = ET.parse(dirs[0] / "metrics.svg").getroot()
+    assert {p.get("data-run") for p in root.iter(f"{SVG}path") if p.get("class") == "series"} \
+        == {"bad\ufffdbytes", "ctl\ufffd\ufffdx"}
+
+
 def test_a_failed_write_keeps_the_old_picture_and_leaves_no_temporary_file(runs, capsys,
                                                                           tmp_path, monkeypatch):
     out = tmp_path / "p.svg"
-    out.write_text("old")
+    out.write_text("<svg>old</svg>")
 
     def refuse(tmp, final):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -241,7 +308,8 @@ def test_a_failed_write_keeps_the_old_picture_and_leaves_no_temporary_file(runs,
     monkeypatch.setattr(cli_plot, "replace_durably", refuse)
     _fails(capsys, ["plot", str(runs[0]), "-o", str(out)], f"-o '{out}': cannot write there "
            "(Read-only file system)")
-    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.svg"]
+    assert out.read_text() == "<svg>old</svg>" and [p.name for p in tmp_path.iterdir()] == [
+        "p.svg"]
 
 
 def test_under_mpiexec_only_rank_0_writes_and_prints(runs, tmp_path):
