@@ -334,9 +334,11 @@ def test_checkpoint_that_does_not_fit_the_configuration_is_refused(tmp_path, bas
 def test_resume_with_changed_safe_settings_is_allowed_and_reported(tmp_path, base):
     run = tmp_path / "run"
     proc = ok(train(0, base[0], run, "--dtype", "float64", *BATCH, "--steps", "12",
-                    "--checkpoint-every", "3", "--resume", str(base_checkpoint(base))))
+                    "--checkpoint-every", "3", "--min-lr", "0.01",
+                    "--resume", str(base_checkpoint(base))))
     assert "resuming with changed settings: " in proc.stdout
     assert "steps 5 -> 12" in proc.stdout and "checkpoint_every None -> 3" in proc.stdout
+    assert "min_lr 0.0 -> 0.01" in proc.stdout  # the schedule's end value may move too
     steps = [int(p.name[5:13]) for p in checkpoint.list_checkpoints(run / "checkpoints")]
     assert steps == [6, 9, 12]  # the new cadence, counted in absolute steps
 

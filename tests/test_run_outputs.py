@@ -1,0 +1,36 @@
+"""Where a run's files go when the user places them: `--checkpoint-dir` and `--metrics` outside
+the run directory, on 2 ranks, and `--resume auto` finding the checkpoints there."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from helpers.trainruns import clean_env, ok, train, write_data
+
+from distbp import checkpoint
+
+
+def test_checkpoint_dir_and_metrics_elsewhere_are_used_and_resumed_from(tmp_path):
+    data = write_data(tmp_path / "d.h5", 66)
+    run, ckpts, log = tmp_path / "run", tmp_path / "elsewhere" / "ck", tmp_path / "logs" / "m.jsonl"
+    placed = ("--checkpoint-dir", str(ckpts), "--metrics", str(log), "--checkpoint-every", "5",
+              "--log-every", "5", "--dtype", "float64")
+    crashed = train(2, data, run, *placed, "--steps", "15",
+                    env=clean_env(DISTBP_FAULT="raise:0:12"))  # after ckpt-00000010
+    assert crashed.returncode == 1, crashed.stdout + crashed.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == [
+        "ckpt-00000005.h5", "ckpt-00000010.h5"]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()
+            if json.loads(line)["kind"] == "train"] == [5, 10]
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+    proc = ok(train(2, data, run, *placed, "--steps", "15", "--resume", "auto"))
+    assert f"resumed from {ckpts / 'ckpt-00000010.h5'} at step 10" in proc.stdout, proc.stdout
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()
+            if json.loads(line)["kind"] == "train"] == [5, 10, 15]
+    whole = tmp_path / "whole"
+    ok(train(2, data, whole, "--checkpoint-every", "5", "--dtype", "float64", "--steps", "15"))
+    resumed = checkpoint.load(checkpoint.checkpoint_path(ckpts, 15))
+    uninterrupted = checkpoint.load(checkpoint.checkpoint_path(whole / "checkpoints", 15))
+    assert np.array_equal(resumed.params, uninterrupted.params)
