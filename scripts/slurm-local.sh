@@ -11,9 +11,9 @@
 #   sudo scripts/slurm-local.sh purge    # down, then delete $SLURMLAB_DIR (config, state, logs)
 #
 # Needs root (slurmd launches jobs as the submitting user) and Debian/Ubuntu packages slurmctld,
-# slurmd, slurm-client and munge (installed with apt-get when missing). Needs no systemd and no
-# cgroups: every daemon runs in the foreground as our child, its PID saved under $SLURMLAB_DIR/pids,
-# and is stopped by that PID; process tracking is proctrack/linuxproc. The node is "localhost",
+# slurmd, slurm-client and munge, and libpmix-dev for srun --mpi=pmix (installed with apt-get
+# when missing). Needs no systemd and no cgroups: every daemon runs in the foreground as our
+# child, its PID saved under $SLURMLAB_DIR/pids, and is stopped by that PID; process tracking is proctrack/linuxproc. The node is "localhost",
 # so the machine's hostname does not matter. Nothing outside $SLURMLAB_DIR is written, except by
 # apt and a munge key in /etc/munge when there is none.
 #
@@ -59,14 +59,24 @@ need_packages() {
   return 1
 }
 
+# srun --mpi=pmix (Open MPI) needs the unversioned libpmix.so, which only libpmix-dev ships
+have_pmix() { compgen -G "/usr/lib/*/pmix2/lib/libpmix.so" >/dev/null; }
+
 install_packages() {
-  need_packages || return 0
-  command -v apt-get >/dev/null || fail "slurmctld/slurmd/munge missing and no apt-get to install them"
-  say "installing slurmctld slurmd slurm-client munge with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # Without systemd the packages' service starts are refused (policy-rc.d): what we want.
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  if need_packages; then
+    command -v apt-get >/dev/null || fail "slurmctld/slurmd/munge missing and no apt-get to install them"
+    say "installing slurmctld slurmd slurm-client munge libpmix-dev with apt-get"
+    apt-get update -qq
+    # Without systemd the packages' service starts are refused (policy-rc.d): what we want.
+    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
+      libpmix-dev >/dev/null
+  elif ! have_pmix && command -v apt-get >/dev/null; then
+    # optional: without it only srun --mpi=pmix fails (MPICH's pmi2 and mpiexec still work)
+    say "installing libpmix-dev with apt-get (for srun --mpi=pmix)"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends libpmix-dev >/dev/null; } \
+      || say "warning: libpmix-dev could not be installed: srun --mpi=pmix will fail"
+  fi
 }
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

