@@ -1,14 +1,12 @@
 """Resume (issue 4), as real processes: interrupted + resumed equals uninterrupted bitwise (clean
 stops, mid-epoch, momentum, Adam, SIGKILL of the whole job at random moments), resume on another
-number of ranks within 1e-10, train records that span a stop and resume bitwise equal to the
-uninterrupted run's (and a checkpoint without their sums still resumes), fallback past a damaged
-newest checkpoint, refusal of checkpoints that do not fit the configuration, and a metrics file
-without duplicated steps.
+number of ranks within 1e-10 (train records spanning a resume: tests/test_resume_metrics.py),
+fallback past a damaged newest checkpoint, refusal of checkpoints that do not fit the
+configuration, and a metrics file without duplicated steps.
 Shared helpers: tests/helpers/trainruns.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -22,7 +20,17 @@ import h5py
 import numpy as np
 import pytest
 from conftest import mpiexec_path, run_py
-from helpers.trainruns import clean_env, final, metrics, ok, rel_diff, train, train_args, write_data
+from helpers.trainruns import (
+    assert_same_state,
+    clean_env,
+    final,
+    ok,
+    record_steps,
+    rel_diff,
+    train,
+    train_args,
+    write_data,
+)
 
 from distbp import checkpoint
 
@@ -30,31 +38,6 @@ from distbp import checkpoint
 ROWS, BATCH = 66, ("--batch-size", "16")
 
 
-def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
-    """Parameters, every optimizer state buffer and the input statistics bitwise equal; same
-    step and cursor."""
-    assert (a.step, a.epoch, a.step_in_epoch) == (b.step, b.epoch, b.step_in_epoch)
-    assert a.params.dtype == b.params.dtype
-    np.testing.assert_array_equal(a.params, b.params)
-    assert a.optimizer_state.keys() == b.optimizer_state.keys()
-    for key, value in a.optimizer_state.items():
-        np.testing.assert_array_equal(value, b.optimizer_state[key], err_msg=key)
-    assert a.preprocess.keys() == b.preprocess.keys()
-    for key, value in a.preprocess.items():
-        np.testing.assert_array_equal(value, b.preprocess[key], err_msg=key)
-
-
-def record_steps(run_dir: Path) -> dict[str, list[int]]:
-    """Steps of the metrics records by kind, asserting no step appears twice within a kind."""
-    steps: dict[str, list[int]] = {}
-    for r in metrics(run_dir):
-        steps.setdefault(r["kind"], []).append(r["step"])
-    for kind, values in steps.items():
-        assert values == sorted(set(values)), f"{kind} steps repeat or go back: {values}"
-    return steps
-
-
-# name -> (dtype, stop step k, options); every run takes 20 steps in all, on 2 ranks.
 CLEAN_STOPS = {
     "sgd_momentum_mid_epoch_standardized_float64": ("float64", 7, ("--momentum", "0.9",
                                                                     "--standardize")),
@@ -163,78 +146,6 @@ def test_resume_on_another_number_of_ranks_continues_within_1e_10(tmp_path, firs
 # Train records every 4 steps, checkpoints every 3: a run that dies right after step 8, before
 # its record, resumes from ckpt-6, two steps into the record of steps 5..8 (5: the epoch's 2-row
 # tail; 6: 16 rows).
-SPAN = ("--dtype", "float32", *BATCH, "--momentum", "0.9", "--steps", "20", "--log-every", "4",
-        "--checkpoint-every", "3")
-EXACT = ("kind", "step", "epoch", "loss", "accuracy", "lr")  # timings differ, these may not
-
-
-def exact_train_fields(run_dir: Path) -> list[tuple]:
-    return [tuple(r[k] for k in EXACT) for r in metrics(run_dir) if r["kind"] == "train"]
-
-
-def die_after_step_8(ranks: int, data: Path, run: Path) -> checkpoint.Checkpoint:
-    """Run SPAN until rank 0 raises right after step 8 (exit 1); return ckpt-6, the newest."""
-    proc = train(ranks, data, run, *SPAN, env=clean_env(DISTBP_FAULT="raise:0:8"))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert newest_step(run / "checkpoints") == 6
-    return final(run, 6)
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_train_records_spanning_a_resume_are_bitwise_the_uninterrupted_runs(tmp_path, ranks):
-    data = write_data(tmp_path / "d.h5", ROWS)
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    ok(train(ranks, data, whole, *SPAN))
-    stopped = die_after_step_8(ranks, data, parts)
-    assert [r["step"] for r in stopped.metrics] == [4]
-    assert stopped.interval is not None
-    assert (stopped.interval["steps"], stopped.interval["samples"]) == (2, 2.0 + 16.0)
-    with h5py.File(stopped.path, "r") as f:  # plain h5py: each sum carries its digest
-        for key in checkpoint.INTERVAL_KEYS:
-            ds = f["metrics/interval"][key]
-            assert ds.attrs["sha256"] == hashlib.sha256(ds[()].tobytes()).hexdigest()
-    proc = ok(train(ranks, data, parts, *SPAN, "--resume", "auto"))
-    assert f"resumed from {stopped.path} at step 6" in proc.stdout
-    expected = exact_train_fields(whole)
-    assert [r[1] for r in expected] == [4, 8, 12, 16, 20]
-    assert exact_train_fields(parts) == expected  # floats compared exactly
-    assert record_steps(parts) == record_steps(whole)
-    assert_same_state(final(whole, 20), final(parts, 20))
-
-
-def test_a_checkpoint_without_the_record_sums_still_resumes_with_a_fresh_record(tmp_path):
-    data = write_data(tmp_path / "d.h5", ROWS)
-    ok(train(0, data, tmp_path / "each", *SPAN, "--log-every", "1"))  # every step's own record
-    each = {r["step"]: r for r in metrics(tmp_path / "each") if r["kind"] == "train"}
-    rows = {s: 2 if s % 5 == 0 else 16 for s in each}  # every 5th step: the epoch's 2-row tail
-
-    def over(steps: range, key: str) -> float:
-        """The record of `steps`, from their own records: Σ key_s·rows_s / Σ rows_s."""
-        return sum(each[s][key] * rows[s] for s in steps) / sum(rows[s] for s in steps)
-
-    run = tmp_path / "run"
-    c = die_after_step_8(0, data, run)
-    # rewrite ckpt-6 as distbp wrote checkpoints before the sums were kept: no interval group
-    checkpoint.save(run / "checkpoints", step=c.step, epoch=c.epoch,
-                    step_in_epoch=c.step_in_epoch, seed=c.seed, layers=c.layers,
-                    activation=c.activation, output=c.output, loss=c.loss, params=c.params,
-                    optimizer_name=c.optimizer_name, optimizer_state=c.optimizer_state,
-                    config=c.config, metrics=c.metrics, world_size=c.world_size,
-                    preprocess=c.preprocess, keep=None)
-    with h5py.File(c.path, "r") as f:
-        assert sorted(f["metrics"]) == ["jsonl"]
-    assert final(run, 6).interval is None
-    proc = ok(train(0, data, run, *SPAN, "--resume", "auto"))
-    assert f"resumed from {c.path} at step 6" in proc.stdout
-    assert_same_state(final(tmp_path / "each", 20), final(run, 20))  # the trajectory is exact
-    got = {r["step"]: r for r in metrics(run) if r["kind"] == "train"}
-    assert sorted(got) == [4, 8, 12, 16, 20]
-    for step, first in ((4, 1), (8, 7), (12, 9), (16, 13), (20, 17)):  # 8: steps 7..8 only
-        for key in ("loss", "accuracy"):
-            assert got[step][key] == pytest.approx(over(range(first, step + 1), key), rel=1e-12)
-    assert got[8]["loss"] != pytest.approx(over(range(5, 9), "loss"), rel=1e-6)
-
-
 def truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 

@@ -178,8 +178,8 @@ class Cluster:
         proc = self.run("srun", "--mpi=pmix", "-n", "1", "true", check=False, timeout=60)
         if proc.returncode == 0:
             return None
-        return (f"srun --mpi=pmix fails here (exit {proc.returncode}; apt-get install libpmix-dev?): "
-                + " | ".join(proc.stderr.strip().splitlines()[:2]))
+        return (f"srun --mpi=pmix fails here (exit {proc.returncode}; apt-get install "
+                f"libpmix-dev?): " + " | ".join(proc.stderr.strip().splitlines()[:2]))
 
     def wait_for_output(self, job: str, path: Path, pattern: str, timeout: float) -> re.Match:
         """Poll the job's output file until `pattern` (re.M) appears; fail, cancelling the job,

@@ -19,8 +19,8 @@ from conftest import child_env, run_mpi, run_py
 from distbp import checkpoint
 from distbp.data import synthetic_teacher
 
-__all__ = ["LAUNCHER_PREFIXES", "TINY", "clean_env", "final", "metrics", "ok", "rel_diff",
-           "train", "train_args", "write_data"]
+__all__ = ["LAUNCHER_PREFIXES", "TINY", "assert_same_state", "clean_env", "final", "metrics", "ok",
+           "record_steps", "rel_diff", "train", "train_args", "write_data"]
 
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "MPI_LOCAL", "HYDRA_")
 # A tiny model on 8 features and 3 classes: every run of it takes a fraction of a second.
@@ -80,3 +80,27 @@ def metrics(run_dir: Path) -> list[dict]:
     """The records of the run's metrics JSON-lines file."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
+    """Parameters, every optimizer state buffer and the input statistics bitwise equal; same
+    step and cursor."""
+    assert (a.step, a.epoch, a.step_in_epoch) == (b.step, b.epoch, b.step_in_epoch)
+    assert a.params.dtype == b.params.dtype
+    np.testing.assert_array_equal(a.params, b.params)
+    assert a.optimizer_state.keys() == b.optimizer_state.keys()
+    for key, value in a.optimizer_state.items():
+        np.testing.assert_array_equal(value, b.optimizer_state[key], err_msg=key)
+    assert a.preprocess.keys() == b.preprocess.keys()
+    for key, value in a.preprocess.items():
+        np.testing.assert_array_equal(value, b.preprocess[key], err_msg=key)
+
+
+def record_steps(run_dir: Path) -> dict[str, list[int]]:
+    """Steps of the metrics records by kind, asserting no step appears twice within a kind."""
+    steps: dict[str, list[int]] = {}
+    for r in metrics(run_dir):
+        steps.setdefault(r["kind"], []).append(r["step"])
+    for kind, values in steps.items():
+        assert values == sorted(set(values)), f"{kind} steps repeat or go back: {values}"
+    return steps
