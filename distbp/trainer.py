@@ -191,11 +191,11 @@ class Trainer:
 
     def _stop_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
         """Every rank decided alike: the record of the steps since the last one (also those a
-        resumed checkpoint carried), the final checkpoint (unless `saved`), the reason, EXIT_OK."""
-        if self.rank0 and log.interval.steps:  # the loop's epoch and lr of step `step`
+        resumed checkpoint carried), the final checkpoint (again if `saved` before it), EXIT_OK."""
+        if (carried := log.interval.steps) and self.rank0:  # the loop's epoch, lr of `step`
             self._record(step, data.step_cursor(step - 1, self.s.steps_per_epoch)[0],
                          self.s.schedule.lr_at(step - 1), log)
-        if not saved:
+        if not saved or carried:  # the file at `step` lacks that record: replace it (all ranks)
             self._save(step, log)
         if self.rank0:
             log.progress.line(self._early_stop())

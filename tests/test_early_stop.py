@@ -249,6 +249,13 @@ def test_a_resume_that_stops_at_once_with_less_patience_writes_the_carried_steps
     records = [tuple(r.get(k) for k in exact) for r in metrics(run)]
     assert records == [tuple(r.get(k) for k in exact) for r in metrics(tmp_path / "two")]
     assert records[-1][:2] == ("train", step) and records[-2][:2] == ("val", step)
+    # the final checkpoint is rewritten with that record: the same history and parameters
+    assert ckpt_steps(run)[-1] == ckpt_steps(tmp_path / "two")[-1] == step
+    resumed, uninterrupted = final(run, step), final(tmp_path / "two", step)
+    stored = [tuple(r.get(k) for k in exact) for r in resumed.metrics]
+    assert stored == [tuple(r.get(k) for k in exact) for r in uninterrupted.metrics] == records
+    assert resumed.interval["steps"] == uninterrupted.interval["steps"] == 0
+    assert_same_params(resumed, uninterrupted)
 
 
 def test_early_stopping_without_validation_data_exits_2_with_one_line(tmp_path):
