@@ -54,6 +54,24 @@ def run_py(args: list[str], timeout: float = 120, env: dict | None = None,
                           timeout=timeout, env=env or child_env(), cwd=cwd)
 
 
+@pytest.fixture(scope="module")
+def mpiexec() -> str:
+    """The main venv's mpiexec (the mpich wheel); the test skips without one."""
+    exe = mpiexec_path()
+    if exe is None:
+        pytest.skip("no mpiexec: pip install '.[mpi]'")
+    return exe
+
+
+@pytest.fixture
+def uint8_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """50 rows of 6 uint8 features and int64 labels 0..3 (fixed seed)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(50, 6), dtype=np.uint8)
+    y = rng.integers(0, 4, size=50).astype(np.int64)
+    return x, y
+
+
 @pytest.fixture
 def strict_numpy():
     """Turn overflow, invalid and divide-by-zero into errors for the test's duration.

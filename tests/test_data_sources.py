@@ -25,14 +25,6 @@ from distbp.data import (
 from distbp.errors import ConfigError, DataError
 
 
-@pytest.fixture
-def uint8_arrays():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(50, 6), dtype=np.uint8)
-    y = rng.integers(0, 4, size=50).astype(np.int64)
-    return x, y
-
-
 def check_reads(ds, x, y):
     for idx in (np.array([0, 3, 4, 17, 49]), np.arange(10, 20), np.array([], dtype=np.int64)):
         xr, yr = ds.read(idx)

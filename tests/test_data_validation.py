@@ -16,15 +16,6 @@ from distbp import data
 from distbp.data import ArrayDataset, HDF5Dataset, open_dataset, shard_bounds, validate_dataset
 from distbp.errors import DataError
 
-
-@pytest.fixture
-def uint8_arrays():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(50, 6), dtype=np.uint8)
-    y = rng.integers(0, 4, size=50).astype(np.int64)
-    return x, y
-
-
 # ----------------------------------------------------------------------------- validation
 
 def assert_data_error(call, file_name, phrase):

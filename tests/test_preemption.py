@@ -19,13 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, mpiexec_path
+from conftest import ROOT
 from helpers.mpijob import (
     TAG,
-    N,
     command,
     finish,
     job_env,
@@ -34,29 +32,16 @@ from helpers.mpijob import (
     run,
     shown,
     start,
+    teacher_file,
     wrapped,
 )
 
 from distbp import checkpoint
-from distbp.data import synthetic_teacher
-
-
-@pytest.fixture(scope="module")
-def mpiexec() -> str:
-    exe = mpiexec_path()
-    if exe is None:
-        pytest.skip("no mpiexec: pip install '.[mpi]'")
-    return exe
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """N rows of a learnable task: 8 float32 features, 3 classes."""
-    ds = synthetic_teacher(N, 8, 3, seed=1)
-    path = tmp_path_factory.mktemp("data") / "d.h5"
-    with h5py.File(path, "w") as f:
-        f["x"], f["y"] = ds.x, ds.y
-    return path
+    return teacher_file(tmp_path_factory.mktemp("data") / "d.h5")
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -29,11 +29,15 @@ import time
 import uuid
 from pathlib import Path
 
+import h5py
 import pytest
 from conftest import ROOT, child_env
 
+from distbp.data import synthetic_teacher
+
 __all__ = ["BATCH", "LAUNCHER_PREFIXES", "MODEL", "N", "RANK_EXIT", "TAG", "command", "finish",
-           "job_env", "rank_codes", "rank_pids", "run", "shown", "start", "wrapped"]
+           "job_env", "rank_codes", "rank_pids", "run", "shown", "start", "teacher_file",
+           "wrapped"]
 
 N, BATCH = 64, 16  # rows of the data file; global batch: 4 steps per epoch
 MODEL = ("--layers", "8,16,3", "--activation", "tanh", "--seed", "3", "--batch-size", str(BATCH),
@@ -127,3 +131,11 @@ def start(cmd: list[str], env: dict, stderr_path: Path, meanwhile=None) -> subpr
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def teacher_file(path: Path) -> Path:
+    """Write N rows of a learnable task (8 float32 features, 3 classes) as HDF5 x/y at `path`."""
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = ds.x, ds.y
+    return path
