@@ -37,8 +37,8 @@ from distbp.data_import import (
 )
 from distbp.errors import EXIT_OK, DataError, UsageError
 
-__all__ = ["FASHION_MD5", "FASHION_URL", "DEBIAN_FASHION_DIR", "add_commands", "describe",
-           "fashion_mnist", "import_idx", "run_info", "write_data_file"]
+__all__ = ["FASHION_MD5", "FASHION_URL", "DEBIAN_FASHION_DIR", "add_commands", "add_info_options",
+           "describe", "fashion_mnist", "import_idx", "run_info", "write_data_file"]
 
 
 # ----------------------------------------------------------------------------- info
@@ -289,10 +289,15 @@ def _add_info(cmds) -> None:
                         description="Describe a data file: HDF5 (datasets, chunking, filters, "
                         "attributes) or NPZ (arrays, zip compression), with class counts.")
     q.add_argument("file", help="an HDF5 (.h5/.hdf5/.hdf) or NPZ (.npz) data file")
-    q.add_argument("--y-name", default="y", help="labels dataset or array for class counts "
-                   "(default y)")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_info_options(q)
     q.set_defaults(run=run_info)
+
+
+def add_info_options(q: argparse.ArgumentParser) -> None:
+    """--y-name and --json, which run_info reads (also `distbp info`'s)."""
+    q.add_argument("--y-name", default="y", help="data file: labels dataset or array for class "
+                   "counts (default y)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_info(args: argparse.Namespace, job) -> int:

@@ -44,9 +44,7 @@ def add_commands(sub) -> None:
                        "header) as `distbp inspect` does, any other file as `distbp data info` "
                        "(an HDF5 or NPZ data file).")
     p.add_argument("file", help="a checkpoint, or an HDF5 (.h5) or NPZ (.npz) data file")
-    p.add_argument("--y-name", default="y", help="data file: labels dataset for class counts "
-                   "(default y)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_data.add_info_options(p)
     p.set_defaults(run=_run_info)
 
 
