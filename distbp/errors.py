@@ -1,13 +1,15 @@
-"""Exceptions that carry distbp's exit-code contract.
+"""Exceptions that carry distbp's exit-code contract, and the one way to print an error as a line.
 
 `UsageError` and its subclasses are bad input: the command line, a TOML file, a data file or a
 checkpoint that cannot be used. The CLI prints their message as ONE line on stderr (no traceback)
-and exits with code 2. Their messages must name the problem and the file or option it is in.
+and exits with code 2. Their messages must name the problem and the file or option it is in;
+`one_line(err)` turns a foreign exception (OSError, h5py, zlib, ...) into text for such a message.
+This module imports nothing of distbp: every layer may use it.
 """
 
 __all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "CollectiveTimeout",
            "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED",
-           "EXIT_STDOUT_CLOSED"]
+           "EXIT_STDOUT_CLOSED", "one_line"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -38,3 +40,9 @@ class CollectiveTimeout(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN or infinite."""
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message on one line (HDF5, zlib and OS messages may span several); its type's name
+    when the message is empty."""
+    return " ".join(str(err).split()) or type(err).__name__

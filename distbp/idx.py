@@ -24,9 +24,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from distbp.errors import DataError
+from distbp.errors import DataError, one_line
 
-__all__ = ["IDX_TYPES", "IdxReader", "idx_bytes", "read_idx"]
+__all__ = ["IDX_TYPES", "IdxReader"]
 
 # type code -> big-endian dtype (the IDX specification's table)
 IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -69,7 +69,7 @@ class IdxReader:
         try:
             chunk = self._fh.read(size)
         except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-            raise self._error(f"corrupt gzip stream ({_one_line(err)})") from None
+            raise self._error(f"corrupt gzip stream ({one_line(err)})") from None
         self._md5.update(chunk)
         return chunk
 
@@ -147,25 +147,3 @@ def _is_gzip(path: str) -> bool:
 def _codes() -> str:
     return "{" + ", ".join(f"{c:02x}" for c in IDX_TYPES) + "}"
 
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """The whole array of an IDX file, native byte order, checked (for small files and tests)."""
-    with IdxReader(path) as r:
-        parts = list(r.blocks(max(1, (64 << 20) // max(1, r.item_size))))
-    if not parts:
-        return np.empty(r.dims, r.dtype)
-    return np.concatenate(parts)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An array as an uncompressed IDX file (the inverse of `read_idx`; for tests and tools)."""
-    a = np.asarray(array)
-    code = {dt.newbyteorder("="): c for c, dt in IDX_TYPES.items()}.get(a.dtype.newbyteorder("="))
-    if code is None or a.ndim == 0 or a.ndim > _MAX_DIMS:
-        raise ValueError(f"IDX cannot hold a {a.ndim}-D array of dtype {a.dtype}")
-    header = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
-    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()

@@ -13,7 +13,6 @@ import pytest
 from distbp.data import (
     batch_bounds,
     epoch_permutation,
-    global_batch_count,
     shard_bounds,
     shard_indices,
     step_cursor,
@@ -59,7 +58,6 @@ def test_shard_bounds_give_the_first_count_mod_size_ranks_one_more():
 def test_batch_bounds_make_the_last_batch_partial():
     assert batch_bounds(0, 10, 4) == (0, 4)
     assert batch_bounds(2, 10, 4) == (8, 10)
-    assert global_batch_count(2, 10, 4) == 2
     with pytest.raises(ValueError):
         batch_bounds(3, 10, 4)
 
@@ -69,7 +67,6 @@ def check_one_step(perm, step, batch, size, drop_last):
     n = len(perm)
     lo = step * batch
     count = min(batch, n - lo)
-    assert global_batch_count(step, n, batch) == count
     where = np.empty(n, dtype=np.int64)
     where[perm] = np.arange(n)          # position of each row in the permutation
     shards = [shard_indices(perm, step, batch, r, size) for r in range(size)]

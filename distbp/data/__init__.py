@@ -8,8 +8,10 @@ Sources (`Dataset`): HDF5 read by rows (`hdf5`), NPZ and bundled digits in memor
 synthetic data (`synthetic`), subsets (`sources`); `validate` checks one fits a network.
 Bad data raises `DataError` with one line starting "data file '<source>': ".
 
-Every public name is re-exported here: callers write `from distbp import data; data.X`. Tests
-that tune a module's constants patch the submodule that reads them (e.g. `data.hdf5`).
+This package's interface is the names listed here: callers write `from distbp import data;
+data.X`. The helpers the submodules share (`sources.data_error`, `sources.check_file`,
+`sources.check_layout`, `plan.row_blocks`) stay in their modules. Tests that tune a module's
+constants patch the submodule that reads them (e.g. `data.hdf5`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from distbp.data.plan import (
     SCAN_BYTES,
     batch_bounds,
     epoch_permutation,
-    global_batch_count,
     shard_bounds,
     shard_indices,
     step_cursor,
@@ -45,7 +46,7 @@ from distbp.data.validate import validate_dataset
 
 __all__ = ["BUNDLED_DIR", "CHUNK_CACHE_BYTES", "HDF5_SUFFIXES", "SCAN_BYTES", "SPAN_BYTES",
            "SYNTHETIC_BLOCK_BYTES", "ArrayDataset", "Dataset", "HDF5Dataset", "SubsetDataset",
-           "batch_bounds", "epoch_permutation", "global_batch_count", "open_dataset",
+           "batch_bounds", "epoch_permutation", "open_dataset",
            "row_buffers", "shard_bounds", "shard_indices", "split_validation", "step_cursor",
            "steps_per_epoch", "subset", "synthetic_blocks", "synthetic_source",
            "synthetic_spiral", "synthetic_teacher", "validate_dataset"]

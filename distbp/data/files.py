@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from distbp.data.hdf5 import HDF5Dataset
-from distbp.data.sources import ArrayDataset, Dataset, _check_file, _fail, _one_line
-from distbp.errors import ConfigError, DataError
+from distbp.data.sources import ArrayDataset, Dataset, check_file, data_error
+from distbp.errors import ConfigError, DataError, one_line
 
 __all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "open_dataset"]
 
@@ -29,17 +29,17 @@ def _load_npz(path: str, x_name: str, y_name: str) -> ArrayDataset:
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise _fail(path, "not an NPZ archive (a single .npy array?)")
+            raise data_error(path, "not an NPZ archive (a single .npy array?)")
         with archive:
             for name in (x_name, y_name):
                 if name not in archive.files:
-                    raise _fail(path, f"array {name!r} not found "
-                                      f"(arrays: {', '.join(archive.files) or 'none'})")
+                    raise data_error(path, f"array {name!r} not found "
+                                           f"(arrays: {', '.join(archive.files) or 'none'})")
             x, y = archive[x_name], archive[y_name]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise _fail(path, f"not a valid NPZ archive: {_one_line(err)}") from None
+        raise data_error(path, f"not a valid NPZ archive: {one_line(err)}") from None
     return ArrayDataset(x, y, source=path)
 
 
@@ -62,7 +62,7 @@ def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str = "y",
     if path is None:
         return _bundled_digits(split)
     path = str(path)
-    _check_file(path, path)
+    check_file(path, path)
     suffix = Path(path).suffix.lower()
     if suffix in HDF5_SUFFIXES:
         return HDF5Dataset(path, x_name, y_name)
@@ -70,5 +70,5 @@ def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str = "y",
         return _load_npz(path, x_name, y_name)
     if h5py.is_hdf5(path):
         return HDF5Dataset(path, x_name, y_name)
-    raise _fail(path, "not an HDF5 or NPZ file (expected .h5/.hdf5/.hdf or .npz)")
+    raise data_error(path, "not an HDF5 or NPZ file (expected .h5/.hdf5/.hdf or .npz)")
 

@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 from h5py import h5s, h5t
 
-from distbp.data.plan import _chunks
-from distbp.data.sources import ArrayDataset, _check_file, _check_layout, _fail, _one_line
+from distbp.data.plan import row_blocks
+from distbp.data.sources import ArrayDataset, check_file, check_layout, data_error
+from distbp.errors import one_line
 
 __all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset"]
 
@@ -56,14 +57,14 @@ def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
     file.visititems(lambda key, o: names.append(key) if isinstance(o, h5py.Dataset) else None)
     listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
     what = "not found" if obj is None else "is not a dataset"
-    raise _fail(source, f"dataset {name!r} {what} (datasets: {listed})")
+    raise data_error(source, f"dataset {name!r} {what} (datasets: {listed})")
 
 
 def _h5_scale(file: h5py.File, x: h5py.Dataset, source: str) -> float | None:
     """The optional attribute 'scale' (on x, else on the file): x * scale is the network input."""
     value = np.asarray(x.attrs.get("scale", file.attrs.get("scale", np.nan)))
     if value.size != 1 or value.dtype.kind not in "iuf":
-        raise _fail(source, f"attribute 'scale' must be one number, got {value!r}")
+        raise data_error(source, f"attribute 'scale' must be one number, got {value!r}")
     return None if np.isnan(value) else float(value.reshape(()))
 
 
@@ -81,17 +82,17 @@ class HDF5Dataset:
     def __init__(self, path: str | Path, x_name: str = "x", y_name: str = "y",
                  source: str | None = None):
         self.source = source or str(path)
-        _check_file(path, self.source)
+        check_file(path, self.source)
         try:
             self.file = h5py.File(path, "r", locking=False)
         except (OSError, ValueError) as err:
-            raise _fail(self.source, f"not a valid HDF5 file (truncated or corrupt?): "
-                                     f"{_one_line(err)}") from None
+            raise data_error(self.source, f"not a valid HDF5 file (truncated or corrupt?): "
+                                          f"{one_line(err)}") from None
         try:
             self._x = _h5_dataset(self.file, x_name, self.source)
             self._y = _h5_dataset(self.file, y_name, self.source)
-            self.n_features = _check_layout(self.source, self._x.shape, self._x.dtype,
-                                            self._y.shape, self._y.dtype)
+            self.n_features = check_layout(self.source, self._x.shape, self._x.dtype,
+                                           self._y.shape, self._y.dtype)
             self.scale = _h5_scale(self.file, self._x, self.source)
         except BaseException:
             self.file.close()
@@ -113,14 +114,14 @@ class HDF5Dataset:
         ~SCAN_BYTES straight into one array each; then the file is closed. Raises MemoryError
         when the arrays cannot be allocated (the file stays open then)."""
         x, y = np.empty(self._x.shape, self.x_dtype), np.empty(self._y.shape, self.y_dtype)
-        for rows in _chunks(self.n, self.nbytes // self.n):
+        for rows in row_blocks(self.n, self.nbytes // self.n):
             sel = np.s_[int(rows[0]):int(rows[-1]) + 1]
             try:
                 self._x.read_direct(x, sel, sel)
                 self._y.read_direct(y, sel, sel)
             except OSError as err:
-                raise _fail(self.source, f"cannot read rows {sel.start}..{sel.stop - 1}: "
-                                         f"{_one_line(err)}") from None
+                raise data_error(self.source, f"cannot read rows {sel.start}..{sel.stop - 1}: "
+                                              f"{one_line(err)}") from None
         self.close()
         return ArrayDataset(x, y, source=self.source, scale=self.scale)
 
@@ -142,8 +143,8 @@ class HDF5Dataset:
             return out
         except OSError as err:  # e.g. a corrupt compressed chunk: bad input, found mid-run
             span = f" {indices[0]}..{indices[-1]}" if len(indices) else ""
-            raise _fail(self.source, f"cannot read rows{span} ({len(indices)} rows) of "
-                                     f"{ds.name!r}: {_one_line(err)}") from None
+            raise data_error(self.source, f"cannot read rows{span} ({len(indices)} rows) of "
+                                          f"{ds.name!r}: {one_line(err)}") from None
 
     def _span_reader(self, ds: h5py.Dataset) -> _SpanReader | None:
         """This thread's span reader of a chunked `ds` (made at its first read); None when

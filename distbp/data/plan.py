@@ -4,8 +4,8 @@ Every rank computes the same permutation of the n rows for an epoch, cuts it int
 batches and reads its own contiguous slice of each. A cursor (epoch, step_in_epoch) is
 divmod(global_step, steps_per_epoch): an exact resume needs no RNG state beyond the seed.
 Rank and size are passed in; nothing here knows of MPI, files or data sources, so the plan is
-testable alone. `_chunks` (bounded runs of rows for whole-data scans) is index arithmetic of the
-same kind, shared by `HDF5Dataset.load` and `validate_dataset`.
+testable alone. `row_blocks` (bounded runs of rows for whole-data scans) is index arithmetic
+of the same kind, used by `HDF5Dataset.load` and `validate_dataset`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from distbp.errors import ConfigError
 
-__all__ = ["SCAN_BYTES", "batch_bounds", "epoch_permutation", "global_batch_count",
-           "shard_bounds", "shard_indices", "step_cursor", "steps_per_epoch"]
+__all__ = ["SCAN_BYTES", "batch_bounds", "epoch_permutation", "row_blocks", "shard_bounds",
+           "shard_indices", "step_cursor", "steps_per_epoch"]
 
 SCAN_BYTES = 16 << 20          # validation reads at most ~this many bytes of rows at a time
 
@@ -54,12 +54,6 @@ def batch_bounds(step_in_epoch: int, n: int, batch: int) -> tuple[int, int]:
     return lo, min(lo + batch, n)
 
 
-def global_batch_count(step_in_epoch: int, n: int, batch: int) -> int:
-    """Rows in this step's global batch: the divisor of the summed gradient."""
-    lo, hi = batch_bounds(step_in_epoch, n, batch)
-    return hi - lo
-
-
 def shard_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous slice of `count` rows: the first count % size ranks get
     one row more; a rank gets 0 rows when count < size."""
@@ -79,9 +73,9 @@ def shard_indices(perm: np.ndarray, step_in_epoch: int, batch: int, rank: int,
     return np.sort(perm[lo + a:lo + b])
 
 
-def _chunks(n: int, row_bytes: int, start: int = 0) -> Iterator[np.ndarray]:
-    """Row indices start..n-1 in runs of ~SCAN_BYTES, so a scan's memory is bounded by one
-    chunk."""
+def row_blocks(n: int, row_bytes: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Row indices start..n-1 (int64) in consecutive runs of ~SCAN_BYTES // row_bytes rows (at
+    least one), so a scan's memory is bounded by one run."""
     step = max(1, SCAN_BYTES // max(1, row_bytes))
     for lo in range(start, n, step):
         yield np.arange(lo, min(lo + step, n), dtype=np.int64)

@@ -19,10 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
-from distbp.errors import ConfigError, DataError
+from distbp.errors import ConfigError, DataError, one_line
 
-__all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "row_buffers", "split_validation",
-           "subset"]
+__all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "check_file", "check_layout",
+           "data_error", "row_buffers", "split_validation", "subset"]
 
 _VALIDATION_STREAM = 0x7661    # spawn keys: streams that never coincide with epoch permutations
 
@@ -63,33 +63,30 @@ def _check_rows(ds: Dataset, indices: np.ndarray) -> None:
                          f"{indices.min()}..{indices.max()}")
 
 
-def _fail(source: str, problem: str) -> DataError:
+def data_error(source: str, problem: str) -> DataError:
+    """The one-line error every data source raises: "data file '<source>': <problem>"."""
     return DataError(f"data file {source!r}: {problem}")
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _check_layout(source: str, x_shape: tuple, x_dtype: np.dtype, y_shape: tuple,
-                  y_dtype: np.dtype) -> int:
+def check_layout(source: str, x_shape: tuple, x_dtype: np.dtype, y_shape: tuple,
+                 y_dtype: np.dtype) -> int:
     """Shape and dtype checks every source shares; returns n_features (trailing dims of x
     multiplied, so (n, 28, 28) images are read as (n, 784))."""
     if len(x_shape) < 2:
-        raise _fail(source, f"x must be 2-D (rows, features), got shape {x_shape}")
+        raise data_error(source, f"x must be 2-D (rows, features), got shape {x_shape}")
     if len(y_shape) not in (1, 2):
-        raise _fail(source, f"y must be 1-D labels (rows,) or 2-D targets (rows, outputs), "
-                            f"got shape {y_shape}")
+        raise data_error(source, f"y must be 1-D labels (rows,) or 2-D targets (rows, outputs), "
+                                 f"got shape {y_shape}")
     if x_shape[0] != y_shape[0]:
-        raise _fail(source, f"length mismatch: x has {x_shape[0]} rows, y has {y_shape[0]}")
+        raise data_error(source, f"length mismatch: x has {x_shape[0]} rows, y has {y_shape[0]}")
     if x_shape[0] == 0:
-        raise _fail(source, "empty data (0 rows)")
+        raise data_error(source, "empty data (0 rows)")
     for name, dtype in (("x", x_dtype), ("y", y_dtype)):
         if dtype.kind not in "iuf":
-            raise _fail(source, f"{name} has dtype {dtype}; expected a float or integer dtype")
+            raise data_error(source, f"{name} has dtype {dtype}; expected a float or integer dtype")
     n_features = math.prod(x_shape[1:])
     if n_features == 0:
-        raise _fail(source, f"x has 0 features (shape {x_shape})")
+        raise data_error(source, f"x has 0 features (shape {x_shape})")
     return n_features
 
 
@@ -100,18 +97,20 @@ def _missing_hint(path: Path) -> str:
     return ""
 
 
-def _check_file(path: str | Path, source: str) -> None:
+def check_file(path: str | Path, source: str) -> None:
+    """DataError unless `path` is an existing, readable regular file (named `source` in the
+    message); a missing file that a bundled preset names gets a hint on how to create it."""
     if not Path(path).exists():
-        raise _fail(source, "not found" + _missing_hint(Path(path)))
+        raise data_error(source, "not found" + _missing_hint(Path(path)))
     if Path(path).is_dir():
-        raise _fail(source, "is a directory, not a data file")
+        raise data_error(source, "is a directory, not a data file")
     if not Path(path).is_file():  # a FIFO, socket or device: open() could block forever
-        raise _fail(source, "not a regular file (a FIFO, socket or device?)")
+        raise data_error(source, "not a regular file (a FIFO, socket or device?)")
     try:
         with open(path, "rb"):
             pass
     except OSError as err:
-        raise _fail(source, f"not readable ({err.strerror or _one_line(err)})") from None
+        raise data_error(source, f"not readable ({err.strerror or one_line(err)})") from None
 
 
 class ArrayDataset:
@@ -120,7 +119,7 @@ class ArrayDataset:
     def __init__(self, x: np.ndarray, y: np.ndarray, source: str = "in-memory arrays",
                  scale: float | None = None):
         x, y = np.asarray(x), np.asarray(y)
-        self.n_features = _check_layout(source, x.shape, x.dtype, y.shape, y.dtype)
+        self.n_features = check_layout(source, x.shape, x.dtype, y.shape, y.dtype)
         self.x = x.reshape(x.shape[0], self.n_features)
         self.y = y
         self.n, self.x_dtype, self.y_dtype, self.y_shape = len(y), x.dtype, y.dtype, y.shape
@@ -195,8 +194,8 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     n_val = round(ds.n * fraction)
     if not 0 < n_val < ds.n:
         empty = "validation" if n_val == 0 else "training"
-        raise _fail(ds.source, f"validation fraction {fraction} of {ds.n} rows leaves "
-                               f"an empty {empty} set")
+        raise data_error(ds.source, f"validation fraction {fraction} of {ds.n} rows leaves "
+                                    f"an empty {empty} set")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_VALIDATION_STREAM,)))
     perm = rng.permutation(ds.n)
     return subset(ds, np.sort(perm[n_val:])), subset(ds, np.sort(perm[:n_val]))

@@ -1,7 +1,7 @@
 """`validate_dataset`: does a data source fit a network? Checked before any collective call.
 
 Separate from the sources because it is the one pass that may read every row: the label range
-and NaN/inf scans read in bounded chunks (`plan._chunks`), each rank only its share of the
+and NaN/inf scans read in bounded chunks (`plan.row_blocks`), each rank only its share of the
 rows, so a whole-file check costs O(file / ranks) per rank.
 """
 
@@ -11,25 +11,25 @@ import math
 
 import numpy as np
 
-from distbp.data.plan import _chunks, shard_bounds
-from distbp.data.sources import Dataset, _fail
+from distbp.data.plan import row_blocks, shard_bounds
+from distbp.data.sources import Dataset, data_error
 
 __all__ = ["validate_dataset"]
 
 
 def _check_labels(ds: Dataset, n_outputs: int | None, share: tuple[int, int]) -> None:
     if ds.y_dtype.kind not in "iu":
-        raise _fail(ds.source, f"labels y have dtype {ds.y_dtype}; 1-D y must hold integer "
-                               f"class labels (store targets as 2-D (rows, outputs))")
+        raise data_error(ds.source, f"labels y have dtype {ds.y_dtype}; 1-D y must hold integer "
+                                    f"class labels (store targets as 2-D (rows, outputs))")
     lo, hi = math.inf, -math.inf          # ints after the first chunk of a non-empty share
-    for rows in _chunks(share[1], ds.y_dtype.itemsize, share[0]):
+    for rows in row_blocks(share[1], ds.y_dtype.itemsize, share[0]):
         y = ds.read_y(rows)
         lo, hi = min(lo, int(y.min())), max(hi, int(y.max()))
     # One output (a binary sigmoid unit) takes labels 0 and 1, like Network does.
     classes = None if n_outputs is None else max(n_outputs, 2)
     if lo <= hi and (lo < 0 or (classes is not None and hi >= classes)):
         need = f"0..{classes - 1} for {n_outputs} outputs" if classes is not None else ">= 0"
-        raise _fail(ds.source, f"labels y out of range: min {lo}, max {hi}; need {need}")
+        raise data_error(ds.source, f"labels y out of range: min {lo}, max {hi}; need {need}")
 
 
 def _check_finite(ds: Dataset, share: tuple[int, int]) -> None:
@@ -38,14 +38,15 @@ def _check_finite(ds: Dataset, share: tuple[int, int]) -> None:
         return
     row_bytes = (ds.n_features * ds.x_dtype.itemsize * scan_x
                  + math.prod(ds.y_shape[1:]) * ds.y_dtype.itemsize)
-    for rows in _chunks(share[1], row_bytes, share[0]):
+    for rows in row_blocks(share[1], row_bytes, share[0]):
         x, y = ds.read(rows) if scan_x else (None, ds.read_y(rows))
         for name, a in (("x", x), ("y", y)):
             if a is None or a.dtype.kind != "f":
                 continue
             bad = np.flatnonzero(~np.isfinite(a).reshape(len(a), -1).all(axis=1))
             if len(bad):
-                raise _fail(ds.source, f"{name} contains NaN or inf (first at row {rows[bad[0]]})")
+                raise data_error(ds.source, f"{name} contains NaN or inf "
+                                            f"(first at row {rows[bad[0]]})")
 
 
 def validate_dataset(ds: Dataset, n_inputs: int | None, n_outputs: int | None, *,
@@ -65,18 +66,18 @@ def validate_dataset(ds: Dataset, n_inputs: int | None, n_outputs: int | None, *
     of problem it names the first bad row, as a whole scan would). The defaults scan every row.
     """
     if ds.n == 0:
-        raise _fail(ds.source, "empty data (0 rows)")
+        raise data_error(ds.source, "empty data (0 rows)")
     if n_inputs is not None and ds.n_features != n_inputs:
-        raise _fail(ds.source, f"x has {ds.n_features} features but the network's input "
-                               f"layer has {n_inputs}")
+        raise data_error(ds.source, f"x has {ds.n_features} features but the network's input "
+                                    f"layer has {n_inputs}")
     share = shard_bounds(ds.n, rank, size)
     if len(ds.y_shape) == 1:
         _check_labels(ds, n_outputs, share)
     elif int_labels_required:
-        raise _fail(ds.source, f"y holds targets of shape {ds.y_shape}; integer class labels "
-                               f"of shape ({ds.n},) are required")
+        raise data_error(ds.source, f"y holds targets of shape {ds.y_shape}; integer class labels "
+                                    f"of shape ({ds.n},) are required")
     elif n_outputs is not None and ds.y_shape[1] != n_outputs:
-        raise _fail(ds.source, f"targets y have width {ds.y_shape[1]} but the network's output "
-                               f"layer has {n_outputs}")
+        raise data_error(ds.source, f"targets y have width {ds.y_shape[1]} but the network's "
+                                    f"output layer has {n_outputs}")
     if check_values:
         _check_finite(ds, share)
