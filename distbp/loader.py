@@ -6,16 +6,11 @@ read one step ahead by a background thread, and the `--in-memory` choice.
         for step in range(start_step, total_steps):
             x, y = loader.get(step)        # rows read while step - 1 computed
 
-The rows of a step are exactly data.shard_indices(epoch_permutation(seed, epoch, n), step_in_epoch,
-batch_size, rank, size), increasing, as the trainer always read them: prefetching changes when a
-batch is read, never which rows, so trajectories are unchanged. The thread reads, nothing else: no
-MPI call, no preprocessing (the trainer converts on the main thread into reused buffers). h5py
-(>= 3) releases the GIL inside HDF5's read, so the read overlaps the step's NumPy/BLAS work.
-
-Memory is depth + 2 batches (queued, being read, in use) whatever the size of the data set, and
-they are the same depth + 2 buffers all run long (`_BatchRing`): the thread reads each batch
-straight into the next one (`Dataset.read_into`), so a step allocates no rows. The price is a
-contract: the arrays `get` returns are valid until the next `get` (copy what you keep).
+Contract: the rows of a step are exactly data.shard_indices(epoch_permutation(seed, epoch, n),
+step_in_epoch, batch_size, rank, size), increasing; prefetching changes when rows are read, never
+which. The thread only reads (no MPI, no preprocessing). Memory is depth + 2 batch buffers, reused
+all run long, so a step allocates no rows; the arrays `get` returns are valid until the next
+`get` (copy what you keep).
 """
 
 from __future__ import annotations
@@ -107,7 +102,8 @@ class _BatchRing:
 
 class ShardLoader:
     """This rank's (x, y) rows for steps start..stop-1, read by one daemon thread while the
-    previous step computes. x is (k, n_features) in the on-disk dtype, y (k,) or (k, outputs);
+    previous step computes (h5py releases the GIL inside HDF5's read, so the read overlaps the
+    step's NumPy/BLAS work). x is (k, n_features) in the on-disk dtype, y (k,) or (k, outputs);
     both are views of the loader's ring buffers, valid until the next `get` (see _BatchRing).
 
     `get(step)` must be called for consecutive steps from `start`. An error in the thread is
@@ -187,11 +183,6 @@ class ShardLoader:
                         raise ReaderError(f"data file {self.ds.source!r}: the background "
                                           f"reader stopped before step {self.next_step + 1}"
                                           ) from None
-
-    def __iter__(self):
-        """(x, y) for each remaining step, in order; each valid until the next is taken."""
-        while self.next_step < self.stop:
-            yield self.get(self.next_step)
 
     def close(self) -> None:
         """Stop the thread: drop queued batches, wait for a read in progress (up to _JOIN_S)."""
