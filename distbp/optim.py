@@ -65,12 +65,11 @@ def _l2_grad(grad: np.ndarray, params: np.ndarray, lam: np.floating,
 
 @dataclass(frozen=True)
 class SGD:
-    """Stochastic gradient descent with optional momentum, Nesterov and weight decay.
+    """Stochastic gradient descent with optional momentum, Nesterov and L2 weight decay.
 
     With Δw the gradient, α the learning rate, μ the momentum, λ the weight decay, one step is:
 
-        w = w·(1 − α·λ)                   decoupled=True (applied first, before the update)
-        g = Δw + λ·w                      decoupled=False (L2); g = Δw when λ = 0
+        g = Δw + λ·w                      g = Δw when λ = 0
         v = μ·v + g                       momentum > 0 (v is state["velocity"])
         u = g + μ·v if nesterov else v    u = g when momentum = 0
         w = w − α·u
@@ -81,7 +80,6 @@ class SGD:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
-    decoupled: bool = False
     name: ClassVar[str] = "sgd"
 
     def __post_init__(self) -> None:
@@ -102,9 +100,7 @@ class SGD:
         dt = params.dtype.type
         s1, s2 = _scratch(state, params)
         wd = self.weight_decay
-        if wd and self.decoupled:
-            params *= dt(1.0 - lr * wd)                       # w = w·(1 − α·λ)
-        g = _l2_grad(grad, params, dt(wd), s1) if wd and not self.decoupled else grad
+        g = _l2_grad(grad, params, dt(wd), s1) if wd else grad   # g = Δw + λ·w
         u = g
         if self.momentum:
             mu = dt(self.momentum)
@@ -238,25 +234,22 @@ def _scaled_norm(grad: np.ndarray, scratch: np.ndarray) -> float:
 
 
 def make_optimizer(name: str, *, momentum: float = 0.0, nesterov: bool = False,
-                   weight_decay: float = 0.0, decoupled: bool | None = None,
-                   beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> SGD | Adam:
+                   weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                   eps: float = 1e-8) -> SGD | Adam:
     """Build an optimizer by name: "sgd", "adam" or "adamw" (= Adam with decoupled=True).
 
-    Weight decay is L2 (g += λ·w) for "sgd" and "adam" unless decoupled=True. An option of the
+    Weight decay is L2 (g += λ·w) for "sgd" and "adam", decoupled for "adamw". An option of the
     other optimizer set away from its default (momentum for adam, beta1 for sgd, ...) raises
     ConfigError instead of being silently ignored.
     """
     if name == "sgd":
         _require((beta1, beta2, eps) == (0.9, 0.999, 1e-8), "optimizer sgd", "beta1/beta2/eps",
                  "left at their defaults (they apply to adam/adamw only)", (beta1, beta2, eps))
-        return SGD(momentum, nesterov, weight_decay, bool(decoupled))
+        return SGD(momentum, nesterov, weight_decay)
     if name in ("adam", "adamw"):
-        owner = f"optimizer {name}"
-        _require(momentum == 0.0 and not nesterov, owner, "momentum/nesterov",
+        _require(momentum == 0.0 and not nesterov, f"optimizer {name}", "momentum/nesterov",
                  "0/false (they apply to sgd only; use beta1)", (momentum, nesterov))
-        _require(name == "adam" or decoupled is not False, owner, "decoupled",
-                 "true for adamw (use 'adam' for L2 weight decay)", decoupled)
-        return Adam(beta1, beta2, eps, weight_decay, name == "adamw" or bool(decoupled))
+        return Adam(beta1, beta2, eps, weight_decay, decoupled=name == "adamw")
     raise ConfigError(f"optimizer: unknown name {name!r} (valid: {', '.join(OPTIMIZERS)})")
 
 
@@ -321,7 +314,10 @@ class Schedule:
 
 
 def linear_scaling(lr: float, global_batch: int, reference_batch: int) -> float:
-    """Goyal et al.'s linear scaling rule: α·(global_batch / reference_batch)."""
+    """Goyal et al.'s linear scaling rule: α·(global_batch / reference_batch).
+
+    `lr` is the rate tuned for a global batch of `reference_batch`; the result is the rate for
+    `global_batch` (`--lr-reference-batch`)."""
     _require(lr > 0.0, "linear_scaling", "lr", "> 0", lr)
     _require(global_batch >= 1, "linear_scaling", "global_batch", ">= 1", global_batch)
     _require(reference_batch >= 1, "linear_scaling", "reference_batch", ">= 1", reference_batch)

@@ -29,8 +29,7 @@ SGD_VARIANTS = {
     "nesterov": {"momentum": 0.9, "nesterov": True},
     "l2": {"momentum": 0.9, "weight_decay": 0.01},
     "l2_nesterov": {"momentum": 0.8, "nesterov": True, "weight_decay": 0.05},
-    "decoupled": {"momentum": 0.9, "weight_decay": 0.01, "decoupled": True},
-    "decoupled_plain": {"weight_decay": 0.1, "decoupled": True},
+    "l2_plain": {"weight_decay": 0.1},
 }
 ADAM_VARIANTS = {
     "adam": {},
@@ -48,8 +47,7 @@ def problem(dtype, n=7, steps=5, seed=0):
     return w, grads
 
 
-def reference_sgd(w, grads, lrs, momentum=0.0, nesterov=False, weight_decay=0.0,
-                  decoupled=False):
+def reference_sgd(w, grads, lrs, momentum=0.0, nesterov=False, weight_decay=0.0):
     """SGD by hand: per element, per step, scalars of w's dtype."""
     dt = w.dtype.type
     mu, lam = dt(momentum), dt(weight_decay)
@@ -57,10 +55,8 @@ def reference_sgd(w, grads, lrs, momentum=0.0, nesterov=False, weight_decay=0.0,
     v = [dt(0.0)] * len(w)
     for grad, lr in zip(grads, lrs):
         for i in range(len(w)):
-            if weight_decay and decoupled:
-                w[i] = w[i] * dt(1.0 - lr * weight_decay)
             g = grad[i]
-            if weight_decay and not decoupled:
+            if weight_decay:
                 g = g + lam * w[i]
             u = g
             if momentum:

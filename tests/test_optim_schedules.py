@@ -22,11 +22,17 @@ pytestmark = pytest.mark.usefixtures("strict_numpy")
 
 def test_make_optimizer_builds_each_named_optimizer():
     assert make_optimizer("sgd", momentum=0.9, nesterov=True) == SGD(0.9, True)
-    assert make_optimizer("sgd", weight_decay=0.1) == SGD(weight_decay=0.1, decoupled=False)
-    assert make_optimizer("sgd", weight_decay=0.1, decoupled=True).decoupled
+    assert make_optimizer("sgd", weight_decay=0.1) == SGD(weight_decay=0.1)
     assert make_optimizer("adam", beta1=0.8, eps=1e-6) == Adam(beta1=0.8, eps=1e-6)
     assert make_optimizer("adam", weight_decay=0.1) == Adam(weight_decay=0.1)
     assert make_optimizer("adamw", weight_decay=0.1) == Adam(weight_decay=0.1, decoupled=True)
+
+
+def test_sgd_has_only_l2_weight_decay_as_in_pytorch():
+    with pytest.raises(TypeError):
+        make_optimizer("sgd", weight_decay=0.1, decoupled=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        SGD(0.9, False, 0.1, True)  # type: ignore[call-arg]
 
 
 def test_make_optimizer_unknown_name_lists_the_valid_names():
@@ -37,7 +43,6 @@ def test_make_optimizer_unknown_name_lists_the_valid_names():
 @pytest.mark.parametrize("name, kwargs, field", [
     ("adam", {"momentum": 0.9}, "momentum"),
     ("adamw", {"nesterov": True}, "nesterov"),
-    ("adamw", {"decoupled": False}, "decoupled"),
     ("sgd", {"beta1": 0.5}, "beta1"),
     ("sgd", {"eps": 1e-6}, "eps"),
 ])
