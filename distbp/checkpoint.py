@@ -4,14 +4,19 @@
     ckpt = load(path)                       # whole file, then every dataset, SHA-256 verified
     path, skipped = latest_valid("ck")      # `--resume auto`: the newest file that loads
 
-Checkpoint files are written, renamed and removed only from here: save() (with its helpers
-_write_atomically, whose final rename and directory fsync go through distbp.durable, and _seal),
-_rotate() and set_aside_newer(). distbp/ckpt_integrity.py computes and checks the hashes (the
-512-byte userblock holding the SHA-256 of the rest of the file, the per-dataset sha256
-attributes; its docstring specifies both) but writes nothing.
+Checkpoint files are written, renamed and removed only from here: save() (atomically, through
+distbp.durable), _rotate() and set_aside_newer(). distbp.ckpt_integrity computes and checks the
+hashes and reads the fields, but writes nothing. This docstring is the format's specification.
 
-Format (format_version 1): an HDF5 file behind a 512-byte userblock, readable with plain h5py.
-load() verifies the userblock's file hash before the HDF5 library reads a byte. The HDF5 part:
+Format (format_version 1): an HDF5 file behind a 512-byte userblock, readable with plain h5py
+(HDF5 skips the userblock). The userblock holds one ASCII line, NUL-padded to 512 bytes:
+    distbp-checkpoint sha256 <64 lowercase hex> size <file size in bytes>\\n
+The SHA-256 covers bytes 512..end, everything HDF5 parses, except that the 4 bytes at offsets
+532..535 (the version-0 superblock's file consistency flags) are hashed as zeros and must be 0
+or 1: HDF5 sets them to 1 while a process holds the file open for writing, without changing any
+content. load() checks the line, the size and the hash before the HDF5 library reads a byte (a
+damaged superblock can crash libhdf5; a flipped attribute would load with a wrong value); a file
+edited with h5py keeps the userblock but fails the hash. The HDF5 part:
   /            attrs format="distbp-checkpoint", format_version=1, step, epoch, distbp_version,
                world_size (informational), created (ISO 8601, UTC)
   /model       W1..WL (n_out, n_in), b1..bL (n_out,) in the params dtype; attrs layers (int64),
@@ -21,12 +26,13 @@ load() verifies the userblock's file hash before the HDF5 library reads a byte. 
   /rng         seed, epoch, step_in_epoch (0-d int64): the batch plan is a pure function of
                (seed, epoch), so with the cursor they are all an exact resume needs
   /preprocess  optional arrays (mean, std, ...)
-  /metrics     jsonl: the metrics history, one JSON object per line; optional group interval:
-               the sums behind the next train record (metrics.Interval.state()), 0-d datasets
-               steps (int64), loss_sum, correct, samples (float64); absent in older files
-Every dataset also has attr sha256, the SHA-256 of its bytes. Nothing is pickled; load reads
-numbers and strings only. Every rank loads (load, latest_valid: resume, evaluate, inspect); only
-rank 0 calls save, _rotate and set_aside_newer.
+  /metrics     jsonl: the metrics history, one JSON object per line; group interval: the sums
+               behind the next train record (metrics.Interval.state()), 0-d datasets steps
+               (int64), loss_sum, correct, samples (float64)
+Every dataset also has attr sha256, the SHA-256 of its bytes (C order, stored dtype; UTF-8 bytes
+for text). Every group and dataset above is required, but /preprocess may be absent or empty.
+Nothing is pickled; load reads numbers and strings only. Every rank loads (load, latest_valid:
+resume, evaluate, inspect); only rank 0 calls save, _rotate and set_aside_newer.
 """
 
 from __future__ import annotations
@@ -53,17 +59,15 @@ from distbp.ckpt_integrity import (
     digest,
     error,
     join_ints,
-    one_line,
-    param_shapes,
     read_fields,
     userblock,
 )
-from distbp.durable import fsync_path, replace_durably  # shared with cli_eval and data_import
-from distbp.errors import CheckpointError
+from distbp.durable import fsync_path, replace_durably
+from distbp.errors import CheckpointError, one_line
+from distbp.network import n_params, param_views
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "INTERVAL_KEYS", "Checkpoint", "check_compatible",
-           "checkpoint_path", "latest_valid", "list_checkpoints", "load", "param_shapes", "save",
-           "set_aside_newer"]
+__all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "latest_valid",
+           "list_checkpoints", "load", "save", "set_aside_newer"]
 
 _NAME = re.compile(r"ckpt-(\d{8})\.h5")
 _TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\d+")  # never matches _NAME: a crash leaves no ckpt-*
@@ -92,7 +96,7 @@ class Checkpoint:
     metrics: list[dict]
     world_size: int
     distbp_version: str
-    interval: dict[str, float] | None = None  # /metrics/interval; None in files without it
+    interval: dict[str, float]  # /metrics/interval: INTERVAL_KEYS -> the open record's sums
 
 
 def checkpoint_path(directory, step: int) -> Path:
@@ -128,8 +132,8 @@ def latest_valid(directory) -> tuple[Path | None, list[tuple[Path, str]]]:
 def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, layers,
          activation: str, output: str, loss: str, params: np.ndarray, optimizer_name: str,
          optimizer_state: dict[str, np.ndarray], config: dict, metrics: list[dict],
-         world_size: int, preprocess: dict[str, np.ndarray] | None = None,
-         keep: int | None = 3, interval: dict[str, float] | None = None) -> Path:
+         interval: dict[str, float], world_size: int,
+         preprocess: dict[str, np.ndarray] | None = None, keep: int | None = 3) -> Path:
     """Write directory/ckpt-<step:08d>.h5 atomically and return its path.
 
     Written under a temporary name that no ckpt-* pattern matches, fsynced, renamed over the final
@@ -138,9 +142,10 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
     Then all but the newest `keep` checkpoints (None: keep all; the file just written always
     stays) and stale temporary files are removed. `optimizer_state` keys starting with "_" are
     scratch and not saved. `config` and `metrics` must be JSON-serializable. `interval`: the
-    sums of the train record in progress, keys INTERVAL_KEYS (None: the group is not written).
+    sums of the train record in progress, keys INTERVAL_KEYS (metrics.Interval.state()).
     """
     params = _check_save_args(step, keep, params, layers)
+    interval_arrays = _interval_arrays(interval)  # refused before any file is created
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"checkpoint directory '{directory}' exists and is not a directory")
@@ -155,8 +160,7 @@ def save(directory, *, step: int, epoch: int, step_in_epoch: int, seed: int, lay
         _put_arrays(f.create_group("preprocess"), preprocess or {})
         _put_text(f.create_group("metrics"), "jsonl",
                   "".join(json.dumps(m) + "\n" for m in metrics))
-        if interval is not None:
-            _put_arrays(f.create_group("metrics/interval"), _interval_arrays(interval))
+        _put_arrays(f.create_group("metrics/interval"), interval_arrays)
 
     final = _write_atomically(checkpoint_path(directory, step), contents)
     _rotate(directory, keep, final)
@@ -171,7 +175,7 @@ def _check_save_args(step: int, keep: int | None, params, layers) -> np.ndarray:
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     params = np.asarray(params)
-    total = sum(w[0] * w[1] + b[0] for w, b in param_shapes(layers))
+    total = n_params(layers)
     if len(layers) < 2 or params.ndim != 1 or params.size != total:
         raise ValueError(f"params of shape {params.shape} do not fit layers {join_ints(layers)} "
                          f"({total} parameters)")
@@ -203,7 +207,7 @@ def _write_atomically(final: Path, contents: Callable[[h5py.File], None]) -> Pat
 
 def _write_root(f: h5py.File, step: int, epoch: int, world_size: int) -> None:
     """The root attributes: format, version, position, provenance."""
-    from distbp import __version__  # lazily: distbp/__init__ imports the engine
+    from distbp import __version__  # lazily: the package's __init__ is the API layer above
 
     f.attrs.update({"format": FORMAT, "format_version": np.int64(FORMAT_VERSION),
                     "step": np.int64(step), "epoch": np.int64(epoch),
@@ -212,15 +216,12 @@ def _write_root(f: h5py.File, step: int, epoch: int, world_size: int) -> None:
 
 
 def _write_model(g: h5py.Group, layers, activation, output, loss, params: np.ndarray) -> None:
-    """/model: its attributes, then W_j (n_out, n_in) and b_j cut from the flat `params`."""
+    """/model: its attributes, then W_j (n_out, n_in) and b_j, the views of the flat `params`
+    (network.param_views: the engine owns the layout)."""
     g.attrs.update({"layers": np.asarray(layers, dtype=np.int64), "activation": activation,
                     "output": output, "loss": loss, "dtype": params.dtype.name})
-    offset = 0
-    for j, (w_shape, b_shape) in enumerate(param_shapes(layers), start=1):
-        for name, shape in ((f"W{j}", w_shape), (f"b{j}", b_shape)):
-            size = int(np.prod(shape))
-            _put_arrays(g, {name: params[offset:offset + size].reshape(shape)})
-            offset += size
+    for j, (w, b) in enumerate(zip(*param_views(params, layers)), start=1):
+        _put_arrays(g, {f"W{j}": w, f"b{j}": b})
 
 
 def _write_optimizer(g: h5py.Group, name: str, state: dict[str, np.ndarray]) -> None:

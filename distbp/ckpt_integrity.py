@@ -1,35 +1,19 @@
-"""Checkpoint integrity: the whole-file SHA-256 in the userblock, per-dataset digests, and
-read_fields(), which turns a verified file into checked values for checkpoint.load().
+"""Checkpoint verification: the format's constants, the hashes, and the checked reader.
 
-A checkpoint is an HDF5 file behind a 512-byte userblock (HDF5 skips it, so plain h5py reads the
-file). The userblock holds one ASCII line padded with NUL bytes to 512 bytes:
-    distbp-checkpoint sha256 <64 lowercase hex> size <file size in bytes>\\n
-where the SHA-256 covers bytes 512..end of the file, i.e. everything HDF5 parses, with one
-exception: the 4 bytes at offsets 532..535 (the version-0 superblock's "file consistency flags")
-are hashed as zeros, and must be 0 or 1. HDF5 itself sets them to 1 while any process holds the
-file open for writing (and leaves 1 if that process dies), without changing any content; a
-checkpoint someone opened with h5py "r+" stays loadable. check_file() checks the line, the file
-size and this hash BEFORE the HDF5 library reads a byte: a damaged superblock or B-tree can crash
-or hang libhdf5, and a flipped attribute (step, loss, ...) would load with a wrong value, so
-damage anywhere must be caught outside HDF5. Editing a checkpoint with h5py keeps the userblock
-but invalidates the file hash, so check_file() then refuses the file.
-
-Every dataset also has attr sha256 = digest() of its bytes (C order, stored dtype; UTF-8 bytes for
-text), so a reader using plain h5py can verify what it reads; verified_array() and
-verified_text() check it, as defence in depth behind the file hash. read_fields() reads through
-them and also checks the format name and version, every /model shape against the layers, and
-/rng/epoch against the root attribute. FORMAT, FORMAT_VERSION and param_shapes() are here
-because writer and reader both need them; distbp/checkpoint.py re-exports them.
-
-Separate from distbp/checkpoint.py because this is the security boundary of load(): everything
-here runs before, or instead of, trusting HDF5's view of the bytes. This module computes and
-checks digests but never writes a file; checkpoint.py writes (userblock() gives it the bytes).
+Contract: check_file() verifies a file's userblock header (its size and the SHA-256 of
+everything HDF5 parses) BEFORE the HDF5 library reads a byte, so damage anywhere is caught
+outside libhdf5; read_fields() then reads every field of a checkpoint.Checkpoint through
+verified_array() / verified_text(), each dataset checked against its sha256 attribute, and checks
+the format name and version, every /model shape against the layers, and /rng/epoch against the
+root attribute. Any problem raises a one-line CheckpointError naming the file (`error`). This is
+the security boundary of checkpoint.load(): it computes and checks, and never writes a file
+(userblock() gives checkpoint.save the header bytes). The format itself is specified in
+distbp/checkpoint.py's docstring.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -38,15 +22,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distbp.errors import CheckpointError
+from distbp.errors import CheckpointError, one_line
+from distbp.network import n_params, param_views
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INTERVAL_KEYS", "MAGIC", "NUMERIC", "USERBLOCK", "attr",
-           "check_file", "digest", "error", "file_digest", "join_ints", "member", "one_line",
-           "param_shapes", "read_fields", "userblock", "verified_array", "verified_text"]
+           "check_file", "digest", "error", "file_digest", "join_ints", "member", "read_fields",
+           "userblock", "verified_array", "verified_text"]
 
 FORMAT = "distbp-checkpoint"
 FORMAT_VERSION = 1
-# /metrics/interval (optional, format_version 1 files before it lack it): the train record's sums
+# /metrics/interval's datasets: the sums behind the train record in progress (metrics.Interval)
 INTERVAL_KEYS = ("steps", "loss_sum", "correct", "samples")
 USERBLOCK = 512  # bytes before the HDF5 superblock; HDF5 looks for it at 0, 512, 1024, ...
 MAGIC = FORMAT.encode() + b" sha256 "
@@ -55,11 +40,6 @@ _HEADER = re.compile(rb"distbp-checkpoint sha256 ([0-9a-f]{64}) size ([1-9][0-9]
 _CHUNK = 1 << 20  # hashing reads the file in 1 MiB pieces: no whole-file copy in memory
 # superblock v0 (what libver="earliest" writes): version byte at +8, consistency flags at +20..+23
 _SB_VERSION, _FLAGS = 8, slice(20, 24)
-
-
-def param_shapes(layers) -> list[tuple[tuple[int, int], tuple[int]]]:
-    """[(W_j shape (n_j, n_k), b_j shape (n_j,)), ...] for layers [n0, n1, ..., nL]."""
-    return [((n_j, n_k), (n_j,)) for n_k, n_j in itertools.pairwise(int(n) for n in layers)]
 
 
 def digest(data) -> str:
@@ -128,7 +108,7 @@ def check_file(path: Path) -> None:
 def read_fields(f: h5py.File, path: Path) -> dict:
     """Every Checkpoint field but `path`, read from the open file `f` (already through
     check_file): format and version checked, each dataset verified, the flat params rebuilt."""
-    from distbp import __version__  # lazily: distbp/__init__ imports the engine
+    from distbp import __version__  # lazily: the package's __init__ is the API layer above
 
     if (fmt := attr(f, "format", path)) != FORMAT:
         raise error(path, f"not a distbp checkpoint (format attribute is {fmt!r})")
@@ -161,11 +141,9 @@ def read_fields(f: h5py.File, path: Path) -> dict:
         interval=_read_interval(metrics_group, path))
 
 
-def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float] | None:
+def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float]:
     """/metrics/interval as {"steps": int, "loss_sum"/"correct"/"samples": float}, each a
-    verified 0-d dataset (steps an integer); None when the file has no such group."""
-    if "interval" not in metrics:
-        return None
+    verified 0-d dataset (steps an integer)."""
     g = member(metrics, "interval", path, h5py.Group)
     arrays = {k: verified_array(g, k, path) for k in INTERVAL_KEYS}
     if any(a.shape != () for a in arrays.values()) or arrays["steps"].dtype.kind not in "iu":
@@ -174,20 +152,21 @@ def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float] | None:
 
 
 def _read_params(model: h5py.Group, layers: tuple[int, ...], dtype: str, path: Path) -> np.ndarray:
-    """The flat params W1, b1, ..., WL, bL from /model, each checked against layers and dtype."""
+    """The flat params from /model: each W_j, b_j checked against layers and dtype and copied
+    into its view of the flat array (network.param_views: the engine owns the layout)."""
     if len(layers) < 2 or min(layers) < 1 or dtype not in ("float32", "float64"):
         raise error(path, f"/model has invalid layers {join_ints(layers)} or dtype {dtype!r}")
     if f"W{len(layers)}" in model:
         raise error(path, f"/model has more weight datasets than layers {join_ints(layers)} allow")
-    parts = []
-    for j, shapes in enumerate(param_shapes(layers), start=1):
-        for name, shape in zip((f"W{j}", f"b{j}"), shapes):
+    params = np.empty(n_params(layers), dtype)
+    for j, views in enumerate(zip(*param_views(params, layers)), start=1):
+        for name, view in zip((f"W{j}", f"b{j}"), views):
             arr = verified_array(model, name, path)
-            if arr.shape != shape or arr.dtype != dtype:
+            if arr.shape != view.shape or arr.dtype != dtype:
                 raise error(path, f"dataset /model/{name} is {arr.dtype} {arr.shape} but layers "
-                                  f"{join_ints(layers)} and dtype {dtype} need {shape}")
-            parts.append(arr.ravel())
-    return np.concatenate(parts)
+                                  f"{join_ints(layers)} and dtype {dtype} need {view.shape}")
+            view[...] = arr
+    return params
 
 
 def verified_array(g: h5py.Group, name: str, path: Path) -> np.ndarray:
@@ -243,7 +222,3 @@ def join_ints(values) -> str:
     """Layer sizes as messages show them: "784,128,10"."""
     return ",".join(str(int(v)) for v in values)
 
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (HDF5 and OS messages may span several)."""
-    return " ".join(str(e).split())

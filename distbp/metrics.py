@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from distbp.ckpt_integrity import INTERVAL_KEYS
+
 __all__ = ["MetricsLog", "Progress", "Interval"]
 
 
@@ -48,22 +50,20 @@ class MetricsLog:
 class Interval:
     """Sums over the steps since the last train record.
 
-    The exact sums (EXACT: steps, loss sum, correct rows, samples) go into every checkpoint
-    (`state()`) and come back on resume (`Interval(carried)`), so a record whose interval spans a
-    stop and resume has the uninterrupted run's loss and accuracy, bit for bit. The timings
+    The exact sums (the checkpoint format's INTERVAL_KEYS: steps, loss sum, correct rows,
+    samples) go into every checkpoint (`state()`) and come back on resume (`Interval(carried)`),
+    so a record whose interval spans a stop and resume has the uninterrupted run's loss and
+    accuracy, bit for bit. The timings
     (seconds of compute and communication, wall time, and the steps and samples they cover) count
     only the steps this process ran: downtime and another machine's speed are not carried."""
 
-    EXACT = ("steps", "loss_sum", "correct", "samples")
-
     def __init__(self, carried: Mapping[str, float] | None = None) -> None:
         """`carried`: `state()` of the interval in progress when the checkpoint resumed from
-        was written; None or empty starts afresh (also a checkpoint written before it was kept)."""
+        was written; None or empty starts afresh."""
         self.reset()
         if carried:
-            self.steps = int(carried["steps"])
-            self.loss_sum, self.correct, self.samples = (
-                float(carried[k]) for k in ("loss_sum", "correct", "samples"))
+            for k in INTERVAL_KEYS:  # steps an int, the sums floats, as state() gives them
+                setattr(self, k, int(carried[k]) if k == "steps" else float(carried[k]))
 
     def reset(self) -> None:
         self.steps = 0
@@ -74,7 +74,7 @@ class Interval:
 
     def state(self) -> dict[str, float]:
         """The exact sums, as checkpoints store them: {"steps": int, the others float}."""
-        return {k: getattr(self, k) for k in self.EXACT}
+        return {k: getattr(self, k) for k in INTERVAL_KEYS}
 
     def add(self, loss_sum: float, correct: float, samples: float, compute_s: float,
             comm_s: float) -> None:

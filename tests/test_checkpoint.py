@@ -22,6 +22,7 @@ from helpers.ckptstate import LAYERS, N_PARAMS, run_state
 
 from distbp import checkpoint as ck
 from distbp.errors import CheckpointError
+from distbp.network import Network
 
 # ------------------------------------------------------------------------- round trip, layout
 
@@ -53,6 +54,7 @@ def test_save_then_load_round_trips_every_field_bitwise(tmp_path, dtype, optimiz
     assert (got.activation, got.output, got.loss) == ("sigmoid", "softmax", "cross_entropy")
     assert got.optimizer_name == optimizer and got.config == state["config"]
     assert got.metrics == state["metrics"] and got.world_size == 3
+    assert got.interval == state["interval"] and type(got.interval["steps"]) is int
     assert got.distbp_version == __version__ and got.path == path
 
 
@@ -90,14 +92,37 @@ def test_plain_h5py_reader_understands_the_file_without_distbp(tmp_path):
         lines = f["metrics/jsonl"].asstr()[()].splitlines()
         assert [json.loads(line) for line in lines] == state["metrics"]
         np.testing.assert_array_equal(f["preprocess/mean"][()], state["preprocess"]["mean"])
+        interval = f["metrics/interval"]
+        assert sorted(interval) == ["correct", "loss_sum", "samples", "steps"]
+        assert interval["steps"].dtype == np.int64 and interval["steps"][()] == 3
+        assert interval["loss_sum"].dtype == np.float64 and interval["loss_sum"][()] == 1 / 3
         w2 = f["model/W2"]
         assert w2.attrs["sha256"] == hashlib.sha256(w2[()].tobytes()).hexdigest()
         text = f["config/json"]
         assert text.attrs["sha256"] == hashlib.sha256(text[()]).hexdigest()
 
 
-def test_param_shapes_are_w_out_by_in_then_bias():
-    assert ck.param_shapes([4, 5, 3]) == [((5, 4), (5,)), ((3, 5), (3,))]
+def test_model_datasets_are_the_networks_views_of_its_flat_params(tmp_path):
+    net = Network(list(LAYERS), dtype="float64", seed=3)
+    state = run_state()
+    state["params"] = net.params
+    with h5py.File(ck.save(tmp_path, **state), "r") as f:
+        for j, (w, b) in enumerate(zip(net.weights, net.biases), start=1):
+            np.testing.assert_array_equal(f[f"model/W{j}"][()], w)   # (n_out, n_in)
+            np.testing.assert_array_equal(f[f"model/b{j}"][()], b)
+    loaded = ck.load(ck.checkpoint_path(tmp_path, state["step"]))
+    assert loaded.params.tobytes() == net.params.tobytes()
+
+
+@pytest.mark.parametrize("keys", [("steps", "loss_sum", "correct"),
+                                  ("steps", "loss_sum", "correct", "samples", "time")])
+def test_save_refuses_an_interval_without_exactly_the_format_keys_and_writes_nothing(tmp_path,
+                                                                                      keys):
+    state = run_state()
+    state["interval"] = dict.fromkeys(keys, 1.0)
+    with pytest.raises(ValueError, match="interval has keys"):
+        ck.save(tmp_path, **state)
+    assert list(tmp_path.iterdir()) == []
 
 
 PLAIN_READER = """

@@ -30,7 +30,8 @@ directory, point = sys.argv[1], sys.argv[2]
 layers = [4, 5, 3]
 state = dict(step=2, epoch=0, step_in_epoch=2, seed=0, layers=layers, activation="tanh",
              output="identity", loss="mse", params=np.zeros(43), optimizer_name="sgd",
-             optimizer_state={}, config={}, metrics=[], world_size=1)
+             optimizer_state={}, config={}, metrics=[], world_size=1,
+             interval={"steps": 0, "loss_sum": 0.0, "correct": 0.0, "samples": 0.0})
 die = lambda *a, **k: os._exit(9)
 if point == "write":  # die in the middle of writing datasets
     create, calls = h5py.Group.create_dataset, []
@@ -91,6 +92,7 @@ for step in range(start, start + 10**6):
             optimizer_name="adam",
             optimizer_state={"m": params * 0.5, "v": params**2, "t": np.int64(step)},
             config={"step": step}, metrics=[{"step": s} for s in range(step)],
+            interval={"steps": 0, "loss_sum": 0.0, "correct": 0.0, "samples": 0.0},
             world_size=1, keep=2)
     print("saved", step, flush=True)
 """

@@ -65,6 +65,7 @@ CORRUPTIONS = {
     "byte flipped in /preprocess/std": lambda p: flip_byte(p, "preprocess/std", 3),
     "dataset deleted": lambda p: _delete(p, "model/b2"),
     "group deleted": lambda p: _delete(p, "rng"),
+    "byte flipped in /metrics/interval": lambda p: flip_byte(p, "metrics/interval/loss_sum"),
     "not HDF5": lambda p: p.write_bytes(b"this is not an HDF5 file\n" * 40),
     "byte flipped in the header's hash": lambda p: _flip_at(p, 30),
     "byte flipped in the header's padding": lambda p: _flip_at(p, 511),
@@ -127,6 +128,8 @@ def test_corrupt_checkpoint_raises_one_line_error_naming_file(tmp_path, kind):
     ("byte flipped in /preprocess/std", "dataset /preprocess/std fails its SHA-256 check"),
     ("dataset deleted", "missing dataset /model/b2"),
     ("group deleted", "missing group /rng"),
+    ("byte flipped in /metrics/interval",
+     "dataset /metrics/interval/loss_sum fails its SHA-256 check"),
 ])
 def test_damage_behind_a_recomputed_file_hash_is_still_caught(tmp_path, kind, expected):
     # defence in depth: a tool that rewrote the header over damaged data does not get it loaded
@@ -136,6 +139,17 @@ def test_damage_behind_a_recomputed_file_hash_is_still_caught(tmp_path, kind, ex
     with pytest.raises(CheckpointError) as info:
         ck.load(path)
     assert str(info.value).startswith(f"checkpoint '{path}': {expected}")
+
+
+def test_a_checkpoint_without_the_open_records_sums_is_refused_like_any_missing_group(tmp_path):
+    older = ck.save(tmp_path, keep=None, **run_state(step=1))
+    path = ck.save(tmp_path, keep=None, **run_state(step=2))
+    _delete(path, "metrics/interval")   # /metrics/interval is part of every checkpoint
+    reseal(path)
+    with pytest.raises(CheckpointError) as info:
+        ck.load(path)
+    assert str(info.value) == f"checkpoint '{path}': missing group /metrics/interval"
+    assert ck.latest_valid(tmp_path) == (older, [(path, str(info.value))])
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))

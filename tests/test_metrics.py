@@ -7,7 +7,7 @@ import io
 
 from conftest import run_mpi
 
-from distbp import checkpoint
+from distbp.ckpt_integrity import INTERVAL_KEYS
 from distbp.metrics import Interval, Progress
 
 
@@ -56,6 +56,6 @@ def test_an_interval_carried_over_a_resume_gives_the_same_record_but_times_only_
     assert b["compute_ms"] == round(1e3 * (0.030 + 0.050) / 2, 4)  # the 2 steps timed here
     assert b["comm_ms"] == round(1e3 * (0.002 + 0.004) / 2, 4)
     assert resumed.state() == {"steps": 3, "loss_sum": 40.75, "correct": 22.0, "samples": 34.0}
-    assert tuple(resumed.state()) == checkpoint.INTERVAL_KEYS  # what checkpoints store
-    for fresh in (Interval(None), Interval({})):  # no sums in the checkpoint: start afresh
+    assert tuple(resumed.state()) == INTERVAL_KEYS  # what checkpoints store
+    for fresh in (Interval(None), Interval({})):  # a fresh run: no sums carried
         assert fresh.state() == {"steps": 0, "loss_sum": 0.0, "correct": 0.0, "samples": 0.0}

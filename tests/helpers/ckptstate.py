@@ -38,4 +38,6 @@ def run_state(dtype: str = "float64", optimizer: str = "adam", step: int = 7, se
             "loss": "cross_entropy", "params": params, "optimizer_name": optimizer,
             "optimizer_state": state, "config": config,
             "metrics": [{"step": s, "loss": 1.0 / (s + 1)} for s in range(step)],
+            "interval": {"steps": step % 4, "loss_sum": 1.0 / 3.0, "correct": 5.0,
+                         "samples": 17.0},
             "world_size": 3, "preprocess": preprocess}
