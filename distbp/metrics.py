@@ -53,9 +53,9 @@ class Interval:
     The exact sums (the checkpoint format's INTERVAL_KEYS: steps, loss sum, correct rows,
     samples) go into every checkpoint (`state()`) and come back on resume (`Interval(carried)`),
     so a record whose interval spans a stop and resume has the uninterrupted run's loss and
-    accuracy, bit for bit. The timings
-    (seconds of compute and communication, wall time, and the steps and samples they cover) count
-    only the steps this process ran: downtime and another machine's speed are not carried."""
+    accuracy, bit for bit. The timings (seconds of compute and communication, wall time, and the
+    steps and samples they cover) count only the steps this process ran: downtime and another
+    machine's speed are not carried."""
 
     def __init__(self, carried: Mapping[str, float] | None = None) -> None:
         """`carried`: `state()` of the interval in progress when the checkpoint resumed from
