@@ -11,9 +11,8 @@ directory and renamed into place, so a reader never sees a half-written file; th
 of any new file (0644 less the umask). Data is streamed in blocks: memory stays bounded by a block
 whatever the file's size.
 
-Separate from distbp.cli_data, which parses `distbp data ...` and describes files: this module
-is the library behind it (no argparse, no ranks), usable and testable on its own. Bad input
-raises a one-line DataError/UsageError naming the file or option.
+This is the library behind `distbp data ...` (no argument parsing, no ranks), usable and
+testable on its own. Bad input raises a one-line DataError/UsageError naming the file or option.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import h5py
 import numpy as np
 
 from distbp.durable import fsync_path
-from distbp.errors import DataError, UsageError
+from distbp.errors import DataError, UsageError, one_line
 from distbp.idx import IdxReader
 
 __all__ = ["BLOCK_BYTES", "CHUNK_BYTES", "DEBIAN_FASHION_DIR", "FASHION_MD5", "FASHION_SPLITS",
@@ -107,7 +106,7 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
 
 def _cannot_write(out: Path, err: OSError) -> UsageError:
     """The one-line error for an `--out` whose directory refuses the file."""
-    return UsageError(f"--out '{out}': cannot write there ({err.strerror or err})")
+    return UsageError(f"--out '{out}': cannot write there ({err.strerror or one_line(err)})")
 
 
 def _temp_beside(out: Path) -> str:
@@ -248,7 +247,7 @@ def _output_dir(out: str | Path, from_dir: str | Path | None, download: bool) ->
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out '{out}': cannot create the directory "
-                         f"({err.strerror or err})") from None
+                         f"({err.strerror or one_line(err)})") from None
     return out
 
 

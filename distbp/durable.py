@@ -1,8 +1,8 @@
 """Durable files: the fsync and rename steps that make a finished file survive a crash.
 
-Checkpoints (distbp.checkpoint), prediction files (distbp.cli_eval) and imported data files
-(distbp.data_import) are all written the same way: under a temporary name in the final file's
-directory, then fsync the temporary file, os.replace it onto the final name, fsync the directory.
+Checkpoints, prediction files, plots and imported data files are all written the same way: under
+a temporary name in the final file's directory, then fsync the temporary file, os.replace it onto
+the final name, fsync the directory.
 A crash before the rename leaves the old final file (or none) untouched; a crash after it leaves
 the new one complete; the directory fsync makes the rename itself survive a power loss.
 

@@ -50,7 +50,7 @@ class IdxReader:
             self._fh: BinaryIO = (gzip.open(self.path, "rb") if self.compressed
                                   else open(self.path, "rb"))
         except OSError as err:
-            raise self._error(f"cannot open ({err.strerror or err})") from None
+            raise self._error(f"cannot open ({err.strerror or one_line(err)})") from None
         self._md5 = hashlib.md5()
         self._done = False
         try:
@@ -141,7 +141,8 @@ def _is_gzip(path: str) -> bool:
     except IsADirectoryError:
         raise DataError(f"IDX file {path!r}: is a directory, not an IDX file") from None
     except OSError as err:
-        raise DataError(f"IDX file {path!r}: not readable ({err.strerror or err})") from None
+        why = err.strerror or one_line(err)
+        raise DataError(f"IDX file {path!r}: not readable ({why})") from None
 
 
 def _codes() -> str:
