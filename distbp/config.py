@@ -1,20 +1,12 @@
-"""The `distbp train` configuration: one frozen dataclass, TOML presets/files, CLI overrides.
+"""Gather `distbp train`'s options from presets, TOML files and the command line; resolve them.
 
-Precedence, lowest first: field defaults < `--preset NAME` < `--config FILE` < command line.
-Every option has one name: `--batch-size` on the command line, `batch_size` in TOML and here.
-`None` means "off" or "derived later" (never a -1 sentinel). Values from both sources go through
-one converter and one validator, so `--lr abc` and `lr = "abc"` fail with the same message; every
-failure is a one-line `ConfigError` naming the option, the bad value and what is allowed.
-
-This module gathers values (presets, TOML files, argparse options) and resolves their precedence;
-the fields, their conversion and validation live in `distbp.config_schema`, whose public names
-(`TrainConfig`, `validate`) are re-exported here. Both are pure validation of values: they import
-nothing of MPI, data or the network. Checks that need the data (feature and class counts against
-`layers`) happen in the trainer.
+Precedence, lowest first: field defaults < `--preset NAME` < `--config FILE` < command line; with
+no data named anywhere (and no --preset) the digits preset applies under the file and the command
+line. A TOML key is the option with underscores (`--batch-size` -> batch_size). The result is a
+validated, frozen `distbp.config_schema.TrainConfig`; every failure is a one-line `ConfigError`.
 
     parser = argparse.ArgumentParser(); add_train_arguments(parser)
-    cfg = resolve_config(parser.parse_args())          # validated, frozen
-    cfg2 = dataclasses.replace(cfg, lr=0.01); validate(cfg2)
+    cfg = resolve_config(parser.parse_args())
 """
 
 from __future__ import annotations
@@ -31,23 +23,22 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from distbp.config_schema import (
-    _FIELDS,
     CLI_SOURCE,
+    OPTIMIZER_OPTIONS,
+    OPTIONS,
     TrainConfig,
-    _kind,
-    _option,
-    _parse_mapping,
-    _show,
-    _validated,
-    validate,
+    build_config,
+    parse_options,
 )
+from distbp.config_values import format_value
 from distbp.errors import ConfigError
 
-__all__ = ["PRESET_DIR", "TrainConfig", "add_train_arguments", "list_presets", "load_toml",
-           "preset_path", "resolve_config", "validate"]
+__all__ = ["DEFAULT_PRESET", "PRESET_DIR", "add_train_arguments", "list_presets", "load_toml",
+           "preset_path", "resolve_config"]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "digits"
+_DEFAULT_SOURCE = f"preset '{DEFAULT_PRESET}' (the default without --data)"
 
 # A source that sets one member of a group clears the others set by lower-precedence sources
 # (a preset's `epochs` must not block `--steps` on the command line); both in ONE source: error.
@@ -84,20 +75,22 @@ def preset_path(name: str) -> Path:
     return PRESET_DIR / f"{name}.toml"
 
 
-def _help(name: str) -> str:
-    f = _FIELDS[name]
-    text = f.metadata["help"]  # choices show in the metavar
-    if f.default is not None:
-        text += f" (default: {_show(f.default)})"
+def _default_preset() -> dict[str, Any]:
+    """The digits preset's values: what applies without --data (and without --preset)."""
+    return parse_options(load_toml(preset_path(DEFAULT_PRESET)), _DEFAULT_SOURCE, text=False)
+
+
+def _help(name: str, preset: dict[str, Any]) -> str:
+    """The field's help with the default that applies; where the digits preset (in force without
+    --data) sets another value, that one too."""
+    spec = OPTIONS[name]
+    shown = []
+    if spec.default is not None:
+        shown.append(f"default: {format_value(spec.default)}")
+    if name in preset and preset[name] != spec.default:
+        shown.append(f"{DEFAULT_PRESET} preset without --data: {format_value(preset[name])}")
+    text = spec.help + (f" ({'; '.join(shown)})" if shown else "")
     return text.replace("%", "%%")  # argparse %-formats help strings
-
-
-def _metavar(name: str) -> str:
-    meta, base = _FIELDS[name].metadata, _kind(name)[0]
-    if "choices" in meta:
-        return "{" + ",".join(meta["choices"]) + "}"
-    default = "NAME" if name.endswith("_name") else "PATH"
-    return {"int": "N", "float": "X", "tuple[int, ...]": "N,N,..."}.get(base, default)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,25 +104,33 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML file of options (keys as below, with underscores); "
                              "overrides --preset, overridden by the command line")
     parser.add_argument("--preset", metavar="NAME", default=sup,
-                        help=f"bundled TOML preset: {', '.join(list_presets()) or 'none'}")
-    for name in _FIELDS:
-        if _kind(name)[0] == "bool":
-            parser.add_argument(_option(name), action=argparse.BooleanOptionalAction,
-                                default=sup, help=_help(name))
+                        help=f"bundled TOML preset: {', '.join(list_presets()) or 'none'} "
+                             f"(without --data and --preset: {DEFAULT_PRESET})")
+    preset = _default_preset()
+    for spec in OPTIONS.values():
+        if spec.flag:
+            parser.add_argument(spec.option, action=argparse.BooleanOptionalAction,
+                                default=sup, help=_help(spec.name, preset))
         else:
-            parser.add_argument(_option(name), type=str, default=sup, metavar=_metavar(name),
-                                help=_help(name))
+            parser.add_argument(spec.option, type=str, default=sup, metavar=spec.metavar,
+                                help=_help(spec.name, preset))
 
 
 def _apply(values: dict[str, Any], origins: dict[str, str], new: dict[str, Any],
            source: str) -> None:
-    """Lay one source's values over the lower-precedence ones (see _EXCLUSIVE)."""
-    for group in _EXCLUSIVE:
-        if any(k in new for k in group):
-            for k in group:
-                if k not in new:
-                    values.pop(k, None)
-                    origins.pop(k, None)
+    """Lay one source's values over the lower-precedence ones.
+
+    A source that sets one member of an _EXCLUSIVE group clears the others set below it; one
+    that sets `optimizer` clears the options of other optimizers set below it (a preset's
+    momentum does not block --optimizer adam)."""
+    cleared = [k for group in _EXCLUSIVE if any(k in new for k in group) for k in group]
+    if "optimizer" in new:
+        own = OPTIMIZER_OPTIONS.get(new["optimizer"], ())
+        cleared += [k for names in OPTIMIZER_OPTIONS.values() for k in names if k not in own]
+    for k in cleared:
+        if k not in new:
+            values.pop(k, None)
+            origins.pop(k, None)
     values.update(new)
     origins.update(dict.fromkeys(new, source))
 
@@ -145,17 +146,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if given.get("config") is not None:
         files.append((given["config"], f"config file '{given['config']}'"))
     for path, source in files:
-        _apply(values, origins, _parse_mapping(load_toml(path), source, text=False), source)
-    cli = {k: v for k, v in given.items() if k in _FIELDS}  # other CLI args are not ours
-    _apply(values, origins, _parse_mapping(cli, CLI_SOURCE, text=True), CLI_SOURCE)
+        _apply(values, origins, parse_options(load_toml(path), source, text=False), source)
+    cli = {k: v for k, v in given.items() if k in OPTIONS}  # other CLI args are not ours
+    _apply(values, origins, parse_options(cli, CLI_SOURCE, text=True), CLI_SOURCE)
     if given.get("preset") is None and values.get("data") is None:
         # No data named anywhere: the bundled digits, trained with their preset, under the file
         # and the command line.
-        source = f"preset '{DEFAULT_PRESET}' (the default without --data)"
-        base = _parse_mapping(load_toml(preset_path(DEFAULT_PRESET)), source, text=False)
         merged, merged_origins = {}, {}
-        _apply(merged, merged_origins, base, source)
+        _apply(merged, merged_origins, _default_preset(), _DEFAULT_SOURCE)
         _apply(merged, merged_origins, values, "")
         merged_origins.update(origins)
         values, origins = merged, merged_origins
-    return _validated(values, origins)
+    return build_config(values, origins)

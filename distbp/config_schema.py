@@ -1,13 +1,11 @@
 """The `distbp train` options themselves: the frozen `TrainConfig`, its conversion and validation.
 
-Each field carries its default, help text and rules (`choices`, `check`) in its metadata. Values
-from every source (TOML table, checkpoint JSON, command-line strings) pass through one converter
-(`_parse_mapping`) and one validator (`_problems`), so `--lr abc` and `lr = "abc"` fail with the
-same one-line `ConfigError` naming the option, the bad value and what is allowed.
-
-Separate from `distbp.config`, which gathers values from presets, files and the command line and
-re-exports this module's public names: this module knows nothing of argparse or files, only what a
-valid config is. It imports only the standard library and `distbp.errors`.
+Each field carries in its metadata its help text, its converter (`kind`), whether None ("off",
+"derived later") is allowed, and its rules (`choices`, `check`). Values from every source (TOML
+table, checkpoint JSON, command-line strings) pass through one converter (`parse_options`) and one
+validator, so `--lr abc` and `lr = "abc"` fail with the same one-line `ConfigError` naming the
+option, the bad value and what is allowed. This module knows nothing of argparse or files and
+imports only the standard library and `distbp.errors`.
 
     cfg = TrainConfig.from_dict({"lr": 0.01}, "config file 'run.toml'")   # validated, frozen
     cfg2 = dataclasses.replace(cfg, lr=0.02); validate(cfg2)
@@ -22,16 +20,54 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from distbp.config_values import (
+    BETAS,
+    BOOL,
+    CHOICE,
+    FLOAT,
+    INT,
+    LAYERS,
+    NAME,
+    PATH,
+    Kind,
+    describe_value,
+    format_value,
+)
 from distbp.errors import ConfigError
 
-__all__ = ["CLI_SOURCE", "TrainConfig", "validate"]
+__all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "KEY_ALIASES", "OPTIMIZER_OPTIONS",
+           "OPTIONS", "OptionSpec", "TrainConfig", "build_config", "option_name", "parse_options",
+           "validate"]
 
 CLI_SOURCE = "command line"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds before a stuck collective aborts the job
+# Options of one optimizer, refused with another unless left at their defaults.
+OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"),
+                     "adamw": ("betas", "eps")}
+
+# Spellings other tools use for our options (lower case, underscores): an unknown key found here
+# is answered with our name; any other unknown key with difflib's closest match.
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size", "max_steps": "steps",
+    "num_steps": "steps", "max_iters": "steps", "iterations": "steps", "wd": "weight_decay",
+    "l2": "weight_decay", "optim": "optimizer", "scheduler": "schedule",
+    "lr_scheduler": "schedule", "warmup": "warmup_steps", "warmup_iters": "warmup_steps",
+    "beta1": "betas", "beta2": "betas", "epsilon": "eps", "adam_eps": "eps",
+    "eta_min": "min_lr", "lr_min": "min_lr", "gamma": "lr_gamma", "step_size": "lr_step_size",
+    "max_grad_norm": "clip_grad_norm", "gradient_clip_val": "clip_grad_norm",
+    "grad_clip": "clip_grad_norm", "patience": "early_stop", "random_seed": "seed",
+    "precision": "dtype", "out_dir": "run_dir", "output_dir": "run_dir",
+    "save_every": "checkpoint_every", "log_interval": "log_every", "num_threads": "threads",
+    "val_split": "val_fraction", "validation_split": "val_fraction", "train_data": "data",
+    "valid_data": "val_data", "validation_data": "val_data", "hidden_layers": "layers",
+}
 
 
-def _opt(default: Any, help: str, **rules: Any) -> Any:
-    """A field with its help text and validation rules (`choices`, `check`) in its metadata."""
-    return field(default=default, metadata={"help": help, **rules})
+def _opt(default: Any, help: str, kind: Kind, none_ok: bool = False, **rules: Any) -> Any:
+    """A field whose metadata holds its help, converter, None policy and rules."""
+    return field(default=default, metadata={"help": help, "kind": kind, "none_ok": none_ok,
+                                            **rules})
 
 
 @dataclass(frozen=True)
@@ -39,86 +75,106 @@ class TrainConfig:
     """Every `distbp train` option. Build it with `resolve_config` or `from_dict` (validated)."""
 
     # data
-    data: str | None = _opt(None, "training data file (HDF5/NPZ); none: bundled digits train split")
+    data: str | None = _opt(None, "training data file (HDF5/NPZ); none: bundled digits train "
+                                  "split", PATH, True)
     val_data: str | None = _opt(None, "validation data file; none with no --data: bundled digits "
-                                      "test split")
+                                      "test split", PATH, True)
     val_fraction: float | None = _opt(None, "hold out this fraction of --data for validation "
-                                            "(0 < f < 1; excludes --val-data)", check="open_unit")
-    x_name: str = _opt("x", "name of the inputs dataset in the data file", check="nonempty")
-    y_name: str = _opt("y", "name of the labels/targets dataset in the data file",
+                                            "(0 < f < 1; excludes --val-data)", FLOAT, True,
+                                      check="open_unit")
+    x_name: str = _opt("x", "name of the inputs dataset in the data file", NAME, check="nonempty")
+    y_name: str = _opt("y", "name of the labels/targets dataset in the data file", NAME,
                        check="nonempty")
     # model
     layers: tuple[int, ...] | None = _opt(None, "layer sizes, inputs first, e.g. 784,128,10; "
-                                                "none: n_features,128,n_classes from the data")
-    activation: str = _opt("relu", "hidden-layer activation",
+                                                "none: n_features,128,n_classes from the data",
+                                          LAYERS, True)
+    activation: str = _opt("relu", "hidden-layer activation", CHOICE,
                            choices=("sigmoid", "tanh", "relu", "leaky_relu", "identity"))
-    output: str = _opt("softmax", "output-layer activation",
+    output: str = _opt("softmax", "output-layer activation", CHOICE,
                        choices=("softmax", "sigmoid", "identity"))
-    loss: str = _opt("cross_entropy", "loss on the output activations",
+    loss: str = _opt("cross_entropy", "loss on the output activations", CHOICE,
                      choices=("cross_entropy", "mse"))
     # optimisation
-    batch_size: int = _opt(64, "GLOBAL batch size, summed over all ranks", check="positive")
-    drop_last: bool = _opt(False, "drop the last partial batch of each epoch")
-    lr: float = _opt(0.1, "learning rate (peak rate when a schedule is used)", check="positive")
-    optimizer: str = _opt("sgd", "update rule (SGD with momentum, Adam, AdamW)",
+    batch_size: int = _opt(64, "GLOBAL batch size, summed over all ranks", INT, check="positive")
+    drop_last: bool = _opt(False, "drop the last partial batch of each epoch", BOOL)
+    lr: float = _opt(0.1, "learning rate (peak rate when a schedule is used)", FLOAT,
+                     check="positive")
+    lr_reference_batch: int | None = _opt(None, "--lr is the rate for a global batch of N: the "
+                                                "run uses lr * batch-size / N (linear scaling "
+                                                "rule); none: --lr as given", INT, True,
+                                          check="positive")
+    optimizer: str = _opt("sgd", "update rule (SGD, Adam, AdamW)", CHOICE,
                           choices=("sgd", "adam", "adamw"))
-    momentum: float | None = _opt(None, "SGD momentum, in [0, 1); none: 0.9 with sgd (adam and "
-                                        "adamw have no momentum option)", check="unit_from_zero")
-    nesterov: bool = _opt(False, "Nesterov momentum (SGD with --momentum > 0)")
-    weight_decay: float = _opt(0.0, "L2 weight decay (decoupled for adamw)", check="nonneg")
-    schedule: str = _opt("constant", "learning-rate schedule after warmup",
+    momentum: float = _opt(0.0, "SGD momentum in [0, 1); 0: the plain rule "
+                                "w - lr * grad (sgd only)", FLOAT, check="unit_from_zero")
+    nesterov: bool = _opt(False, "Nesterov momentum (SGD with --momentum > 0)", BOOL)
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam's decay rates beta1,beta2 of the first "
+                                                    "and second moments (adam and adamw only)",
+                                      BETAS)
+    eps: float = _opt(1e-8, "Adam's epsilon, added to the root of the second moment (adam "
+                            "and adamw only)", FLOAT, check="positive")
+    weight_decay: float = _opt(0.0, "L2 weight decay (decoupled for adamw)", FLOAT,
+                               check="nonneg")
+    schedule: str = _opt("constant", "learning-rate schedule after warmup", CHOICE,
                          choices=("constant", "step", "cosine"))
-    warmup_steps: int = _opt(0, "linear warmup steps from 0 to --lr", check="nonneg")
-    lr_step_size: int | None = _opt(None, "steps between decays for --schedule step",
+    warmup_steps: int = _opt(0, "linear warmup steps from 0 to --lr", INT, check="nonneg")
+    lr_step_size: int | None = _opt(None, "steps between decays for --schedule step", INT, True,
                                     check="positive")
-    lr_gamma: float = _opt(0.1, "decay factor for --schedule step", check="positive")
-    min_lr: float = _opt(0.0, "final learning rate for --schedule cosine", check="nonneg")
+    lr_gamma: float = _opt(0.1, "decay factor for --schedule step", FLOAT, check="positive")
+    min_lr: float = _opt(0.0, "final learning rate for --schedule cosine", FLOAT, check="nonneg")
     clip_grad_norm: float | None = _opt(None, "scale the averaged gradient down to this global "
                                               "L2 norm when it is larger; none: no clipping",
-                                        check="positive")
+                                        FLOAT, True, check="positive")
     # length and numerics
-    epochs: int | None = _opt(None, "passes over the data (excludes --steps; neither: 10 epochs)",
-                              check="positive")
-    steps: int | None = _opt(None, "total optimizer steps of the run (excludes --epochs)",
-                             check="positive")
+    epochs: int | None = _opt(None, "passes over the data (excludes --steps; neither: 10 "
+                                    "epochs)", INT, True, check="positive")
+    steps: int | None = _opt(None, "total optimizer steps of the run (excludes --epochs)", INT,
+                             True, check="positive")
     early_stop: int | None = _opt(None, "stop when --early-stop-metric has not improved for this "
                                         "many validations in a row (one per epoch; needs "
-                                        "validation data); none: off", check="positive")
-    early_stop_metric: str = _opt("val_loss", "the validation result --early-stop watches",
+                                        "validation data); none: off", INT, True,
+                                  check="positive")
+    early_stop_metric: str = _opt("val_loss", "the validation result --early-stop watches", CHOICE,
                                   choices=("val_loss", "val_accuracy"))
     early_stop_min_delta: float = _opt(0.0, "a validation improves only when better than the "
-                                            "best so far by more than this", check="nonneg")
-    seed: int = _opt(0, "seed for initial weights and the shuffling of every epoch")
-    dtype: str = _opt("float32", "floating-point type of parameters and arithmetic",
+                                            "best so far by more than this", FLOAT,
+                                       check="nonneg")
+    seed: int = _opt(0, "seed for initial weights and the shuffling of every epoch", INT)
+    dtype: str = _opt("float32", "floating-point type of parameters and arithmetic", CHOICE,
                       choices=("float32", "float64"))
     scale: float | None = _opt(None, "multiply inputs by this per batch (e.g. 1/255 for pixels)",
-                               check="positive")
-    standardize: bool = _opt(False, "standardize inputs with training-set mean and std")
+                               FLOAT, True, check="positive")
+    standardize: bool = _opt(False, "standardize inputs with training-set mean and std", BOOL)
     # run directory, checkpoints, logging
-    run_dir: str = _opt("runs/default", "directory for checkpoints and metrics",
+    run_dir: str = _opt("runs/default", "directory for checkpoints and metrics", PATH,
                         check="nonempty")
-    checkpoint_dir: str | None = _opt(None, "checkpoint directory; none: <run-dir>/checkpoints")
+    checkpoint_dir: str | None = _opt(None, "checkpoint directory; none: <run-dir>/checkpoints",
+                                      PATH, True)
     checkpoint_every: int | None = _opt(None, "checkpoint every N steps; none: at the end of each "
-                                              "epoch and of the run", check="positive")
-    keep: int = _opt(3, "number of newest checkpoints kept", check="positive")
+                                              "epoch and of the run", INT, True, check="positive")
+    keep: int = _opt(3, "number of newest checkpoints kept", INT, check="positive")
     resume: str = _opt("none", "none, auto (newest valid checkpoint in --checkpoint-dir) or a "
-                               "checkpoint path", check="nonempty")
-    metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl")
+                               "checkpoint path", PATH, check="nonempty")
+    metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl",
+                               PATH, True)
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
-                                        "none: only at checkpoints", check="positive")
+                                        "none: only at checkpoints", INT, True, check="positive")
     progress: str = _opt("auto", "rank 0's progress. lines: a line every --log-every steps; bar: "
                                  "those lines plus a bar redrawn in place; auto: bar on a "
                                  "terminal, else lines (under mpiexec stdout is a pipe: ask for "
-                                 "bar)",
+                                 "bar)", CHOICE,
                          choices=("auto", "bar", "lines"))
-    log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run",
-                                 check="positive")
+    log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run", INT,
+                                 True, check="positive")
     threads: int | None = _opt(None, "BLAS threads per rank; none: OMP/OPENBLAS/MKL_NUM_THREADS, "
                                      "else SLURM_CPUS_PER_TASK, else this rank's CPUs / ranks "
-                                     "per node (never more than the CPUs)", check="positive")
-    collective_timeout: float | None = _opt(600.0, "seconds before a stuck collective aborts the "
-                                                   "job; none: wait forever", check="positive")
-    in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)",
+                                     "per node (never more than the CPUs)", INT, True,
+                               check="positive")
+    collective_timeout: float | None = _opt(DEFAULT_COLLECTIVE_TIMEOUT_S, "seconds before a "
+                                            "stuck collective aborts the job; none: wait "
+                                            "forever", FLOAT, True, check="positive")
+    in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)", CHOICE,
                           choices=("auto", "yes", "no"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,104 +189,75 @@ class TrainConfig:
         `source` names where `d` came from in error messages, as a phrase: "checkpoint 'c.h5'".
         Missing keys take their defaults; unknown keys and wrong types raise ConfigError.
         """
-        values = _parse_mapping(d, source, text=False)
-        return _validated(values, dict.fromkeys(values, source))
+        values = parse_options(d, source, text=False)
+        return build_config(values, dict.fromkeys(values, source))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _option(name: str) -> str:
+def option_name(name: str) -> str:
+    """The command-line spelling of a field: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
 
 
-def _kind(name: str) -> tuple[str, bool]:
-    """(base type, optional) from the annotation string, e.g. 'int | None' -> ('int', True)."""
-    annotation = str(_FIELDS[name].type)
-    return annotation.removesuffix(" | None"), annotation.endswith(" | None")
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one TrainConfig field appears on the command line (what `add_train_arguments` needs)."""
+
+    name: str      # field and TOML key: "batch_size"
+    option: str    # "--batch-size"
+    help: str
+    default: Any
+    metavar: str   # "N", "{sgd,adam,adamw}", ...; "" for a flag
+    flag: bool     # a boolean: --x / --no-x
 
 
-def _describe(v: Any) -> str:
-    """A TOML/JSON value as the user wrote it, with its type where that is the problem."""
-    if isinstance(v, bool):
-        return f"boolean {str(v).lower()}"
-    kind = "string " if isinstance(v, str) else "array " if isinstance(v, (list, tuple)) else ""
-    return kind + repr(list(v) if isinstance(v, tuple) else v)
+def _spec(f: dataclasses.Field) -> OptionSpec:
+    meta = f.metadata
+    metavar = "{" + ",".join(meta["choices"]) + "}" if "choices" in meta else meta["kind"].metavar
+    return OptionSpec(f.name, option_name(f.name), meta["help"], f.default, metavar,
+                      meta["kind"] is BOOL)
 
 
-def _show(v: Any) -> str:
-    """A converted value as it would be typed on the command line."""
-    if isinstance(v, tuple):
-        return ",".join(map(str, v))
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def _number(cast: type, what: str) -> Any:
-    """Converter to int or float: parses strings from the command line, type-checks the rest."""
-    def convert(opt: str, v: Any, text: bool) -> Any:
-        if text and isinstance(v, str):
-            try:
-                return cast(v.strip())
-            except ValueError:
-                raise ConfigError(f"{opt} must be {what}, got {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, cast)):  # TOML: no strings, no bools
-            raise ConfigError(f"{opt} must be {what}, got {_describe(v)}")
-        return cast(v)
-    return convert
-
-
-def _exact(pytype: type, what: str) -> Any:
-    """Converter that only type-checks (strings; booleans, which argparse already converts)."""
-    def convert(opt: str, v: Any, text: bool) -> Any:
-        if not isinstance(v, pytype):
-            raise ConfigError(f"{opt} must be {what}, got {_describe(v)}")
-        return v
-    return convert
-
-
-def _to_layers(opt: str, v: Any, text: bool) -> tuple[int, ...]:
-    """'784,128,10' (CLI or TOML string) or [784, 128, 10] (TOML/JSON array) -> a tuple."""
-    if isinstance(v, str):
-        try:
-            return tuple(int(part) for part in v.split(","))
-        except ValueError:
-            raise ConfigError(f"{opt} must be comma-separated integers like 784,128,10, "
-                              f"got {v!r}") from None
-    if isinstance(v, (list, tuple)) and all(type(n) is int for n in v):
-        return tuple(v)
-    raise ConfigError(f"{opt} must be an array of integers like [784, 128, 10], "
-                      f"got {_describe(v)}")
-
-
-_CONVERTERS = {"int": _number(int, "an integer"), "float": _number(float, "a number"),
-               "bool": _exact(bool, "true or false"), "str": _exact(str, "a string"),
-               "tuple[int, ...]": _to_layers}
-
-
-def _convert(name: str, value: Any, source: str, text: bool) -> Any:
-    """One value to its field's type. `text`: strings are parsed (command line)."""
-    base, optional = _kind(name)
-    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
-        return None
-    try:
-        return _CONVERTERS[base](_option(name), value, text)
-    except ConfigError as e:
-        raise ConfigError(str(e) + _where(source)) from None
+OPTIONS = {name: _spec(f) for name, f in _FIELDS.items()}
 
 
 def _where(source: str) -> str:
     return "" if source == CLI_SOURCE else f" (in {source})"
 
 
-def _parse_mapping(d: Any, source: str, text: bool) -> dict[str, Any]:
-    """Known keys converted to field types; an unknown key names the closest valid one."""
+def _convert(name: str, value: Any, source: str, text: bool) -> Any:
+    """One value to its field's type. `text`: strings are parsed (command line)."""
+    meta = _FIELDS[name].metadata
+    if meta["none_ok"] and (value is None or str(value).lower() == "none"):  # None or "none"
+        return None
+    try:
+        return meta["kind"].convert(option_name(name), value, text)
+    except ConfigError as e:
+        raise ConfigError(str(e) + _where(source)) from None
+
+
+def _unknown_key(key: Any, source: str) -> ConfigError:
+    """The error for a key that is no option, naming our spelling of what it likely means."""
+    spelled = str(key).lower().replace("-", "_")
+    close = [KEY_ALIASES[spelled]] if spelled in KEY_ALIASES else \
+        difflib.get_close_matches(spelled, list(_FIELDS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r} in {source}{hint}")
+
+
+def parse_options(d: Any, source: str, text: bool) -> dict[str, Any]:
+    """`d`'s values converted to their fields' types, unvalidated as a whole (see build_config).
+
+    `source` names where `d` came from ("config file 'run.toml'", CLI_SOURCE); `text`: values
+    are command-line strings to parse. An unknown key is a ConfigError naming the likely option.
+    """
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{source}: expected a table of options, got {_describe(d)}")
+        raise ConfigError(f"{source}: expected a table of options, got {describe_value(d)}")
     for key in d:
         if key not in _FIELDS:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), list(_FIELDS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+            raise _unknown_key(key, source)
     return {key: _convert(key, value, source, text) for key, value in d.items()}
 
 
@@ -245,12 +272,11 @@ _RULES = {  # check name -> (predicate, what is allowed)
 
 def _field_problem(name: str, v: Any) -> str | None:
     """The one-field check (type, choices, range, finiteness) of a value, or None."""
-    meta, opt = _FIELDS[name].metadata, _option(name)
-    base, optional = _kind(name)
-    if v is None and optional:
+    meta, opt = _FIELDS[name].metadata, option_name(name)
+    if v is None and meta["none_ok"]:
         return None
     try:  # a config built by hand or by dataclasses.replace has skipped conversion
-        _CONVERTERS[base](opt, v, False)
+        meta["kind"].convert(opt, v, False)
     except ConfigError as e:
         return str(e)
     if "choices" in meta and v not in meta["choices"]:
@@ -261,29 +287,33 @@ def _field_problem(name: str, v: Any) -> str | None:
     ok, allowed = _RULES[rule]
     num = "integer" if isinstance(v, int) else "number"
     if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
-        return f"{opt} must be {allowed.format(num=num)}, got {_show(v)}"
+        return f"{opt} must be {allowed.format(num=num)}, got {format_value(v)}"
     return None
 
 
+def _optimizer_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
+    """Options set away from their defaults that the chosen optimizer does not have."""
+    if c.nesterov and c.optimizer != "sgd":
+        yield "nesterov", f"--nesterov needs --optimizer sgd, got --optimizer {c.optimizer}"
+    for name in ("momentum", "betas", "eps"):
+        if name not in OPTIMIZER_OPTIONS.get(c.optimizer, ()) \
+                and getattr(c, name) != _FIELDS[name].default:
+            users = [k for k, names in OPTIMIZER_OPTIONS.items() if name in names]
+            yield name, (f"{option_name(name)} applies to --optimizer {' and '.join(users)} "
+                         f"only, got --optimizer {c.optimizer}")
+    if c.nesterov and c.momentum == 0:
+        yield "nesterov", f"--nesterov needs --momentum > 0, got --momentum {c.momentum}"
+
+
 def _cross_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
-    """Checks that involve the shape of `layers` or more than one option."""
-    if c.layers is not None and len(c.layers) < 2:
-        yield "layers", f"--layers needs at least two sizes (in, out), got {_show(c.layers)}"
-    if c.layers is not None and any(n < 1 for n in c.layers):
-        yield "layers", f"--layers: every layer needs at least one unit, got {_show(c.layers)}"
+    """Checks that involve more than one option."""
     if c.epochs is not None and c.steps is not None:
         yield "steps", (f"--epochs and --steps are mutually exclusive, got --epochs {c.epochs} "
                         f"and --steps {c.steps}")
     if c.val_data is not None and c.val_fraction is not None:
         yield "val_fraction", (f"--val-data and --val-fraction are mutually exclusive, got "
                                f"--val-data {c.val_data!r} and --val-fraction {c.val_fraction}")
-    if c.nesterov and c.optimizer != "sgd":
-        yield "nesterov", f"--nesterov needs --optimizer sgd, got --optimizer {c.optimizer}"
-    if c.momentum is not None and c.optimizer != "sgd":
-        yield "momentum", (f"--momentum applies to --optimizer sgd only, got --optimizer "
-                           f"{c.optimizer} (Adam's first-moment decay is fixed at beta1 = 0.9)")
-    if c.nesterov and c.momentum == 0:
-        yield "nesterov", f"--nesterov needs --momentum > 0, got --momentum {c.momentum}"
+    yield from _optimizer_problems(c)
     if c.schedule == "step" and c.lr_step_size is None:
         yield "schedule", "--schedule step needs --lr-step-size N (steps between decays)"
     if c.early_stop is not None and c.data is not None and c.val_data is None \
@@ -309,10 +339,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(message)
 
 
-def _validated(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
-    """Build and validate; a message about a value from a file says which file."""
+def build_config(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
+    """A validated TrainConfig from converted `values` (missing keys take their defaults).
+
+    `origins` maps a key to the source it came from, so a message about a value from a file
+    names the file; keys it lacks are taken to come from the command line."""
     cfg = TrainConfig(**values)
     for name, message in _problems(cfg):
         raise ConfigError(message + _where(origins.get(name, CLI_SOURCE)))
     return cfg
-

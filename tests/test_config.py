@@ -1,4 +1,5 @@
-"""distbp.config: defaults, precedence, conversion, validation messages, presets, round-trips."""
+"""distbp.config and config_schema: defaults, precedence, conversion, validation messages, presets,
+round-trips."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ from pathlib import Path
 import pytest
 
 from distbp.config import (
-    TrainConfig,
     add_train_arguments,
     list_presets,
     load_toml,
     preset_path,
     resolve_config,
-    validate,
 )
+from distbp.config_schema import TrainConfig, validate
 from distbp.errors import ConfigError
 
 
@@ -51,6 +51,7 @@ def test_defaults_validate_and_equal_a_command_line_that_names_data():
     assert resolve("--data", "x.h5") == dataclasses.replace(TrainConfig(), data="x.h5")
     assert TrainConfig().epochs is None and TrainConfig().steps is None
     assert TrainConfig().collective_timeout == 600.0 and TrainConfig().check_every == 100
+    assert TrainConfig().momentum == 0.0  # plain SGD, as PyTorch's and Keras's default
 
 
 def test_digits_preset_parses_validates_and_leaves_data_and_layers_derived():
@@ -58,7 +59,7 @@ def test_digits_preset_parses_validates_and_leaves_data_and_layers_derived():
     assert preset_path("digits").is_file()
     cfg = resolve("--preset", "digits")
     assert (cfg.epochs, cfg.schedule, cfg.batch_size) == (30, "cosine", 32)
-    assert (cfg.lr, cfg.momentum, cfg.activation) == (0.1, None, "relu")  # sgd: 0.9
+    assert (cfg.lr, cfg.momentum, cfg.activation) == (0.1, 0.9, "relu")
     assert cfg.data is None and cfg.val_data is None and cfg.layers is None
 
 
@@ -254,12 +255,15 @@ def test_missing_config_file_and_unknown_preset_are_config_errors(tmp_path):
 
 
 def test_to_dict_from_dict_round_trip_through_json():
-    cfg = TrainConfig(layers=(64, 32, 10), lr=0.25, nesterov=True, steps=7, check_every=None,
-                      collective_timeout=None, scale=0.0625, data="d.h5", resume="auto")
+    cfg = TrainConfig(layers=(64, 32, 10), lr=0.25, momentum=0.9, nesterov=True, steps=7,
+                      check_every=None, collective_timeout=None, scale=0.0625, data="d.h5",
+                      resume="auto", lr_reference_batch=256)
     d = cfg.to_dict()
     assert d["layers"] == [64, 32, 10] and set(d) == {f.name for f in dataclasses.fields(cfg)}
     back = TrainConfig.from_dict(json.loads(json.dumps(d)), "checkpoint 'c.h5'")
-    assert back == cfg and back.layers == (64, 32, 10)
+    assert back == cfg and back.layers == (64, 32, 10) and back.betas == (0.9, 0.999)
+    adam = TrainConfig(optimizer="adam", betas=(0.8, 0.99), eps=1e-6)
+    assert TrainConfig.from_dict(json.loads(json.dumps(adam.to_dict())), "c") == adam
 
 
 def test_from_dict_rejects_unknown_keys_and_bad_values_naming_the_source():
@@ -304,7 +308,7 @@ def test_nesterov_flag_and_its_negation_override_a_file(tmp_path):
     assert resolve("--config", path, "--no-nesterov").nesterov is False
 
 
-@pytest.mark.parametrize("module", ["config.py", "config_schema.py"])
+@pytest.mark.parametrize("module", ["config.py", "config_schema.py", "config_values.py"])
 def test_config_modules_import_only_the_standard_library_and_errors(module):
     source = Path(__file__).resolve().parents[1] / "distbp" / module
     imported = set()
@@ -315,16 +319,15 @@ def test_config_modules_import_only_the_standard_library_and_errors(module):
             imported.add(node.module)
     assert imported <= {"__future__", "argparse", "dataclasses", "difflib", "math", "re", "sys",
                         "collections.abc", "pathlib", "typing", "tomllib", "tomli",
-                        "distbp.errors", "distbp.config_schema"}
+                        "distbp.errors", "distbp.config_schema", "distbp.config_values"}
 
 
-def test_config_reexports_the_schema_names_as_the_same_objects():
-    import distbp.config
-    import distbp.config_schema
-
-    for name in ("TrainConfig", "validate"):
-        assert name in distbp.config.__all__
-        assert getattr(distbp.config, name) is getattr(distbp.config_schema, name)
+def test_config_modules_import_no_private_name_of_each_other():
+    for module in ("config.py", "config_schema.py"):
+        source = Path(__file__).resolve().parents[1] / "distbp" / module
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("distbp"):
+                assert not [a.name for a in node.names if a.name.startswith("_")], module
 
 
 def test_validate_type_checks_values_set_by_replace():
@@ -338,5 +341,5 @@ def test_validate_type_checks_values_set_by_replace():
 def test_momentum_is_refused_for_adam_instead_of_silently_ignored():
     message = config_error("--optimizer", "adam", "--momentum", "0.5", "--data", "d.h5")
     assert "--momentum applies to --optimizer sgd only" in message
-    assert resolve("--optimizer", "adamw", "--data", "d.h5").momentum is None
+    assert resolve("--optimizer", "adamw", "--data", "d.h5").momentum == 0.0
 
