@@ -1,15 +1,16 @@
-"""`distbp plot`: training curves of one or more runs, drawn from their metrics, as one SVG.
+"""`distbp plot`: training curves of one or more runs, drawn from their metrics, as one picture.
 
-    distbp plot runs/default                                 # -> runs/default/metrics.svg
-    distbp plot runs/a runs/b/metrics.jsonl -o compare.svg   # two runs overlaid
+    distbp plot runs/default                                 # -> runs/default/metrics.png
+    distbp plot runs/a runs/b/metrics.jsonl -o compare.svg   # two runs overlaid, as SVG
     distbp plot runs/a --metric loss lr --log-y loss         # chosen panels, log-scale loss
 
-The reading and drawing are distbp.plot's; this module holds the command: which files, which
-panels, where the picture goes. It reads files and writes one, so it creates no communicator:
-under mpiexec only rank 0 acts, as in `distbp data`. The SVG is written under a temporary name in
-the output's directory and renamed onto it (distbp.durable.replace_durably): a viewer never
-sees half a picture, and a failed write leaves the previous one. The output may replace an
-earlier picture, never an input nor a file that is not an SVG (a typo in -o must not turn a
+The reading and drawing are distbp.plot's (matplotlib, the `plot` extra); this module holds the
+command: which files, which panels, where the picture goes and in which format (the output's
+extension: .png, .svg or .pdf). It reads files and writes one, so it creates no communicator:
+under mpiexec only rank 0 acts, as in `distbp data`. The picture is written under a temporary
+name in the output's directory and renamed onto it (distbp.durable.replace_durably): a viewer
+never sees half a picture, and a failed write leaves the previous one. The output may replace an
+earlier picture of its format, never an input nor any other file (a typo in -o must not turn a
 metrics file or a checkpoint into a drawing).
 """
 
@@ -23,26 +24,32 @@ from pathlib import Path
 
 from distbp.durable import replace_durably
 from distbp.errors import EXIT_OK, UsageError
-from distbp.plot import METRICS, display_name, read_run, render_svg
+from distbp.plot import FORMATS, METRICS, display_name, figure, read_run, save
 
-__all__ = ["add_commands", "plot", "run_names"]
+__all__ = ["DEFAULT_NAME", "add_commands", "picture_format", "plot", "run_names"]
+
+DEFAULT_NAME = "metrics.png"
+# How each format's files begin (an SVG after an optional BOM and white space).
+SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xml", b"<svg")}
 
 
 def add_commands(sub) -> None:
     """Register `plot` on the `distbp` subparsers."""
-    p = sub.add_parser("plot", help="draw the metric curves of runs as an SVG",
+    p = sub.add_parser("plot", help="draw the metric curves of runs as a PNG, SVG or PDF",
                        description="Draw metrics of one or more runs against the step from "
                        "their JSON-lines metrics files: one panel per metric, train solid, "
                        "validation dashed, every run in its own colour, named after the file's "
-                       "directory. Writes a self-contained SVG and prints its path. Bad input "
+                       "directory. Writes a PNG, SVG or PDF (by the output's extension) and "
+                       "prints its path. Needs matplotlib: pip install 'distbp[plot]'. Bad input "
                        "(a missing file, a line that is not JSON, no record with a metric, an "
-                       "unwritable output, an output that is an input or an existing file other "
-                       "than an SVG) exits with code 2 and one line.")
+                       "unwritable output, another extension, an output that is an input or an "
+                       "existing file other than a picture of its format) exits with code 2 and "
+                       "one line.")
     p.add_argument("inputs", nargs="+", metavar="METRICS",
                    help="a metrics.jsonl file, or a run directory holding one")
-    p.add_argument("-o", "--out", metavar="FILE.svg",
-                   help="the SVG to write (default: metrics.svg beside the first input's "
-                   "metrics file)")
+    p.add_argument("-o", "--out", metavar="FILE",
+                   help="the picture to write, FILE.png, FILE.svg or FILE.pdf (default: "
+                   f"{DEFAULT_NAME} beside the first input's metrics file)")
     p.add_argument("--metric", nargs="+", choices=tuple(METRICS), default=["loss", "accuracy"],
                    metavar="METRIC", help="panels, top to bottom, from: " + ", ".join(METRICS)
                    + " (default: loss accuracy; val records carry loss and accuracy only, "
@@ -79,19 +86,28 @@ def _print_path(path: Path) -> None:
 
 def plot(inputs: Sequence[str], out: str | None, metrics: Sequence[str],
          log: Sequence[str] = ()) -> Path:
-    """Read every input's metrics, draw them, write the SVG atomically; returns its path.
+    """Read every input's metrics, draw them, write the picture atomically; returns its path.
 
-    `inputs`: metrics files or run directories; `out`: None for metrics.svg beside the first
-    metrics file. UsageError (one line) for bad input or an output that cannot be written; no
-    file is written then."""
+    `inputs`: metrics files or run directories; `out`: None for DEFAULT_NAME beside the first
+    metrics file; its extension picks the format. UsageError (one line) for bad input, a missing
+    matplotlib or an output that cannot be written; no file is written then."""
     files = [_metrics_file(p) for p in inputs]
-    target = Path(out) if out is not None else files[0].parent / "metrics.svg"
+    target = Path(out) if out is not None else files[0].parent / DEFAULT_NAME
     option = "-o" if out is not None else "output"
-    _check_target(target, files, option)
+    fmt = _check_target(target, files, option)
     runs = [read_run(f, name) for f, name in zip(files, run_names(files))]
-    svg = render_svg(runs, metrics, log)
-    _write(target, svg, option)
+    _write(target, figure(runs, metrics, log), fmt, option)
     return target
+
+
+def picture_format(out: Path, option: str = "-o") -> str:
+    """The format `out` names by its extension (any case): one of plot.FORMATS, else
+    UsageError."""
+    fmt = out.suffix[1:].lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"{option} '{out}': give a name ending in "
+                         f"{', '.join('.' + f for f in FORMATS)} (the format of the picture)")
+    return fmt
 
 
 def _metrics_file(given: str) -> Path:
@@ -109,7 +125,8 @@ def _metrics_file(given: str) -> Path:
 def run_names(files: Sequence[Path]) -> list[str]:
     """Legend names: each file's directory name; where different directories share a name,
     the directory as given; where one file comes twice, a " #n" suffix. Always distinct, and
-    fit for XML (plot.display_name: undecodable bytes and control characters as U+FFFD)."""
+    fit for a legend and SVG text (plot.display_name: undecodable bytes and control characters
+    as U+FFFD)."""
     dirs = [f.resolve().parent for f in files]
     names = [display_name(d.name or str(d)) for d in dirs]
     shared = {n for n, d in zip(names, dirs) if any(m == n and e != d for m, e in zip(names, dirs))}
@@ -122,43 +139,50 @@ def run_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def _check_target(out: Path, inputs: Sequence[Path], option: str) -> None:
-    """UsageError (one line) unless `out` may be written: a file name in an existing directory,
-    not one of the `inputs` (by inode: links and other spellings too), and, if it exists, an
-    SVG (or empty): an earlier picture may be replaced, nothing else."""
+def _check_target(out: Path, inputs: Sequence[Path], option: str) -> str:
+    """The format `out` is written in, after a UsageError (one line) unless it may be written:
+    a name with a picture's extension in an existing directory, not one of the `inputs` (by
+    inode: links and other spellings too), and, if it exists, a picture in that format (or
+    empty): an earlier picture may be replaced, nothing else."""
     if out.is_dir():
         raise UsageError(f"{option} '{out}' is a directory; give a file name, e.g. "
-                         f"'{out / 'metrics.svg'}'")
+                         f"'{out / DEFAULT_NAME}'")
     if not out.parent.is_dir():
         raise UsageError(f"{option} '{out}': directory '{out.parent}' does not exist")
-    if not out.exists():
-        return
-    for given in inputs:
+    exists = out.exists()
+    for given in inputs if exists else ():
         if os.path.samefile(out, given):
             raise UsageError(f"{option} '{out}' is the metrics file '{given}' being plotted; "
                              "give another file name")
-    head = _head(out, option)
-    if head and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith((b"<?xml", b"<svg")):
-        raise UsageError(f"{option} '{out}' exists and is not an SVG (it starts with "
+    fmt = picture_format(out, option)
+    if not exists:
+        return fmt
+    head = _head(out, fmt, option)
+    if fmt == "svg":
+        head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head and not head.startswith(SIGNATURES[fmt]):
+        raise UsageError(f"{option} '{out}' exists and is not a {fmt.upper()} (it starts with "
                          f"{head[:16]!r}); not overwriting it: give another file name")
+    return fmt
 
 
-def _head(path: Path, option: str) -> bytes:
-    """The first bytes of an existing output, enough to recognise an SVG."""
+def _head(path: Path, fmt: str, option: str) -> bytes:
+    """The first bytes of an existing output, enough to recognise a picture."""
     try:
         with open(path, "rb") as f:
             return f.read(256)
     except OSError as e:
-        raise UsageError(f"{option} '{path}': cannot read it to check that it is an SVG "
-                         f"({e.strerror or e})") from None
+        raise UsageError(f"{option} '{path}': cannot read it to check that it is a "
+                         f"{fmt.upper()} ({e.strerror or e})") from None
 
 
-def _write(out: Path, text: str, option: str) -> None:
-    """Write `text` to a temporary file beside `out`, then replace_durably onto it."""
+def _write(out: Path, fig, fmt: str, option: str) -> None:
+    """Save the Figure `fig` as `fmt` to a temporary file beside `out`, then replace_durably
+    onto it."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:  # a new file's usual mode, unlike mkstemp
-            f.write(text)
+        with open(tmp, "wb") as f:  # a new file's usual mode, unlike mkstemp
+            save(fig, f, fmt)
         replace_durably(tmp, out)
     except OSError as e:
         raise UsageError(f"{option} '{out}': cannot write there ({e.strerror or e})") from None

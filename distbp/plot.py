@@ -1,22 +1,26 @@
-"""Training curves as a self-contained SVG: the reading and drawing behind `distbp plot`.
+"""Training curves of distbp runs: reading their metrics files and drawing them with matplotlib.
 
 Reads the JSON-lines records a training writes (distbp.metrics: "kind" "train" or "val", "step",
 "loss", "accuracy", "lr", ...) and draws one panel per metric against the step, stacked, every
-run overlaid in its own colour: train solid, validation dashed with a dot per record. Plain
-string building with the standard library, so a login node without a plotting stack can draw it.
+run overlaid in its own colour: train solid, validation dashed.
 
-Every element says what it is, so a picture can be checked by code as well as by eye:
-  - a panel is `<g class="panel" data-metric="loss" data-scale="linear|log">`;
-  - each tick is `<g class="tick" data-axis="x|y" data-value="0.5">` and its line sits at that
-    value's pixel (x ticks: a vertical line, y ticks: a horizontal one);
-  - each curve is ONE `<path class="series" data-run=... data-kind="train|val">` whose vertices
-    ("M x y" starts a piece, "L x y" continues it) are the records' (step, value), in file
-    order, mapped through the panel's axes. A piece of one record is drawn as a zero-length
-    line ("M x y L x y", a dot through its round cap).
-Values that cannot be drawn (NaN or ±inf from a diverged run, null, beyond ±1e300; on a log axis
-below 1e-300, so <= 0 too) break the curve at that record and are counted in the legend: a finite
-value near the float limit is a diverged run as surely as inf, and no axis grid reaching it stays
-finite. Run names are shown with undecodable bytes and characters XML forbids replaced by U+FFFD.
+Contract, checked by tests/test_plot.py through `figure`'s Figure and the written files:
+  - `figure` returns a matplotlib Figure with one Axes per metric, in the order given, and one
+    Line2D per (run, kind) curve of it, in run order, train before val, labelled
+    "<run> train" / "<run> validation"; its data are the records' (step, value) in file order;
+  - values that cannot be drawn (NaN or ±inf from a diverged run, null, beyond ±LIMIT; on a log
+    axis below 1/LIMIT, so <= 0 too) are NaN in the line's data, which breaks the curve there,
+    and are counted in its label ("(3 not drawn)"). A finite value near the float limit is a
+    diverged run as surely as inf, and no axis reaching it stays readable;
+  - a curve of at most FEW records has a marker on each; a longer one is a plain line, except
+    that a record alone between two breaks gets a marker (else it would not show) from an extra
+    Line2D labelled "_alone" (so the legend leaves it out);
+  - run names are shown literally: undecodable bytes and control characters become U+FFFD, and
+    "$" starts no mathematics;
+  - `save` writes PNG, SVG (text kept as text, so it can be searched) or PDF, without dates, so
+    the same records give the same file.
+matplotlib is optional (the `plot` extra) and imported only when drawing: training never pays
+for it, and without it drawing is a UsageError saying how to install it.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape, quoteattr
+from typing import IO, TYPE_CHECKING
 
 from distbp.errors import UsageError
-from distbp.plot_axes import LIMIT, Axis, drawable, linear_axis, log_axis
 
-__all__ = ["KINDS", "LIMIT", "METRICS", "Axis", "Run", "Series", "display_name", "linear_axis",
-           "log_axis", "read_run", "render_svg", "series_of"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FORMATS", "KINDS", "LIMIT", "METRICS", "NEEDS_MATPLOTLIB", "Run", "Series",
+           "display_name", "drawable", "figure", "read_run", "save", "series_of"]
 
 KINDS = ("train", "val")
 # Numeric fields of train records (loss and accuracy also of val records), as distbp.metrics
@@ -42,11 +48,11 @@ METRICS = {"loss": "loss", "accuracy": "accuracy", "lr": "learning rate",
            "samples_per_s": "samples per second", "compute_ms": "compute ms per step",
            "comm_ms": "communication ms per step",
            "grad_norm": "gradient norm before clipping"}  # with --clip-grad-norm only
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
-WIDTH, PANEL_H = 880, 270  # pixels: the picture's width, each panel's height
-LEFT, TOP, PLOT_W, PLOT_H = 76, 34, 580, 190  # a panel's plotting box, from the panel's top
-LEGEND_X = LEFT + PLOT_W + 18
+FORMATS = ("png", "svg", "pdf")
+NEEDS_MATPLOTLIB = "distbp plot needs matplotlib: pip install 'distbp[plot]'"
+# Largest magnitude drawn (and smallest on a log axis: 1/LIMIT): far beyond any real metric, and
+# far enough below the float maximum (1.8e308) that an axis around it stays finite.
+LIMIT = 1e300
 
 
 # ----------------------------------------------------------------------------- reading
@@ -127,9 +133,9 @@ def _shown(v: object) -> str:
 
 
 def display_name(name: str) -> str:
-    """`name` fit for XML text and attributes: every undecodable byte of a file name (a
-    surrogate escape), control character (XML 1.0 forbids most; a one-line legend shows none)
-    and U+FFFE/U+FFFF becomes U+FFFD."""
+    """`name` fit for a one-line legend and for SVG text: every undecodable byte of a file name
+    (a surrogate escape), control character (XML 1.0 forbids most) and U+FFFE/U+FFFF becomes
+    U+FFFD."""
     return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cs") or c in "\ufffe\uffff"
                    else c for c in name)
 
@@ -159,22 +165,25 @@ def series_of(runs: Sequence[Run], metric: str) -> list[Series]:
     return out
 
 
-# ----------------------------------------------------------------------------- axes
-
-def _value_axis(series: Sequence[Series], log: bool) -> Axis:
-    """The y axis of a panel: around every drawable value, [0, 1] (log: [1, 10]) if none."""
-    values = [v for s in series for v in s.values if drawable(v, log)]
-    if log:
-        return log_axis(min(values), max(values)) if values else log_axis(1.0, 10.0)
-    return linear_axis(min(values), max(values)) if values else linear_axis(0.0, 1.0)
+def drawable(v: float, log: bool) -> bool:
+    """Whether v can be placed on a linear (|v| <= LIMIT) or log (1/LIMIT <= v <= LIMIT) axis."""
+    return (1 / LIMIT if log else -LIMIT) <= v <= LIMIT  # False for nan
 
 
 # ----------------------------------------------------------------------------- drawing
 
-def render_svg(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] = ()) -> str:
-    """The SVG text: one panel per metric (stacked in the given order), x = step shared by all
-    panels, every run's curves of that metric overlaid (run names must differ: the colour goes
-    by name). `log`: metrics drawn on a log axis. UsageError if a metric is in no record."""
+FEW = 30  # a curve of at most this many records marks every one of them
+WIDTH, PANEL_H, ENTRY_H = 9.0, 2.6, 0.22  # inches: figure width, least panel height, legend row
+NAME_CHARS = 32  # longer run names are cut in the legend (the file name says the rest)
+# Text stays text in an SVG; no dates or random ids, so the same records give the same file.
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "distbp"}
+_UNDATED = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+
+def figure(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] = ()) -> Figure:
+    """One panel per metric (stacked in the given order, sharing x = step), every run's curves of
+    that metric overlaid, coloured by run order. `log`: metrics drawn on a log y axis.
+    UsageError if a metric is in no record, or if matplotlib is not installed."""
     panels = []
     for metric in metrics:
         series = series_of(runs, metric)
@@ -182,124 +191,92 @@ def render_svg(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] =
             files = ", ".join(f"'{r.path}'" for r in runs)
             raise UsageError(f"no train or val records with '{metric}' in {files}")
         panels.append((metric, series))
-    steps = [t for _, series in panels for s in series for t in s.steps]
-    x = linear_axis(min(steps), max(steps), target=8, integer=True)
-    colours = {r.name: i % len(PALETTE) for i, r in enumerate(runs)}
-    # a panel grows below its plot when its legend is longer than the plot is tall
-    heights = [max(PANEL_H, TOP + 18 * len(series) + 16) for _, series in panels]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{sum(heights)}" '
-           f'viewBox="0 0 {WIDTH} {sum(heights)}" font-family="sans-serif" font-size="12">',
-           f"<title>{_xml('distbp metrics: ' + ', '.join(r.name for r in runs))}</title>",
-           "<defs>", *_dot_markers(), "</defs>",
-           f'<rect width="{WIDTH}" height="{sum(heights)}" fill="white"/>']
-    for i, (metric, series) in enumerate(panels):
-        out += _panel(sum(heights[:i]), metric, series, x, _value_axis(series, metric in log),
-                      colours)
-    return "\n".join(out + ["</svg>"]) + "\n"
+    matplotlib, figure_class = _matplotlib()
+    colours = {r.name: f"C{i % 10}" for i, r in enumerate(runs)}
+    heights = [max(PANEL_H, 0.7 + ENTRY_H * len(series)) for _, series in panels]
+    with matplotlib.rc_context(_RC):
+        fig = figure_class(figsize=(WIDTH, sum(heights)), layout="constrained")
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                            gridspec_kw={"height_ratios": heights})[:, 0]
+        for ax, (metric, series) in zip(axes, panels):
+            _panel(ax, metric, series, metric in log, colours)
+        axes[-1].set_xlabel("step")
+    return fig
 
 
-def _dot_markers() -> list[str]:
-    """A dot marker per palette colour (`context-stroke` is too new for many viewers)."""
-    return [f'<marker id="dot{i}" viewBox="0 0 6 6" refX="3" refY="3" markerWidth="6" '
-            f'markerHeight="6" markerUnits="userSpaceOnUse"><circle cx="3" cy="3" r="2.5" '
-            f'fill="{c}"/></marker>' for i, c in enumerate(PALETTE)]
+def _matplotlib():
+    """(matplotlib, its Figure class), imported now; UsageError with the install line if absent.
+    A Figure made directly, not through pyplot, draws with Agg and needs no display."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(NEEDS_MATPLOTLIB) from None
+    return matplotlib, Figure
 
 
-def _stroke(kind: str, colour: int) -> str:
-    """Stroke attributes: train solid; validation dashed with a dot at every record."""
-    style = (f'fill="none" stroke="{PALETTE[colour]}" stroke-width="1.8" '
-             'stroke-linecap="round" stroke-linejoin="round"')
-    if kind == "val":
-        style += ''.join(f' marker-{at}="url(#dot{colour})"' for at in ("start", "mid", "end"))
-        style += ' stroke-dasharray="6 4"'
-    return style
+def _panel(ax, metric: str, series: Sequence[Series], log: bool,
+           colours: dict[str, str]) -> None:
+    """Title, curves, axes and legend of one metric's panel."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(METRICS[metric] + (" (log scale)" if log else ""), loc="left")
+    drawn = []
+    for s in series:
+        values = [v if drawable(v, log) else math.nan for v in s.values]
+        hidden = sum(math.isnan(v) for v in values)
+        drawn += [v for v in values if not math.isnan(v)]
+        kind = "train" if s.kind == "train" else "validation"
+        label = f"{_shorten(s.run)} {kind}" + (f" ({hidden} not drawn)" if hidden else "")
+        few = len(values) <= FEW
+        ax.plot(s.steps, values, color=colours[s.run], linewidth=1.6, label=label,
+                linestyle="-" if s.kind == "train" else "--", marker="o" if few else "None",
+                markersize=3.5)
+        alone = [] if few else _alone(values)
+        if alone:  # their own unlabelled markers: the legend shows the curve's style alone
+            ax.plot([s.steps[i] for i in alone], [values[i] for i in alone], linestyle="",
+                    marker="o", markersize=3.5, color=colours[s.run], label="_alone")
+    if log:
+        _log_y(ax, drawn)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.grid(True, color="#ddd", linewidth=0.6)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                       fontsize="small")
+    for text in legend.get_texts():  # a "$" in a run name is a dollar, not mathematics
+        text.set_parse_math(False)
 
 
-def _panel(top: float, metric: str, series: Sequence[Series], x: Axis, y: Axis,
-           colours: dict[str, int]) -> list[str]:
-    """One panel's markup: title, frame, ticks, grid, curves and legend."""
-    box = (LEFT, top + TOP, PLOT_W, PLOT_H)
-    out = [f'<g class="panel" data-metric="{metric}" '
-           f'data-scale="{"log" if y.log else "linear"}">',
-           f'<text x="{LEFT}" y="{top + TOP - 12}" font-size="14" font-weight="bold">'
-           f"{METRICS[metric]}{' (log scale)' if y.log else ''}</text>",
-           *_axes(box, x, y),
-           f'<text x="{LEFT + PLOT_W / 2:g}" y="{top + TOP + PLOT_H + 36}" '
-           'text-anchor="middle">step</text>']
-    for n, s in enumerate(series):
-        d, hidden = _path_data(s, box, x, y)
-        style = _stroke(s.kind, colours[s.run])
-        out.append(f'<path class="series" data-run={_attr(s.run)} data-kind="{s.kind}" '
-                   f'data-metric="{metric}" d="{d}" {style}>'
-                   f"<title>{_xml(s.run)} {s.kind} {metric}</title></path>")
-        out += _legend_entry(top + TOP + 8 + 18 * n, s, style, hidden)
-    return out + ["</g>"]
+def _log_y(ax, drawn: Sequence[float]) -> None:
+    """A log y axis labelled in plain numbers (0.2, 1, 1e-05), also at 2 and 5 of each decade
+    when the values span at most 2.5 decades; [1, 10] when there is nothing to scale it to."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if not drawn:  # matplotlib would warn that it has no positive values to scale to
+        ax.set_ylim(1.0, 10.0)
+    elif max(drawn) <= 300 * min(drawn):
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
+        ax.grid(True, which="minor", color="#eee", linewidth=0.6)
 
 
-def _axes(box: tuple, x: Axis, y: Axis) -> list[str]:
-    """x ticks below the plotting box and y ticks left of it, with grid lines; then its frame."""
-    left, top, w, h = box
-    out = []
-    for v in x.ticks:
-        px = _px(left + w * x.frac(v))
-        out.append(f'<g class="tick" data-axis="x" data-value="{v!r}">'
-                   f'<line x1="{px}" y1="{top}" x2="{px}" y2="{top + h + 5}" stroke="#ddd"/>'
-                   f'<text x="{px}" y="{top + h + 18}" text-anchor="middle">{x.label(v)}</text>'
-                   "</g>")
-    for v in y.ticks:
-        py = _px(top + h * (1 - y.frac(v)))
-        out.append(f'<g class="tick" data-axis="y" data-value="{v!r}">'
-                   f'<line x1="{left - 5}" y1="{py}" x2="{left + w}" y2="{py}" stroke="#ddd"/>'
-                   f'<text x="{left - 8}" y="{py}" dy="0.35em" text-anchor="end">{y.label(v)}'
-                   "</text></g>")
-    return out + [f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" '
-                  'stroke="#444"/>']
+def _alone(values: Sequence[float]) -> list[int]:
+    """Indices of the drawable values between two undrawable ones (or the ends): a line needs
+    two points, so without a marker these would not show."""
+    def ok(i: int) -> bool:
+        return 0 <= i < len(values) and not math.isnan(values[i])
+
+    return [i for i in range(len(values)) if ok(i) and not (ok(i - 1) or ok(i + 1))]
 
 
-def _path_data(s: Series, box: tuple, x: Axis, y: Axis) -> tuple[str, int]:
-    """The path's d ("M x y L x y ..."; a new M after every undrawable value) and how many
-    values were not drawn."""
-    left, top, w, h = box
-    parts: list[str] = []
-    hidden = piece = 0  # piece: vertices in the current piece of the curve
-    for t, v in zip(s.steps, s.values):
-        if not y.drawable(v):
-            hidden += 1
-            parts += _end_piece(parts, piece)
-            piece = 0
-            continue
-        parts.append(f"{'L' if piece else 'M'}{_px(left + w * x.frac(t))} "
-                     f"{_px(top + h * (1 - y.frac(v)))}")
-        piece += 1
-    return " ".join(parts + _end_piece(parts, piece)), hidden
+def _shorten(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
 
 
-def _end_piece(parts: list[str], piece: int) -> list[str]:
-    """A piece of one vertex gets a zero-length line to itself, so its round cap shows it."""
-    return ["L" + parts[-1][1:]] if piece == 1 else []
-
-
-def _legend_entry(y: float, s: Series, style: str, hidden: int) -> list[str]:
-    """A line sample and "run train|validation", with the count of values not drawn."""
-    name = s.run if len(s.run) <= 24 else s.run[:23] + "…"
-    kind = "train" if s.kind == "train" else "validation"
-    note = (f" ({hidden} not drawn)<title>{hidden} value(s) NaN, infinite, null, beyond "
-            f"±{LIMIT:g} or, on a log axis, below {1 / LIMIT:g}</title>") if hidden else ""
-    return [f'<g class="legend"><path d="M{LEGEND_X} {y} L{LEGEND_X + 12} {y} L{LEGEND_X + 24} '
-            f'{y}" {style}/><text x="{LEGEND_X + 30}" y="{y}" dy="0.35em">'
-            f"{_xml(name)} {kind}{note}</text></g>"]
-
-
-def _xml(text: str) -> str:
-    """Text content: display_name's replacements, then &, < and > escaped."""
-    return escape(display_name(text))
-
-
-def _attr(text: str) -> str:
-    """A quoted attribute value: display_name's replacements, then quoted and escaped."""
-    return quoteattr(display_name(text))
-
-
-def _px(v: float) -> str:
-    """A pixel coordinate, to 1/100 of a pixel, without trailing zeros."""
-    return f"{v:.2f}".rstrip("0").rstrip(".")
+def save(fig: Figure, file: IO[bytes], fmt: str) -> None:
+    """Write `fig` to the open binary `file` as `fmt`, one of FORMATS."""
+    matplotlib, _ = _matplotlib()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(file, format=fmt, dpi=120, metadata=_UNDATED[fmt])
