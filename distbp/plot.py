@@ -181,9 +181,10 @@ _UNDATED = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
 def figure(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] = ()) -> Figure:
-    """One panel per metric (stacked in the given order, sharing x = step), every run's curves of
-    that metric overlaid, coloured by run order. `log`: metrics drawn on a log y axis.
-    UsageError if a metric is in no record, or if matplotlib is not installed."""
+    """One panel per metric (stacked in the given order, sharing x = step, spanning every
+    record's step), every run's curves of that metric overlaid, coloured by run order. `log`:
+    metrics drawn on a log y axis. UsageError if a metric is in no record, or if matplotlib is
+    not installed."""
     panels = []
     for metric in metrics:
         series = series_of(runs, metric)
@@ -201,6 +202,10 @@ def figure(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] = ())
         for ax, (metric, series) in zip(axes, panels):
             _panel(ax, metric, series, metric in log, colours)
         axes[-1].set_xlabel("step")
+    steps = [t for _, series in panels for s in series for t in s.steps]
+    if min(steps) < max(steps):  # every record's step, drawn or not (one step: matplotlib's)
+        pad = 0.03 * (max(steps) - min(steps))
+        axes[0].set_xlim(min(steps) - pad, max(steps) + pad)
     return fig
 
 

@@ -147,6 +147,16 @@ def test_values_beyond_1e300_are_not_drawn_and_steps_up_to_1e300_are(tmp_path, l
     assert all(math.isfinite(v) and abs(v) < 1e301 for v in (*ax.get_xlim(), *ax.get_ylim()))
 
 
+def test_a_panel_with_nothing_drawable_still_spans_every_records_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 10, "loss": NaN}\n'
+                                            '{"kind": "val", "step": 40, "loss": -1}\n')
+    for log in ((), ("loss",)):
+        fig = _figure([tmp_path], ["loss"], log)
+        _assert_draws(fig, "png")
+        lo, hi = fig.axes[0].get_xlim()
+        assert lo < 10 and 40 < hi < 42
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", path.read_bytes()[16:24])  # IHDR: width, height
 
