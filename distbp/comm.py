@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -56,7 +56,6 @@ class Comm(Protocol):
 
     rank: int
     size: int
-    local_rank: int
     local_size: int
     name: str
 
@@ -64,6 +63,8 @@ class Comm(Protocol):
     def allreduce_max(self, buf: np.ndarray) -> None: ...
     def allreduce_min(self, buf: np.ndarray) -> None: ...
     def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
+    def gather(self, send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int],
+               root: int | None = 0) -> None: ...
     def barrier(self) -> None: ...
     def abort(self, code: int = 1) -> NoReturn: ...
 
@@ -74,6 +75,22 @@ def _check_buffer(buf: Any) -> None:
         raise TypeError(f"collective buffer must be a numpy array, got {type(buf).__name__}")
     if not (buf.flags.c_contiguous and buf.flags.writeable):
         raise ValueError("collective buffer must be C-contiguous and writeable (used in place)")
+
+
+def _check_gather(send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int], rank: int,
+                  size: int, receiving: bool) -> None:
+    """Rows of `send` (counts[rank] of them) and, where they arrive, `recv` (sum(counts) rows of
+    the same width and dtype): checked alike serially and under MPI."""
+    _check_buffer(send)
+    if len(counts) != size:
+        raise ValueError(f"gather needs one count per rank ({size}), got {len(counts)}")
+    if len(send) != counts[rank]:
+        raise ValueError(f"gather: rank {rank} sends {len(send)} rows, counts say {counts[rank]}")
+    if receiving:
+        _check_buffer(recv)
+        if recv.shape != (sum(counts), *send.shape[1:]) or recv.dtype != send.dtype:
+            raise ValueError(f"gather: receive buffer {recv.shape} {recv.dtype} does not hold "
+                             f"{sum(counts)} rows of {send.shape[1:]} {send.dtype}")
 
 
 def _flush_std_streams() -> None:
@@ -89,7 +106,6 @@ class SerialComm:
 
     rank = 0
     size = 1
-    local_rank = 0
     local_size = 1
     name = "serial"
 
@@ -106,6 +122,13 @@ class SerialComm:
         _check_buffer(buf)
         if root != 0:
             raise ValueError(f"bcast root {root} out of range for 1 rank")
+
+    def gather(self, send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int],
+               root: int | None = 0) -> None:
+        _check_gather(send, recv, counts, 0, 1, True)
+        if root not in (0, None):
+            raise ValueError(f"gather root {root} out of range for 1 rank")
+        recv[...] = send
 
     def barrier(self) -> None:
         pass
@@ -140,7 +163,6 @@ class MPIComm:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
         self.local_size = node.Get_size()
         node.Free()
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
@@ -167,6 +189,21 @@ class MPIComm:
             self._comm.Bcast(buf, root=root)
         else:
             self._wait(self._comm.Ibcast(buf, root=root))
+
+    def gather(self, send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int],
+               root: int | None = 0) -> None:
+        receiving = root is None or root == self.rank
+        _check_gather(send, recv, counts, self.rank, self.size, receiving)
+        row = send[0].size if len(send) else int(np.prod(send.shape[1:], dtype=np.int64))
+        spec = [recv, [c * row for c in counts]] if receiving else None
+        if root is None:
+            blocking, call, args = self._comm.Allgatherv, self._comm.Iallgatherv, (send, spec)
+        else:
+            blocking, call, args = self._comm.Gatherv, self._comm.Igatherv, (send, spec, root)
+        if self._timeout is None:
+            blocking(*args)
+        else:
+            self._wait(call(*args))
 
     def barrier(self) -> None:
         if self._timeout is None:

@@ -1,6 +1,6 @@
 """The `distbp` console script (and `python -m distbp`): catch the preemption signals first.
 
-`distbp train` installs its SIGTERM/SIGUSR1 handler here, before NumPy, h5py, MPI and the
+`distbp train` installs its SIGTERM/SIGUSR1/SIGINT handler here, before NumPy, h5py, MPI and the
 argument parser are imported (0.3-0.8 s on a busy node), so a signal sent to a rank that is
 still starting sets the stop flag instead of killing it: the first step sees the flag, rank 0
 checkpoints and every rank exits 75. Other commands keep the default action (terminate).
@@ -13,20 +13,20 @@ from collections.abc import Sequence
 
 from distbp.stopflag import install_early
 
-__all__ = ["main"]
+__all__ = ["command_of", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Install the stop handler when the command is `train`, then run `distbp.cli.main`."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if _command(args) == "train":
+    if command_of(args) == "train":
         install_early()
     from distbp.cli import main as cli_main  # the heavy imports, now covered by the handler
 
     return cli_main(argv)
 
 
-def _command(args: Sequence[str]) -> str | None:
+def command_of(args: Sequence[str]) -> str | None:
     """The subcommand: the first argument that is not an option (the parser has no global
     options taking a value)."""
     return next((a for a in args if not a.startswith("-")), None)

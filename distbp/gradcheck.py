@@ -1,6 +1,6 @@
 """Compare backpropagation with central finite differences, layer by layer.
 
-    distbp gradcheck --layers 784,30,10 --activation sigmoid --output sigmoid --loss mse
+    rows = gradcheck([784, 30, 10], "sigmoid", "sigmoid", "mse")   # `distbp gradcheck`
 
 For each parameter θ_i the finite difference is (L(θ + ε e_i) − L(θ − ε e_i)) / 2ε, in float64.
 The error of a layer's block (W_j or b_j) is the NORMWISE relative error of the two gradient
@@ -12,18 +12,14 @@ near zero it measures finite-difference noise, not backprop.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from distbp.activations import HIDDEN, OUTPUTS
-from distbp.errors import EXIT_ERROR, EXIT_OK, UsageError
-from distbp.losses import LOSSES
 from distbp.network import Network, param_views
 
-__all__ = ["LayerError", "add_commands", "gradcheck", "relative_error",
+__all__ = ["LayerError", "gradcheck", "relative_error",
            "elementwise_relative_error", "ELEMENT_FLOOR"]
 
 ELEMENT_FLOOR = 1e-8  # smaller entries count as this magnitude in the elementwise error
@@ -101,60 +97,3 @@ def _per_layer(grad: np.ndarray, numeric: np.ndarray, layers: tuple[int, ...]) -
             out.append(LayerError(name, a.size, relative_error(a, b),
                                   float(np.max(np.abs(a - b))), elementwise_relative_error(a, b)))
     return out
-
-
-def add_commands(sub) -> None:
-    """Register `gradcheck` on the `distbp` subparsers."""
-    p = sub.add_parser("gradcheck", help="compare backprop with finite differences (float64)",
-                       description="Build a network, compare backpropagation with central finite "
-                       "differences on random data, print per block (W_j, b_j) the normwise "
-                       "relative error |g_bp - g_fd| / (|g_bp| + |g_fd|) (2-norms), the max "
-                       "absolute error and, for information, the worst elementwise relative "
-                       "error (floor 1e-8); exit 1 when the worst normwise error is above "
-                       "--tolerance.")
-    p.add_argument("--layers", default="784,30,10", help="layer widths (default 784,30,10)")
-    p.add_argument("--activation", default="sigmoid", choices=tuple(HIDDEN),
-                   help="hidden-layer activation (default sigmoid)")
-    p.add_argument("--output", default="softmax", choices=OUTPUTS,
-                   help="output-layer activation (default softmax)")
-    p.add_argument("--loss", default="cross_entropy", choices=LOSSES,
-                   help="loss on the output activations (default cross_entropy)")
-    p.add_argument("--batch", type=int, default=8, help="random rows, >= 1 (default 8)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial weights and the random rows (default 0)")
-    p.add_argument("--eps", type=float, default=1e-6,
-                   help="finite-difference step, > 0 (default 1e-6)")
-    p.add_argument("--tolerance", type=float, default=1e-7,
-                   help="largest normwise relative error that passes, >= 0 (default 1e-7)")
-    p.set_defaults(run=_run_gradcheck)
-
-
-def _run_gradcheck(args: argparse.Namespace, job) -> int:
-    """`distbp gradcheck`: print the table; exit 1 when the worst normwise error is too large."""
-    try:
-        layers = [int(v) for v in args.layers.split(",")]
-    except ValueError:
-        raise UsageError(f"--layers must be comma-separated integers, got {args.layers!r}"
-                         ) from None
-    if args.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    if not (np.isfinite(args.eps) and args.eps > 0):
-        raise UsageError(f"--eps must be a finite number > 0, got {args.eps:g}")
-    if not args.tolerance >= 0:  # also refuses nan
-        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance:g}")
-    try:
-        rows = gradcheck(layers, args.activation, args.output, args.loss, batch=args.batch,
-                         seed=args.seed, eps=args.eps)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    print(f"gradcheck {','.join(map(str, layers))} {args.activation}/{args.output}/{args.loss}"
-          f" float64, {args.batch} rows, eps {args.eps:g}")
-    print(f"{'block':>6} {'params':>8} {'normwise rel error':>19} {'max abs error':>14}"
-          f" {'max elementwise rel error':>26}")
-    for r in rows:
-        print(f"{r.name:>6} {r.size:>8} {r.rel_error:>19.3e} {r.max_abs_error:>14.3e}"
-              f" {r.max_elem_rel_error:>26.3e}")
-    worst = max(r.rel_error for r in rows)
-    verdict = "OK" if worst <= args.tolerance else "FAIL"
-    print(f"worst normwise relative error {worst:.3e} (tolerance {args.tolerance:g}): {verdict}")
-    return EXIT_OK if worst <= args.tolerance else EXIT_ERROR

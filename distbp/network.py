@@ -51,7 +51,8 @@ class Network:
 
     Args:
         layers: widths [n_0 (inputs), n_1, ..., n_L (outputs)], at least two, each ≥ 1.
-        activation: hidden g: sigmoid, tanh, relu, leaky_relu, identity.
+        activation: hidden g: relu (default, as `distbp train`), sigmoid, tanh, leaky_relu,
+            identity.
         output: softmax, sigmoid or identity.
         loss: cross_entropy (softmax: categorical; sigmoid: binary per output) or mse.
         seed: initialisation seed; the same seed gives the same bits on every machine and rank.
@@ -62,7 +63,7 @@ class Network:
     `weights[j]` and `biases[j]` (j = 0 .. L−1) are views into it.
     """
 
-    def __init__(self, layers: Sequence[int], activation: str = "sigmoid",
+    def __init__(self, layers: Sequence[int], activation: str = "relu",
                  output: str = "softmax", loss: str = "cross_entropy", seed: int = 0,
                  dtype: str | np.dtype | type = "float32"):
         self.layers = _check_layers(layers)
@@ -76,6 +77,9 @@ class Network:
         self._workspaces: dict[int, _Workspace] = {}
         self._grad_views: tuple = (None, [], [])
         self.last_output = np.empty((0, self.layers[-1]), self.dtype)
+        # The input transform the network was trained with (keys of distbp.preprocess: scale,
+        # mean, std): distbp.evaluate/predict apply it to raw rows; the methods here do not.
+        self.preprocess: dict[str, np.ndarray] = {}
 
     @property
     def n_inputs(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from distbp.data import shard_bounds
 
-__all__ = ["KEYS", "apply", "check", "feature_stats", "share_moments"]
+__all__ = ["KEYS", "Inputs", "apply", "check", "feature_stats", "share_moments"]
 
 KEYS = ("scale", "mean", "std")
 
@@ -41,6 +41,22 @@ def apply(x: np.ndarray, params: Mapping[str, np.ndarray], out: np.ndarray) -> n
         out -= params["mean"]
         out /= params["std"]
     return out
+
+
+class Inputs:
+    """Raw rows -> network inputs through `apply`, into a buffer reused per batch length, so a
+    loop over batches allocates only at its first batch of each length (the last is shorter)."""
+
+    def __init__(self, params: Mapping[str, np.ndarray], n_inputs: int, dtype) -> None:
+        self.params, self.n_inputs, self.dtype = params, n_inputs, np.dtype(dtype)
+        self._buffers: dict[int, np.ndarray] = {}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (B, ...) raw rows -> (B, n_inputs) in the network's dtype, preprocessed."""
+        buf = self._buffers.get(len(x))
+        if buf is None:
+            buf = self._buffers[len(x)] = np.empty((len(x), self.n_inputs), self.dtype)
+        return apply(x, self.params, buf)
 
 
 def check(params: Mapping[str, np.ndarray], n_inputs: int) -> None:

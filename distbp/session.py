@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from distbp import checkpoint, data, loader
-from distbp.config import TrainConfig
+from distbp.config_schema import TrainConfig
 from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
-from distbp.optim import Schedule, make_optimizer
+from distbp.optim import Schedule, linear_scaling, make_optimizer
 
-__all__ = ["DEFAULT_HIDDEN", "Session", "build_session", "default_epochs", "stored_config"]
+__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "default_epochs",
+           "peak_lr", "stored_config"]
 
 DEFAULT_HIDDEN = 128
+# How a configuration names in-memory training data (distbp.fit): "<arrays sha256:…>", a digest
+# of the rows, never a path (so never made absolute).
+ARRAYS_LABEL = "<arrays sha256:"
 default_epochs = 10
 # What a resumed run may change (reported at start): its length, where and how often it
 # records, and how it runs. Every other setting decides the trajectory (data, batch, seed,
@@ -59,20 +63,21 @@ class Session:
     notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
 
 
-def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0,
-                  size: int = 1) -> Session:
+def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: int = 1,
+                  datasets: tuple[data.Dataset, data.Dataset | None] | None = None) -> Session:
     """Open data, build model and optimizer, pick the checkpoint to resume; raises UsageError.
 
     `local_size`: ranks on this node, which share its memory (`--in-memory auto`). `rank` of
     `size`: the data's values (labels, NaN/inf) are checked on this rank's contiguous share of
-    the rows only, so the caller must stop every rank if any rank raises (`cli.agree`)."""
+    the rows only, so the caller must stop every rank if any rank raises (`launch.agree`).
+    `datasets`: (train, validation or None) in memory instead of the files `cfg` names (fit)."""
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
         cfg = _merge_resumed_config(cfg, resume, notes)
-    train, val = _open_data(cfg, local_size, notes)
+    train, val = datasets if datasets is not None else _open_data(cfg, local_size, notes)
     layers = cfg.layers or _derive_layers(cfg, train)
     cfg = dataclasses.replace(cfg, layers=tuple(layers))  # checkpoints name the derived widths
     for ds in (train, val):
@@ -84,8 +89,12 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0,
     optimizer = _make_optimizer(cfg)
     spe = data.steps_per_epoch(train.n, cfg.batch_size, cfg.drop_last)
     total = cfg.steps or spe * (cfg.epochs or default_epochs)
-    schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total, cfg.lr_step_size,
-                        cfg.lr_gamma, min(cfg.min_lr, cfg.lr))
+    lr = peak_lr(cfg)
+    if lr != cfg.lr:
+        notes.append(f"--lr {cfg.lr:g} is for a global batch of {cfg.lr_reference_batch}: "
+                     f"batch {cfg.batch_size} runs at {lr:g} (linear scaling rule)")
+    schedule = Schedule(lr, cfg.schedule, cfg.warmup_steps, total, cfg.lr_step_size,
+                        cfg.lr_gamma, min(cfg.min_lr, lr))
     s = Session(cfg, train, val, net, optimizer, optimizer.init(net.params), schedule, spe, total,
                 checkpoint_dir=ckpt_dir, notes=notes,
                 metrics_path=Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl"))
@@ -138,10 +147,18 @@ def _probe_directory(directory: Path, named: str) -> None:
 
 def _make_optimizer(cfg: TrainConfig):
     if cfg.optimizer == "sgd":
-        momentum = 0.9 if cfg.momentum is None else cfg.momentum
-        return make_optimizer("sgd", momentum=momentum, nesterov=cfg.nesterov,
+        return make_optimizer("sgd", momentum=cfg.momentum, nesterov=cfg.nesterov,
                               weight_decay=cfg.weight_decay)
-    return make_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay)
+    beta1, beta2 = cfg.betas
+    return make_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay, beta1=beta1,
+                          beta2=beta2, eps=cfg.eps)
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    """--lr, scaled by batch size / --lr-reference-batch when that is set (Goyal et al.)."""
+    if cfg.lr_reference_batch is None:
+        return cfg.lr
+    return linear_scaling(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
 
 
 def _open_data(cfg: TrainConfig, local_size: int,
@@ -200,10 +217,10 @@ def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConf
     checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
                                 output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
     new = dataclasses.replace(cfg, layers=tuple(layers)).to_dict()
-    # A setting the checkpoint does not name did not exist when it was written: that run had
-    # the default (e.g. no --clip-grad-norm), so turning it on now is a change like any other.
-    old = {**TrainConfig().to_dict(), **old}
-    old["layers"] = old["layers"] or list(ckpt.layers)  # older files stored derived widths as None
+    missing = sorted(set(new) - set(old))
+    if missing:  # a setting it does not name cannot be compared: refuse, never guess
+        raise CheckpointError(f"checkpoint '{ckpt.path}': its configuration lacks "
+                              f"{', '.join(missing)}")
     differ = [k for k in new if _norm(old[k], k) != _norm(new[k], k)]
     fixed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in differ if k not in _MUTABLE_ON_RESUME]
     if fixed:
@@ -222,13 +239,12 @@ def stored_config(cfg: TrainConfig) -> dict:
     unambiguously whatever directory a later resume or `distbp evaluate` runs from."""
     d = cfg.to_dict()
     for key in ("data", "val_data"):
-        if d[key]:
-            d[key] = os.path.abspath(d[key])
+        d[key] = _norm(d[key], key)
     return d
 
 
 def _norm(v, key: str = ""):
-    if key in ("data", "val_data") and isinstance(v, str):
+    if key in ("data", "val_data") and isinstance(v, str) and not v.startswith(ARRAYS_LABEL):
         return os.path.abspath(v)  # the same file typed relative or absolute
     return list(v) if isinstance(v, (tuple, list)) else v
 
@@ -255,7 +271,7 @@ def _restore(s: Session, ckpt) -> None:
             f"{cursor[0]}, step {cursor[1]}: the training data changed since it was written")
     s.start_step = ckpt.step
     s.history = [r for r in ckpt.metrics if r.get("step", 0) <= ckpt.step]
-    s.interval = dict(ckpt.interval or {})  # absent in older checkpoints: the interval restarts
+    s.interval = dict(ckpt.interval)
     s.preprocess = dict(ckpt.preprocess)
     s.resumed_from = ckpt.path
     if ckpt.step >= s.total_steps:

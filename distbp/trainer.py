@@ -1,44 +1,45 @@
-"""The training loop, as DESIGN.md draws one step:
+"""The training loop: one step as data flows through it (docs/design.md),
 
     this rank's shard of the global batch -> forward/backward: gradient SUMS into one flat buffer
     (plus loss sum, sample count, correct count and a stop flag in the same buffer)
     -> ONE in-place Allreduce(SUM) -> divide by the global count -> optimizer step, same everywhere
     -> rank 0: metrics, progress, checkpoint
 
-    mpiexec -n 2 distbp train --steps 200
-    python -m distbp train --preset digits
+    trainer = Trainer(build_session(cfg, ...), comm, stop=catch_stop_signals())
+    code = trainer.train()          # EXIT_OK, or EXIT_PREEMPTED after a stop signal's checkpoint
 
-Preemption (SIGTERM, SIGUSR1) only sets a flag (distbp.stopflag; the `distbp` entry point installs
-its handler before NumPy, h5py and MPI are imported, so a signal during start-up counts too); the
-flag rides in the step's own allreduce, so all ranks see it at the same step, rank 0 writes a
-checkpoint, and `train` returns EXIT_PREEMPTED.
+Preemption (SIGTERM, SIGUSR1, a first SIGINT) only sets a flag (distbp.stopflag); the flag rides
+in the step's own allreduce, so all ranks see it at the same step, rank 0 writes a checkpoint,
+and `train` returns EXIT_PREEMPTED.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from distbp import checkpoint, data, preprocess
 from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
+from distbp.evaluation import loss_sums
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, format_train
 from distbp.optim import clip_grad_norm
 from distbp.session import Session, stored_config
-from distbp.stopflag import StopFlag, catch_stop_signals  # re-exported: their old home
+from distbp.stopflag import StopFlag, catch_stop_signals
 
-__all__ = ["FAULT_ENV", "StopFlag", "Trainer", "catch_stop_signals"]
+__all__ = ["Trainer"]
 
-FAULT_ENV = "DISTBP_FAULT"  # test-only: "raise|kill|hang|perturb|exit0:RANK:STEP"
-_TAIL = 4  # loss sum, samples, correct, stop flag
+# The step's scalars, after the gradient in the one reduced buffer.
+LOSS_SUM, ROWS, CORRECT, STOP = range(4)
+TAIL = 4
 
 
 @dataclass
@@ -59,15 +60,17 @@ class Trainer:
         self.rank0 = comm.rank == 0
         net = session.net
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
-        self.buf = np.zeros(net.params.size + _TAIL, net.dtype)
+        self.buf = np.zeros(net.params.size + TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
         self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
         self._grad_norm: float | None = None  # the last step's, before clipping
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
         self.stop = stop or catch_stop_signals()
         self.loader: ShardLoader | None = None  # open while train() runs
-        self._x: dict[int, np.ndarray] = {}
-        self.fault = _parse_fault(os.environ.get(FAULT_ENV), comm.rank)
+        self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
+        self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
+        self.last_checkpoint: Path | None = session.resumed_from
+        self._log: _RunLog | None = None
         self._at_step = session.start_step  # 1-based step in progress, for error messages
 
     # ------------------------------------------------------------------ the loop
@@ -78,7 +81,7 @@ class Trainer:
         silenced: a diverging run stops with one NonFiniteError, not RuntimeWarnings per rank."""
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                    self._open_loader():
+                    self.open_loader():
                 return self._train()
         except CollectiveTimeout:
             raise CollectiveTimeout(
@@ -86,38 +89,32 @@ class Trainer:
                 f"{self.s.cfg.collective_timeout:g} s (--collective-timeout): a peer rank may "
                 f"have died or hung") from None
 
+    def records(self) -> list[dict]:
+        """The run's metrics records so far, as metrics.jsonl holds them (rank 0; [] elsewhere)."""
+        return list(self._log.metrics.history) if self._log and self._log.metrics else []
+
     def _train(self) -> int:
-        """One step per pass, as DESIGN.md draws it: plan → forward/backward → allreduce → update
-        → metrics → checkpoint. EXIT_PREEMPTED after a stop signal's checkpoint, else EXIT_OK."""
-        s, comm = self.s, self.comm
-        log = self._begin()
+        """One step per pass: plan → forward/backward → allreduce → update (`step`) → metrics →
+        validation → checkpoint. EXIT_PREEMPTED after a stop signal's checkpoint, else EXIT_OK."""
+        s = self.s
+        log = self._log = self._begin()
         step = s.start_step
-        if step < s.total_steps and self._early_stop() is not None:  # resumed after its stop
-            return self._stop_early(step, log, saved=True)
+        if step < s.total_steps and self._early_stop_reason() is not None:  # resumed after it
+            return self._finish_early(step, log, saved=True)
         while step < s.total_steps:
-            self._at_step = step + 1
-            epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)  # plan
-            x, y = self._read_shard(epoch, in_epoch)
-            t0 = time.perf_counter()
-            self._forward_backward(x, y)
-            t1 = time.perf_counter()
-            comm.allreduce_sum(self.buf)  # the one collective of the step
-            t2 = time.perf_counter()
-            count = float(self.tail[1])
-            self._check_finite(step)
-            self.grad /= count  # the exact mean over the global batch
-            if self._sq is not None:  # the same bits on every rank: the mean is the same
-                self._grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
-            lr = s.schedule.lr_at(step)
-            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
+            epoch = data.step_cursor(step, s.steps_per_epoch)[0]
+            lr = self.step(step)
             step += 1
-            log.interval.add(float(self.tail[0]), float(self.tail[2]), count, t1 - t0, t2 - t1)
-            self._inject_fault(step)
+            tail = self.tail
+            log.interval.add(float(tail[LOSS_SUM]), float(tail[CORRECT]), float(tail[ROWS]),
+                             *self.phase_s[:2])
             self._report(step, epoch, lr, log)
             end_of_epoch = step % s.steps_per_epoch == 0
-            if end_of_epoch and s.val is not None and self._validate(step, epoch, log):
-                return self._stop_early(step, log)
-            if self.tail[3] > 0 and step < s.total_steps:  # at the last step: just finish
+            if end_of_epoch and s.val is not None:
+                self._validate(step, epoch, log)
+                if step < s.total_steps and self._early_stop_reason() is not None:
+                    return self._finish_early(step, log)
+            if tail[STOP] > 0 and step < s.total_steps:  # at the last step: just finish
                 return self._preempt(step, log)
             if self._checkpoint_due(step, end_of_epoch):
                 self._save(step, log)  # checks the replicas first: a check step checks once
@@ -126,6 +123,28 @@ class Trainer:
         self._finish(log)
         return EXIT_OK
 
+    def step(self, step: int) -> float:
+        """Optimizer step `step` (0-based, global): this rank's shard, forward/backward, the ONE
+        allreduce, the exact mean, clipping, the update. Returns its learning rate; `phase_s`
+        holds its forward+backward, allreduce and update seconds (what `distbp bench` times)."""
+        s = self.s
+        self._at_step = step + 1
+        x, y = self.loader.get(step)
+        t0 = time.perf_counter()
+        self._forward_backward(self.inputs(x), y)
+        t1 = time.perf_counter()
+        self.comm.allreduce_sum(self.buf)  # the one collective of the step
+        t2 = time.perf_counter()
+        self._check_finite(step)
+        count = float(self.tail[ROWS])
+        self.grad /= count  # the exact mean over the global batch
+        if self._sq is not None:  # the same bits on every rank: the mean is the same
+            self._grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
+        lr = s.schedule.lr_at(step)
+        s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
+        self.phase_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return lr
+
     def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
         """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
         loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce)."""
@@ -133,8 +152,8 @@ class Trainer:
         loss_sum = net.loss_grad_sum(x, y, self.grad)
         correct = net.count_correct(net.last_output, y) if len(y) else 0
         tail = self.tail  # element by element: no temporary array per step
-        tail[0], tail[1], tail[2] = loss_sum, len(y), correct
-        tail[3] = self.stop.signum is not None
+        tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
+        tail[STOP] = self.stop.signum is not None
 
     def _begin(self) -> _RunLog:
         """Before the first step: the preprocessing statistics (a collective), rank 0 moves aside
@@ -159,7 +178,8 @@ class Trainer:
             return
         if log.interval.steps and (step % log.every == 0 or step == self.s.total_steps):
             self._record(step, epoch, lr, log)
-        log.progress.step(step, f"loss {float(self.tail[0]) / float(self.tail[1]):.4f}")
+        loss = float(self.tail[LOSS_SUM]) / float(self.tail[ROWS])
+        log.progress.step(step, f"loss {loss:.4f}")
 
     def _record(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
         """Rank 0: the train record of the steps in `log.interval` up to `step`, which restarts;
@@ -184,12 +204,12 @@ class Trainer:
                   f"it once; is it sent both directly and forwarded?", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
 
-    def _early_stop(self) -> str | None:
+    def _early_stop_reason(self) -> str | None:
         """Why to stop after the last validation (distbp.early_stop), or None: go on."""
         c = self.s.cfg
         return stop_reason(self._vals, c.early_stop, c.early_stop_metric, c.early_stop_min_delta)
 
-    def _stop_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
+    def _finish_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
         """Every rank decided alike: the record of the steps since the last one (also those a
         resumed checkpoint carried), the final checkpoint (again if `saved` before it), EXIT_OK."""
         if (carried := log.interval.steps) and self.rank0:  # the loop's epoch, lr of `step`
@@ -198,7 +218,7 @@ class Trainer:
         if not saved or carried:  # the file at `step` lacks that record: replace it (all ranks)
             self._save(step, log)
         if self.rank0:
-            log.progress.line(self._early_stop())
+            log.progress.line(self._early_stop_reason())
         self._finish(log)
         return EXIT_OK
 
@@ -228,7 +248,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _open_loader(self) -> ShardLoader:
+    def open_loader(self) -> ShardLoader:
         """This rank's shards of steps start..total, read one step ahead by a background thread
         (no MPI in it); closed by train() on every way out."""
         s, cfg = self.s, self.s.cfg
@@ -236,18 +256,6 @@ class Trainer:
                          self.comm.size)
         self.loader = ShardLoader(s.train, plan, s.start_step, max(s.start_step, s.total_steps))
         return self.loader
-
-    def _read_shard(self, epoch: int, in_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        x, y = self.loader.get(epoch * self.s.steps_per_epoch + in_epoch)
-        return self._preprocess(x), y
-
-    def _preprocess(self, x: np.ndarray) -> np.ndarray:
-        """x (B, n_in) in its on-disk dtype -> a reused buffer of the network's dtype, scaled and
-        standardized (distbp.preprocess, shared with `distbp evaluate`/`predict`)."""
-        buf = self._x.get(len(x))
-        if buf is None:
-            buf = self._x[len(x)] = np.empty((len(x), self.s.net.n_inputs), self.s.net.dtype)
-        return preprocess.apply(x, self.s.preprocess, buf)
 
     def _setup_preprocess(self) -> None:
         """Scale: --scale, else the data file's `scale` attribute; mean/std over the training set,
@@ -265,7 +273,8 @@ class Trainer:
 
     def _check_finite(self, step: int) -> None:
         # All ranks hold the same reduced buffer, so they all agree to stop at this step.
-        if not (math.isfinite(float(self.tail[0])) and math.isfinite(float(self.grad.sum()))):
+        loss, grad_sum = float(self.tail[LOSS_SUM]), float(self.grad.sum())
+        if not (math.isfinite(loss) and math.isfinite(grad_sum)):
             raise NonFiniteError(f"non-finite loss or gradient at step {step + 1}: the run "
                                  f"diverged (try a smaller --lr); the last good checkpoint is kept")
 
@@ -286,16 +295,12 @@ class Trainer:
                 self.comm.bcast(self.s.opt_state[key], root=0)
         return False
 
-    def _validate(self, step: int, epoch: int, log: _RunLog) -> bool:
-        """Exact loss and accuracy over the validation set: each rank takes a contiguous share.
-        True when early stopping ends the run here (before its last step), on every rank."""
+    def _validate(self, step: int, epoch: int, log: _RunLog) -> None:
+        """Exact loss and accuracy over the validation set (distbp.evaluation: each rank takes a
+        contiguous share, one allreduce), recorded by rank 0 and kept for early stopping."""
         s, comm = self.s, self.comm
-        totals = np.zeros(3, np.float64)  # loss sum, correct, rows
         lo, hi = data.shard_bounds(s.val.n, comm.rank, comm.size)
-        for start in range(lo, hi, s.cfg.batch_size):
-            x, y = s.val.read(np.arange(start, min(start + s.cfg.batch_size, hi)))
-            loss, correct = s.net.loss_sum(self._preprocess(x), y)
-            totals += (loss, correct, len(y))
+        totals = loss_sums(s.net, s.val, self.inputs, lo, hi, s.cfg.batch_size)
         comm.allreduce_sum(totals)  # the same totals on every rank
         n = max(totals[2], 1.0)
         record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
@@ -304,8 +309,7 @@ class Trainer:
         if self.rank0:
             log.metrics.write(record)
             log.progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
-                          f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
-        return step < s.total_steps and self._early_stop() is not None
+                              f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
 
     def _save(self, step: int, log: _RunLog) -> None:
         """Check the replicas (repairing them), refuse non-finite ones, rank 0 writes the file."""
@@ -314,9 +318,10 @@ class Trainer:
         if not np.isfinite(self.s.net.params).all():
             raise NonFiniteError(f"non-finite parameters after step {step}: the run diverged "
                                  f"(try a smaller --lr); the last good checkpoint is kept")
+        s = self.s
+        self.last_checkpoint = checkpoint.checkpoint_path(s.checkpoint_dir, step)
         if not self.rank0:
             return
-        s = self.s
         epoch, in_epoch = data.step_cursor(step, s.steps_per_epoch)
         path = checkpoint.save(
             s.checkpoint_dir, step=step, epoch=epoch, step_in_epoch=in_epoch, seed=s.cfg.seed,
@@ -326,25 +331,3 @@ class Trainer:
             interval=log.interval.state(), world_size=self.comm.size, preprocess=s.preprocess,
             keep=s.cfg.keep)
         log.progress.line(f"checkpoint {path}")
-
-    def _inject_fault(self, step: int) -> None:
-        """DISTBP_FAULT (test-only): fail this rank the chosen way right after the chosen step."""
-        kind = self.fault[0] if self.fault is not None and self.fault[1] == step else None
-        if kind == "raise":
-            raise RuntimeError(f"injected fault at step {step}")
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "hang":
-            time.sleep(3600)
-        if kind == "perturb":
-            self.s.net.params[0] += 1e-3
-        if kind == "exit0":  # a rank leaving "successfully" mid-run must not look like success
-            raise SystemExit(0)
-
-
-def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:
-    """DISTBP_FAULT="KIND:RANK:STEP" (test-only): act on rank RANK right after step STEP."""
-    if not spec:
-        return None
-    kind, r, step = spec.split(":")
-    return (kind, int(step)) if int(r) == rank else None

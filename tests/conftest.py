@@ -33,6 +33,25 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+FAULTS = ROOT / "tests" / "helpers" / "faults.py"
+
+
+def with_faults(args: list[str], env: dict | None) -> list[str]:
+    """`... -m distbp ...` runs tests/helpers/faults.py instead when env asks for an injected
+    failure (DISTBP_FAULT); a program of its own (tests/helpers/replica_dump.py) injects it."""
+    at = [i for i in range(len(args) - 1) if args[i:i + 2] == ["-m", "distbp"]]
+    if not (env and env.get("DISTBP_FAULT") and at):
+        return args
+    return [*args[:at[0]], str(FAULTS), *args[at[0] + 2:]]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's lines, less the one usage line a command-line syntax error prints first (the
+    error itself is still one line, `distbp: error: ...`)."""
+    lines = stderr.strip().splitlines()
+    return lines[1:] if lines and lines[0].startswith("usage: distbp") else lines
+
+
 def run_mpi(n: int, args: list[str], timeout: float = 120, env: dict | None = None,
             cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run `mpiexec -n N python ARGS...` and return the completed process (text output).
@@ -42,7 +61,7 @@ def run_mpi(n: int, args: list[str], timeout: float = 120, env: dict | None = No
     exe = mpiexec_path()
     if exe is None:
         pytest.skip("no mpiexec: pip install '.[mpi]'")
-    cmd = [exe, "-n", str(n), sys.executable, *args]
+    cmd = [exe, "-n", str(n), sys.executable, *with_faults(args, env)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=env or child_env(), cwd=cwd)
 
@@ -50,7 +69,7 @@ def run_mpi(n: int, args: list[str], timeout: float = 120, env: dict | None = No
 def run_py(args: list[str], timeout: float = 120, env: dict | None = None,
            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run `python ARGS...` as a plain process (no MPI launcher)."""
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *with_faults(args, env)], capture_output=True, text=True,
                           timeout=timeout, env=env or child_env(), cwd=cwd)
 
 

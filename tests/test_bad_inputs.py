@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import child_env, mpiexec_path
+from conftest import child_env, error_lines, mpiexec_path
 
 from distbp.data import synthetic_teacher
 
@@ -259,7 +259,7 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_checkpoints_alone(
     proc, before, after = outcomes[case]
     shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 2, shown
-    lines = proc.stderr.splitlines()
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, shown  # once for the job, not once per rank
     assert lines[0].startswith("distbp: error: "), shown
     assert re.search(CASES[case][1], lines[0]), shown

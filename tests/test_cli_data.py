@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import run_py
+from conftest import error_lines, run_py
 
 from distbp import data
 from distbp.cli import main
@@ -40,7 +40,7 @@ def images_labels(tmp_path):
 
 def _fails(capsys, argv: list[str], *fragments: str) -> str:
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(error_lines(capsys.readouterr().err))
     assert err.startswith("distbp: error:") and "\n" not in err, err
     for fragment in fragments:
         assert fragment in err, err
@@ -179,7 +179,7 @@ def test_synthetic_rows_do_not_depend_on_the_block_size_they_are_made_in(tmp_pat
 CAPPED = """
 import os, resource, sys
 import h5py, numpy
-from distbp import cli, cli_data, data   # all the command imports, before the cap
+from distbp import cli, data   # all the command imports, before the cap
 
 margin = int(sys.argv[1])
 vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

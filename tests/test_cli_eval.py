@@ -12,9 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import child_env, run_mpi, run_py
+from conftest import child_env, error_lines, run_mpi, run_py
 
-from distbp import cli, cli_eval
+from distbp import evaluation, launch
 from distbp.cli import main
 
 N_TEST = 37  # evaluation rows: divisible by neither 2 nor 3, so shards differ in size
@@ -111,7 +111,7 @@ def test_predict_writes_numpy_forward_pass_rows_in_input_order(run, tmp_path, ra
 
 def test_predict_in_many_gather_rounds_writes_the_same_rows(run, tmp_path, monkeypatch):
     # 5 rows of 3 float64 outputs per round: 8 rounds for 37 rows, in-process and serial
-    monkeypatch.setattr(cli_eval, "GATHER_BYTES", 5 * CLASSES * 8)
+    monkeypatch.setattr(evaluation, "GATHER_BYTES", 5 * CLASSES * 8)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "pred.h5"
     assert main(["predict", str(run["ckpt"]), "--data", str(run["test"]), "--out", str(out),
@@ -124,11 +124,11 @@ def test_predict_in_many_gather_rounds_writes_the_same_rows(run, tmp_path, monke
 @pytest.mark.parametrize("n", [1, 2, 7, 37])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_gather_rounds_cover_every_row_once(n, size, monkeypatch):
-    monkeypatch.setattr(cli_eval, "GATHER_BYTES", size * 2 * 8)  # 2 rows per rank per round
-    chunk, rounds = cli_eval.gather_plan(n, size, n_out=1, itemsize=8)
+    monkeypatch.setattr(evaluation, "GATHER_BYTES", size * 2 * 8)  # 2 rows per rank per round
+    chunk, rounds = evaluation.gather_plan(n, size, n_out=1, itemsize=8)
     assert chunk == 2
     rows = [r for t in range(rounds) for rank in range(size)
-            for r in range(*cli_eval.round_bounds(n, rank, size, chunk, t))]
+            for r in range(*evaluation.round_bounds(n, rank, size, chunk, t))]
     assert sorted(rows) == list(range(n))
 
 
@@ -189,7 +189,7 @@ def test_bad_input_is_exit_2_with_one_line_naming_the_problem(run, tmp_path, cap
              (["evaluate", ckpt, "--data", test, "--batch-size", "0"], "positive integer")]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip().splitlines()
+        err = error_lines(capsys.readouterr().err)
         assert len(err) == 1 and message in err[0], (argv, err)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["wide.h5"]  # no output, no temp
 
@@ -243,7 +243,7 @@ def test_output_piped_into_a_reader_that_closed_ends_without_a_traceback(run):
 def test_a_closed_stdout_on_one_of_several_ranks_aborts_the_job_with_141(monkeypatch, capsys):
     aborted = []
 
-    class TwoRanks:  # what cli._abort uses of a communicator
+    class TwoRanks:  # what the abort path uses of a communicator
         rank, size = 1, 2
 
         def abort(self, code):
@@ -251,10 +251,10 @@ def test_a_closed_stdout_on_one_of_several_ranks_aborts_the_job_with_141(monkeyp
 
     read_end, write_end = os.pipe()
     monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
-    job = cli._Job()
+    job = launch.Job()
     job.comm = TwoRanks()
     try:
-        assert cli._stdout_closed(job) == 141 and aborted == [141]
+        assert launch.exit_code(job, BrokenPipeError()) == 141 and aborted == [141]
     finally:
         sys.stdout.close()
         os.close(read_end)

@@ -18,7 +18,8 @@ import pytest
 from helpers.trainruns import clean_env, final, metrics, ok, train, write_data
 
 from distbp import checkpoint
-from distbp.config import TrainConfig, add_train_arguments, resolve_config
+from distbp.config import add_train_arguments, resolve_config
+from distbp.config_schema import TrainConfig
 from distbp.early_stop import standing, stop_reason
 
 
@@ -108,7 +109,8 @@ def test_early_stopping_is_accepted_wherever_there_is_validation_data(argv):
 # 40 rows, half held out: 20 training rows in global batches of 8, 3 steps per epoch. A wide
 # hidden layer and lr 0.5 overfit them within a few epochs: the validation loss turns up.
 SPE, EPOCHS = 3, 10
-OPTS = ("--layers", "8,32,3", "--lr", "0.5", "--batch-size", "8", "--val-fraction", "0.5",
+OPTS = ("--layers", "8,32,3", "--lr", "0.5", "--momentum", "0.9", "--batch-size", "8",
+        "--val-fraction", "0.5",
         "--dtype", "float64", "--epochs", str(EPOCHS), "--keep", "100", "--log-every", "1")
 
 

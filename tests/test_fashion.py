@@ -23,9 +23,9 @@ from conftest import BIN, ROOT, child_env, run_mpi
 
 from distbp import checkpoint, data, preprocess
 from distbp.cli import main
-from distbp.cli_data import fashion_mnist
 from distbp.comm import SerialComm
-from distbp.config import TrainConfig
+from distbp.config_schema import TrainConfig
+from distbp.data_import import fashion_mnist
 from distbp.session import build_session
 from distbp.trainer import Trainer
 

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import child_env, run_py
+from conftest import child_env, error_lines, run_py
 
 from distbp import activations
 from distbp.gradcheck import elementwise_relative_error, gradcheck, relative_error
@@ -103,7 +103,7 @@ def test_error_above_tolerance_exits_1():
 def test_bad_flags_exit_2_with_one_line_naming_the_option(flags, phrase):
     r = run_py(["-m", "distbp", "gradcheck", "--layers", "4,3,2", *flags], timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
+    lines = error_lines(r.stderr)
     assert len(lines) == 1 and phrase in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
 

@@ -9,12 +9,12 @@ import errno
 import shutil
 
 import pytest
-from conftest import run_mpi, run_py
+from conftest import error_lines, run_mpi, run_py
 from helpers.plotruns import SIGNATURE, plot_ok, train_two_runs
 from helpers.trainruns import clean_env, ok, train_args, write_data
 
-from distbp import cli_plot
 from distbp.cli import main
+from distbp.cli import plot as cli_plot
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mo
 def _fails(capsys, argv: list[str], *fragments: str) -> str:
     assert main(argv) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = "\n".join(error_lines(captured.err))
     assert err.startswith("distbp: error:") and "\n" not in err and not captured.out, err
     for fragment in fragments:
         assert fragment in err, err

@@ -125,7 +125,7 @@ def test_signals_in_quick_succession_do_not_corrupt_the_checkpoint(
 
 # A model whose checkpoint takes rank 0 a while to write: float64, 4.0 M parameters plus as much
 # momentum, 64 MB (~0.3 s here), so a second signal can be sent while the file is being written.
-BIG = ("--layers", "8,2000,2000,3", "--dtype", "float64", "--steps", "24",
+BIG = ("--layers", "8,2000,2000,3", "--momentum", "0.9", "--dtype", "float64", "--steps", "24",
        "--checkpoint-every", "100000", "--resume", "auto", "--log-every", "1",
        "--collective-timeout", "60")
 

@@ -228,7 +228,7 @@ MISMATCHES = {
     "batch_size": (("--batch-size", "8"), "batch_size 16 -> 8"),
     # hyper-parameters that change the trajectory may not change silently either
     "lr": (("--lr", "0.9"), "lr 0.1 -> 0.9"),
-    "momentum": (("--momentum", "0.5"), "momentum None -> 0.5"),
+    "momentum": (("--momentum", "0.5"), "momentum 0.0 -> 0.5"),
     "schedule": (("--schedule", "cosine"), "schedule 'constant' -> 'cosine'"),
 }
 

@@ -22,6 +22,7 @@ from helpers.trainruns import (
 )
 
 from distbp import checkpoint
+from distbp.ckpt_integrity import INTERVAL_KEYS
 
 # 66 rows in global batches of 16: 5 steps per epoch, the 5th a tail of 2 rows.
 ROWS, BATCH = 66, ("--batch-size", "16")
@@ -52,10 +53,9 @@ def test_train_records_spanning_a_resume_are_bitwise_the_uninterrupted_runs(tmp_
     ok(train(ranks, data, whole, *SPAN))
     stopped = die_after_step_8(ranks, data, parts)
     assert [r["step"] for r in stopped.metrics] == [4]
-    assert stopped.interval is not None
     assert (stopped.interval["steps"], stopped.interval["samples"]) == (2, 2.0 + 16.0)
     with h5py.File(stopped.path, "r") as f:  # plain h5py: each sum carries its digest
-        for key in checkpoint.INTERVAL_KEYS:
+        for key in INTERVAL_KEYS:
             ds = f["metrics/interval"][key]
             assert ds.attrs["sha256"] == hashlib.sha256(ds[()].tobytes()).hexdigest()
     proc = ok(train(ranks, data, parts, *SPAN, "--resume", "auto"))
@@ -65,36 +65,3 @@ def test_train_records_spanning_a_resume_are_bitwise_the_uninterrupted_runs(tmp_
     assert exact_train_fields(parts) == expected  # floats compared exactly
     assert record_steps(parts) == record_steps(whole)
     assert_same_state(final(whole, 20), final(parts, 20))
-
-
-def test_a_checkpoint_without_the_record_sums_still_resumes_with_a_fresh_record(tmp_path):
-    data = write_data(tmp_path / "d.h5", ROWS)
-    ok(train(0, data, tmp_path / "each", *SPAN, "--log-every", "1"))  # every step's own record
-    each = {r["step"]: r for r in metrics(tmp_path / "each") if r["kind"] == "train"}
-    rows = {s: 2 if s % 5 == 0 else 16 for s in each}  # every 5th step: the epoch's 2-row tail
-
-    def over(steps: range, key: str) -> float:
-        """The record of `steps`, from their own records: Σ key_s·rows_s / Σ rows_s."""
-        return sum(each[s][key] * rows[s] for s in steps) / sum(rows[s] for s in steps)
-
-    run = tmp_path / "run"
-    c = die_after_step_8(0, data, run)
-    # rewrite ckpt-6 as distbp wrote checkpoints before the sums were kept: no interval group
-    checkpoint.save(run / "checkpoints", step=c.step, epoch=c.epoch,
-                    step_in_epoch=c.step_in_epoch, seed=c.seed, layers=c.layers,
-                    activation=c.activation, output=c.output, loss=c.loss, params=c.params,
-                    optimizer_name=c.optimizer_name, optimizer_state=c.optimizer_state,
-                    config=c.config, metrics=c.metrics, world_size=c.world_size,
-                    preprocess=c.preprocess, keep=None)
-    with h5py.File(c.path, "r") as f:
-        assert sorted(f["metrics"]) == ["jsonl"]
-    assert final(run, 6).interval is None
-    proc = ok(train(0, data, run, *SPAN, "--resume", "auto"))
-    assert f"resumed from {c.path} at step 6" in proc.stdout
-    assert_same_state(final(tmp_path / "each", 20), final(run, 20))  # the trajectory is exact
-    got = {r["step"]: r for r in metrics(run) if r["kind"] == "train"}
-    assert sorted(got) == [4, 8, 12, 16, 20]
-    for step, first in ((4, 1), (8, 7), (12, 9), (16, 13), (20, 17)):  # 8: steps 7..8 only
-        for key in ("loss", "accuracy"):
-            assert got[step][key] == pytest.approx(over(range(first, step + 1), key), rel=1e-12)
-    assert got[8]["loss"] != pytest.approx(over(range(5, 9), "loss"), rel=1e-6)

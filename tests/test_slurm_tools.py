@@ -15,7 +15,7 @@ import time
 import pytest
 from helpers.slurmlab import Cluster
 
-from distbp.trainer import catch_stop_signals
+from distbp.stopflag import catch_stop_signals
 
 pytestmark = pytest.mark.slurm
 

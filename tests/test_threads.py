@@ -7,7 +7,7 @@ import os
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from distbp.cli import set_threads
+from distbp.launch import set_threads
 
 VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, with_faults
 
 from distbp.data import synthetic_teacher
 
@@ -77,8 +77,9 @@ def rank_codes(stderr: str) -> dict[int, int]:
 def run(cmd: list[str], env: dict | None = None, timeout: float = 60):
     """(CompletedProcess, seconds it took); the timeout turns a hang into a failure."""
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=env or job_env())
+    env = env or job_env()
+    proc = subprocess.run(with_faults(cmd, env), capture_output=True, text=True, timeout=timeout,
+                          env=env)
     return proc, time.monotonic() - t0
 
 

@@ -11,10 +11,12 @@ rank makes the same sequence of calls (the check is a collective), so NNN lines 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from faults import ENV, inject
 
 from distbp import cli
 from distbp.trainer import Trainer
@@ -35,6 +37,8 @@ def main(argv: list[str]) -> int:
         return same
 
     Trainer.check_replicas = check_and_dump
+    if os.environ.get(ENV):
+        inject(os.environ[ENV])
     return cli.main(argv[1:])
 
 

@@ -65,7 +65,35 @@ def check_ops(comm) -> None:
         pass
     else:
         raise AssertionError("a strided buffer was accepted")
-    assert (comm.local_rank, comm.local_size) == (r, p), "one node: node-local ranks = world ranks"
+    assert comm.local_size == p, "one node: every rank is node-local"
+    check_gather(comm)
+
+
+def rows_of(rank: int, dtype) -> np.ndarray:
+    """Rank `rank`'s rows for gather: rank + 1 rows (uneven shares) of 3 values, −0.0 among
+    them (a sum-based gather would turn it into +0.0)."""
+    rows = (np.arange(3 * (rank + 1)).reshape(rank + 1, 3) * 0.25 + rank).astype(dtype)
+    rows[0, 0] = -0.0 if np.issubdtype(dtype, np.floating) else 0
+    return rows
+
+
+def check_gather(comm) -> None:
+    """gather to every root and to all ranks, bit for bit, in rank order."""
+    r, p = comm.rank, comm.size
+    counts = [q + 1 for q in range(p)]
+    for dtype in DTYPES:
+        expected = np.concatenate([rows_of(q, dtype) for q in range(p)])
+        for root in [*range(p), None]:
+            recv = np.full_like(expected, 7) if root in (None, r) else None
+            comm.gather(rows_of(r, dtype), recv, counts, root=root)
+            if recv is not None:
+                assert recv.tobytes() == expected.tobytes(), (root, recv, expected)
+    try:
+        comm.gather(rows_of(r, np.float64)[:0], None, counts, root=None)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a send of the wrong row count was accepted")
 
 
 def run_ops() -> None:

@@ -26,14 +26,14 @@ from distbp.durable import replace_durably
 from distbp.errors import EXIT_OK, UsageError
 from distbp.plot import FORMATS, METRICS, display_name, figure, read_run, save
 
-__all__ = ["DEFAULT_NAME", "add_commands", "picture_format", "plot", "run_names"]
+__all__ = ["DEFAULT_NAME", "add_command", "picture_format", "plot", "run_names"]
 
 DEFAULT_NAME = "metrics.png"
 # How each format's files begin (an SVG after an optional BOM and white space).
 SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xml", b"<svg")}
 
 
-def add_commands(sub) -> None:
+def add_command(sub) -> None:
     """Register `plot` on the `distbp` subparsers."""
     p = sub.add_parser("plot", help="draw the metric curves of runs as a PNG, SVG or PDF",
                        description="Draw metrics of one or more runs against the step from "

@@ -1,0 +1,234 @@
+"""distbp from Python: `fit`, `load`, `evaluate`, `predict`. The same script runs as one process
+(`python my_script.py`) and data-parallel (`mpiexec -n 4 python my_script.py`).
+
+    import distbp
+    result = distbp.fit([64, 128, 10], x, y, epochs=5, batch_size=256, lr=0.05, run_dir="runs/a")
+    net = distbp.load(result.checkpoint)           # the model and its preprocessing
+    distbp.evaluate(net, x_test, y_test)           # {"loss": ..., "accuracy": ..., "samples": ...}
+    distbp.predict(net, x_new)                     # output activations (N, n_out), every rank
+
+Every rank passes the same full arrays; the batch plan shards them exactly as it shards a file.
+`fit` and `distbp train` are one code path (`train`): the same run directory, metrics,
+checkpoints, resume, preemption (SIGTERM/SIGUSR1/SIGINT: a checkpoint, then `exit_code` 75) and
+validation. Errors: bad input raises a UsageError on every rank alike (SetupRefused when found on
+some ranks only); a failure that leaves the ranks apart (a dead peer, an exception on one rank)
+prints the error and aborts the whole job, as `distbp train` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distbp import __version__, checkpoint, data, preprocess
+from distbp.config_schema import TrainConfig
+from distbp.errors import ConfigError, NonFiniteError
+from distbp.evaluation import loss_sums, network_from_checkpoint, predict_rows
+from distbp.launch import Job, SetupRefused, agree, exit_code, ranks_may_diverge
+from distbp.network import Network
+from distbp.session import ARRAYS_LABEL, Session, build_session
+from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
+from distbp.trainer import Trainer
+
+__all__ = ["FitResult", "evaluate", "fit", "load", "predict", "train"]
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns on every rank: the trained network (with its preprocessing), the
+    metrics records (as metrics.jsonl holds them), the newest checkpoint and the exit code that
+    `distbp train` would give (0 done, 75 preempted: run again with resume="auto")."""
+
+    network: Network
+    records: list[dict]
+    checkpoint: Path | None
+    exit_code: int
+
+    @property
+    def preempted(self) -> bool:
+        return self.exit_code == 75
+
+
+def fit(model: Network | Sequence[int] | None = None, x=None, y=None, *, x_val=None, y_val=None,
+        **options) -> FitResult:
+    """Train `model` (a Network, trained in place from its current parameters, or layer widths,
+    or None: derived from the data) on arrays x (N, n_in), y (N,) labels or (N, n_out) targets,
+    or on the files named by `data=` / `val_data=`; `options` are `distbp train`'s TOML keys
+    (lr, batch_size, epochs, run_dir, resume, ...) with their defaults."""
+    job = Job()
+    stop = catch_stop_signals()
+    try:
+        comm = job.start(timeout=options.get("collective_timeout", TrainConfig.collective_timeout),
+                         threads=options.get("threads"))
+        cfg, datasets = agree(comm, lambda: _fit_config(model, x, y, x_val, y_val, options))
+        return train(cfg, job, stop, datasets=datasets,
+                     network=model if isinstance(model, Network) else None)
+    except BaseException as e:
+        if ranks_may_diverge(job) and not isinstance(e, (SetupRefused, NonFiniteError)):
+            exit_code(job, e)  # prints the error and aborts every rank (MPI_Abort)
+        raise
+    finally:
+        restore_signals(stop)
+
+
+def _fit_config(model, x, y, x_val, y_val, options: dict) -> tuple[TrainConfig, tuple | None]:
+    """The validated configuration of a `fit` call, and the in-memory datasets (or None)."""
+    options = dict(options)
+    if isinstance(model, Network):
+        options.update(layers=model.layers, activation=model.activation, output=model.output,
+                       loss=model.loss, dtype=str(model.dtype))
+    elif model is not None:
+        options["layers"] = tuple(model)
+    if (x is None) != (y is None) or (x_val is None) != (y_val is None):
+        raise ConfigError("fit: give x with y and x_val with y_val")
+    datasets = None
+    if x is not None:
+        if "data" in options:
+            raise ConfigError("fit: give either arrays x, y or data='file', not both")
+        train = data.ArrayDataset(x, y, source="arrays x, y")
+        val = data.ArrayDataset(x_val, y_val, source="arrays x_val, y_val") \
+            if x_val is not None else None
+        options["data"] = _arrays_label(train)
+        if val is not None:
+            options["val_data"] = _arrays_label(val)
+        datasets = (train, val)
+    elif x_val is not None:
+        raise ConfigError("fit: x_val, y_val need training arrays x, y")
+    return TrainConfig.from_dict(options, "fit()"), datasets
+
+
+def _arrays_label(ds: data.ArrayDataset) -> str:
+    """How a run's configuration names in-memory data: by a digest of the rows, so a resume
+    with other arrays is refused like a resume with another file."""
+    h = hashlib.sha256()
+    for a in (ds.x, ds.y):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return f"{ARRAYS_LABEL}{h.hexdigest()[:16]}>"
+
+
+def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = None,
+          network: Network | None = None) -> FitResult:
+    """The run behind `distbp train` and `fit`: build the session on every rank (bad input
+    stops all through `agree`), print the start report on rank 0, train, share the records."""
+    comm = job.comm
+    comm.set_timeout(cfg.collective_timeout)  # the file may have set it
+    s = agree(comm, lambda: build_session(cfg, local_size=comm.local_size, rank=comm.rank,
+                                          size=comm.size, datasets=datasets))
+    _agree_on_start(comm, s)
+    if network is not None:  # train the caller's network, from rank 0's initial values
+        if s.resumed_from is None:
+            np.copyto(s.net.params, network.params)
+            comm.bcast(s.net.params, root=0)
+    if comm.rank == 0:
+        print("\n".join(start_report(s, comm, job.threads)), flush=True)
+    trainer = Trainer(s, comm, stop=stop)
+    code = trainer.train()
+    if network is not None:
+        np.copyto(network.params, s.net.params)
+        network.preprocess = dict(s.preprocess)
+    records = _share_records(comm, trainer.records() if comm.rank == 0 else None)
+    return FitResult(network or s.net, records, trainer.last_checkpoint, code)
+
+
+def _agree_on_start(comm, s: Session) -> None:
+    """Every rank must resume from the same step: nodes that list a checkpoint directory
+    differently (a stale NFS cache, a node-local path) would otherwise train apart."""
+    span = np.array([s.start_step, -s.start_step], np.int64)
+    comm.allreduce_max(span)  # [latest start, −earliest start]
+    if span[0] != -span[1]:
+        raise SetupRefused(f"ranks found different checkpoints to resume from (steps {-span[1]} "
+                           f"to {span[0]}): --checkpoint-dir must be the same shared directory "
+                           f"on every node", carrier=comm.rank == 0)
+
+
+def start_report(s: Session, comm, threads: str) -> list[str]:
+    """Rank 0's lines at the start of a run: ranks, data, model, batch split, config, resume."""
+    cfg, net = s.cfg, s.net
+    sizes = sorted({b - a for a, b in (data.shard_bounds(cfg.batch_size, r, comm.size)
+                                       for r in range(comm.size))})
+    lines = [
+        f"distbp {__version__}: {comm.size} rank(s), {comm.name}; {threads}",
+        f"data: {s.train.source} ({s.train.n} rows, {s.train.n_features} features)"
+        + (f"; validation: {s.val.source} ({s.val.n} rows)" if s.val is not None else ""),
+        f"model: {'-'.join(map(str, net.layers))} {net.activation}/{net.output}/{net.loss} "
+        f"{net.dtype}, {net.params.size:,} parameters; optimizer {s.optimizer.name}",
+        f"global batch {cfg.batch_size} -> per-rank shard {'..'.join(map(str, sizes))} rows; "
+        f"{s.steps_per_epoch} steps per epoch; steps {s.start_step} -> {s.total_steps}",
+        "config: " + json.dumps(cfg.to_dict(), sort_keys=True)]
+    if s.resumed_from is not None:
+        lines.append(f"resumed from {s.resumed_from} at step {s.start_step}")
+    return lines + s.notes
+
+
+def _share_records(comm, records: list[dict] | None) -> list[dict]:
+    """Rank 0's metrics records on every rank (as JSON text: one length, one byte buffer)."""
+    text = json.dumps(records).encode() if comm.rank == 0 else b""
+    length = np.array([len(text)], np.int64)
+    comm.bcast(length, root=0)
+    buf = np.frombuffer(text, np.uint8).copy() if comm.rank == 0 else np.empty(length[0], np.uint8)
+    comm.bcast(buf, root=0)
+    return json.loads(buf.tobytes().decode())
+
+
+def load(path: str | Path) -> Network:
+    """The network stored in a checkpoint, verified (SHA-256), with its training preprocessing
+    in `.preprocess` (applied by `evaluate` and `predict`; `Network.predict` does not)."""
+    ckpt = checkpoint.load(path)
+    net = network_from_checkpoint(ckpt)
+    net.preprocess = dict(ckpt.preprocess)
+    return net
+
+
+def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
+    """Mean loss and accuracy of `net` on arrays x, y (with `net.preprocess`): each rank takes a
+    contiguous share of the rows, one allreduce; the same dict on every rank."""
+    ds = data.ArrayDataset(x, y, source="arrays x, y")
+    _check_features(net, ds)
+    job = Job()
+    comm = job.start(timeout=TrainConfig.collective_timeout)
+    lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)
+    sums = loss_sums(net, ds, _inputs(net), lo, hi, _batch(batch_size))
+    comm.allreduce_sum(sums)
+    n = max(sums[2], 1.0)
+    return {"loss": sums[0] / n, "accuracy": sums[1] / n, "samples": int(sums[2])}
+
+
+def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
+    """Output activations (N, n_out) of `net` on array x (with `net.preprocess`), computed in
+    shares across the ranks and gathered: the whole array on every rank."""
+    x = np.asarray(x)
+    ds = data.ArrayDataset(x, np.zeros(len(x), np.int64), source="array x")
+    _check_features(net, ds)
+    job = Job()
+    comm = job.start(timeout=TrainConfig.collective_timeout)
+    counts = [hi - lo for lo, hi in (data.shard_bounds(ds.n, r, comm.size)
+                                     for r in range(comm.size))]
+    lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)
+    mine = np.empty((hi - lo, net.n_outputs), net.dtype)
+    predict_rows(net, ds, _inputs(net), lo, hi, _batch(batch_size), mine)
+    out = np.empty((ds.n, net.n_outputs), net.dtype)
+    comm.gather(mine, out, counts, root=None)
+    return out
+
+
+def _inputs(net: Network) -> preprocess.Inputs:
+    return preprocess.Inputs(net.preprocess, net.n_inputs, net.dtype)
+
+
+def _batch(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _check_features(net: Network, ds: data.ArrayDataset) -> None:
+    if ds.n_features != net.n_inputs:
+        raise ConfigError(f"x has {ds.n_features} features but the network's input layer has "
+                          f"{net.n_inputs}")
+

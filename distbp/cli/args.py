@@ -1,0 +1,52 @@
+"""What several `distbp` commands parse alike: the parser class and shared argument types."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distbp.errors import UsageError
+from distbp.launch import env_rank
+
+__all__ = ["EPILOG", "Parser", "add_checkpoint_data_arguments", "positive_int"]
+
+EPILOG = """exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the
+problem); 75 preempted (SIGTERM/SIGUSR1/Ctrl-C): a checkpoint was written, run the same command
+with --resume auto to continue; 141 stdout was closed by its reader (`distbp ... | head`), as
+for SIGPIPE; 1 anything else (the failing rank prints its traceback and every rank stops)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage through UsageError (exit 2) instead of exiting: rank 0
+    prints the usage as one line, then the error once as `distbp: error: ...`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if env_rank() == 0:
+            print(" ".join(self.format_usage().split()), file=sys.stderr)
+        command = self.prog.removeprefix("distbp").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and the data file of `evaluate` and `predict`, and how to run them."""
+    p.add_argument("checkpoint", help="checkpoint file (ckpt-<step>.h5)")
+    p.add_argument("--data", help="HDF5/NPZ data file; default, for a checkpoint trained on the "
+                   "bundled digits: their test split")
+    p.add_argument("--x-name", help="inputs dataset name (default: the checkpoint's, else x)")
+    p.add_argument("--y-name", help="labels/targets dataset name (default: the checkpoint's, "
+                   "else y)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="rows per forward pass and rank (default: the training batch size)")
+    p.add_argument("--threads", type=positive_int,
+                   help="BLAS threads per rank (default: as for train --threads)")

@@ -1,0 +1,134 @@
+"""Describe a data file as `distbp data info` and `distbp info` show it: datasets (shape, dtype,
+chunking, filters), attributes and class counts, of an HDF5 file or an NPZ archive.
+
+    info = describe("data/fashion-mnist-train.h5")     # a JSON-ready dict; DataError if unusable
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from distbp.errors import DataError, one_line
+
+__all__ = ["describe"]
+
+
+def _filters(ds: h5py.Dataset) -> str:
+    parts = [f"{ds.compression} level {ds.compression_opts}" if ds.compression_opts is not None
+             else ds.compression] if ds.compression else []
+    parts += ["shuffle"] if ds.shuffle else []
+    return " + ".join(parts) or "uncompressed"
+
+
+def _class_counts(ds: h5py.Dataset | np.ndarray) -> dict[int, int] | None:
+    """Counts per label (1-D integer y) or per argmax (2-D targets), read in bounded blocks."""
+    if ds.dtype.kind not in "iuf" or ds.ndim not in (1, 2) or ds.shape[0] == 0:
+        return None
+    if ds.ndim == 1 and ds.dtype.kind == "f":
+        return None
+    counts: dict[int, int] = {}
+    step = max(1, (16 << 20) // max(1, math.prod(ds.shape[1:]) * ds.dtype.itemsize))
+    for lo in range(0, ds.shape[0], step):
+        block = ds[lo:lo + step]
+        labels = block if ds.ndim == 1 else np.argmax(block, axis=1)
+        values, n = np.unique(labels, return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+    return dict(sorted(counts.items()))
+
+
+def _attr(v):
+    v = v.decode() if isinstance(v, bytes) else v
+    return v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) \
+        else v
+
+
+def describe(path: str | Path, y_name: str = "y") -> dict:
+    """Datasets (shape, dtype, chunks, filters), attributes and class counts of `y_name`, of an
+    HDF5 file or (format "npz", recognised as training recognises it: by the suffix .npz or a
+    zip signature) an NPZ archive's arrays. DataError (one line) for anything else."""
+    path = str(path)
+    _check_path(path)
+    if h5py.is_hdf5(path):
+        return _describe_hdf5(path, y_name)
+    if path.lower().endswith(".npz") or zipfile.is_zipfile(path):
+        return _describe_npz(path, y_name)
+    raise DataError(f"data file {path!r}: not an HDF5 or NPZ file")
+
+
+def _check_path(path: str) -> None:
+    """DataError unless `path` names a regular file (a directory or a FIFO is said so)."""
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r}: not found")
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r}: is a directory, not a data file")
+    if not os.path.isfile(path):  # a FIFO, socket or device: reading could block forever
+        raise DataError(f"data file {path!r}: not a regular file")
+
+
+def _describe_hdf5(path: str, y_name: str) -> dict:
+    """describe() of an HDF5 file: every dataset, the file's attributes, class counts."""
+    info: dict = {"file": path, "format": "hdf5", "bytes": os.path.getsize(path),
+                  "datasets": {}}
+    with h5py.File(path, "r", locking=False) as f:
+        info["attributes"] = {k: _attr(v) for k, v in f.attrs.items()}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                info["datasets"][name] = {
+                    "shape": list(obj.shape), "dtype": str(obj.dtype),
+                    "chunks": list(obj.chunks) if obj.chunks else None,
+                    "filters": _filters(obj),
+                    "attributes": {k: _attr(v) for k, v in obj.attrs.items()}}
+        f.visititems(visit)
+        if isinstance(f.get(y_name), h5py.Dataset):
+            counts = _class_counts(f[y_name])
+            if counts is not None:
+                info["class_counts"] = {str(k): v for k, v in counts.items()}
+    return info
+
+
+def _describe_npz(path: str, y_name: str) -> dict:
+    """describe() of an NPZ archive: each array's shape and dtype from its .npy header (x is
+    not loaded), its zip compression; class counts of `y_name` (loaded whole, as training
+    loads the archive). NPZ has no attributes."""
+    info: dict = {"file": path, "format": "npz", "bytes": os.path.getsize(path),
+                  "datasets": {}, "attributes": {}}
+    kinds = {}  # array name -> dtype kind
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.filename.endswith(".npy"):  # np.savez stores key k as k.npy
+                    name = member.filename[:-4]
+                    info["datasets"][name], kinds[name] = _npy_entry(archive, member)
+        if kinds.get(y_name, "O") in "iuf":  # not object arrays: they would need pickle
+            with np.load(path, allow_pickle=False) as arrays:
+                counts = _class_counts(arrays[y_name])
+            if counts is not None:
+                info["class_counts"] = {str(k): v for k, v in counts.items()}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"data file {path!r}: not a valid NPZ archive ({one_line(err)})"
+                        ) from None
+    return info
+
+
+def _npy_entry(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[dict, str]:
+    """An archive member's description and dtype kind, read from its .npy header alone."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in readers:
+            raise ValueError(f"{member.filename}: .npy format version {version} not supported")
+        shape, _, dtype = readers[version](fh)
+    compressed = member.compress_type != zipfile.ZIP_STORED
+    return {"shape": list(shape), "dtype": str(dtype), "chunks": None,
+            "filters": "zip deflate" if compressed else "uncompressed", "attributes": {}
+            }, dtype.kind
