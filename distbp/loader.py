@@ -48,7 +48,7 @@ class ReaderError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which rows rank `rank` of `size` reads at each global step (DESIGN.md's batch plan)."""
+    """Which rows rank `rank` of `size` reads at each global step (docs/design.md's batch plan)."""
 
     seed: int
     steps_per_epoch: int

@@ -1,6 +1,6 @@
 """A fully-connected network: forward pass, backpropagation, and the parameters as one flat array.
 
-Notation follows the seed note (../shared/seed-backpropagation.md) with the batch as rows:
+Notation as in docs/notation.md (the seed note's, explained there), with the batch as rows:
 layer j takes the activations a_k of the layer k before it,
 
     z_j = a_k W_jᵀ + b_j                       (B, n_j)      forward, `_forward`

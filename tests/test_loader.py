@@ -40,7 +40,7 @@ def teacher_file(path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 def plan_rows(step: int, n: int, batch: int, rank: int, size: int, seed: int = SEED):
-    """The rows DESIGN.md's batch plan gives `rank` at global `step`, from the plan functions."""
+    """The rows docs/design.md's batch plan gives `rank` at global `step` (plan functions)."""
     epoch, in_epoch = divmod(step, -(-n // batch))
     return data.shard_indices(data.epoch_permutation(seed, epoch, n), in_epoch, batch, rank, size)
 

@@ -36,7 +36,7 @@ def write_contiguous(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 
 def plan_rows(step: int) -> np.ndarray:
-    """Rank 0 of 2's rows at global `step`, from DESIGN.md's batch plan functions."""
+    """Rank 0 of 2's rows at global `step`, from docs/design.md's batch plan functions."""
     epoch, in_epoch = divmod(step, STEPS_PER_EPOCH)
     return data.shard_indices(data.epoch_permutation(SEED, epoch, N_ROWS), in_epoch, BATCH, 0, 2)
 
