@@ -52,6 +52,46 @@ def test_npz_source_returns_exactly_the_rows_asked_for_in_the_disk_dtype(tmp_pat
     check_reads(ds, x, y)
 
 
+@pytest.mark.parametrize("fmt", ["h5", "npz"])
+def test_a_source_opened_without_labels_reads_x_as_the_labelled_one_and_refuses_y(
+        tmp_path, uint8_arrays, fmt):
+    x, y = uint8_arrays
+    labelled, inputs = tmp_path / f"xy.{fmt}", tmp_path / f"x.{fmt}"
+    write = write_h5 if fmt == "h5" else np.savez
+    write(labelled, x=x, y=y)
+    write(inputs, x=x)
+    with_y = open_dataset(labelled)
+    for path in (inputs, labelled):      # a labelled file opened without labels: y not read
+        ds = open_dataset(path, y_name=None)
+        assert (ds.n, ds.n_features, ds.x_dtype, ds.y_dtype, ds.y_shape) == (50, 6, np.uint8,
+                                                                              None, None)
+        for idx in (np.array([0, 3, 4, 17, 49]), np.arange(10, 20)):
+            np.testing.assert_array_equal(ds.read_x(idx), with_y.read(idx)[0])
+            np.testing.assert_array_equal(subset(ds, idx[::-1]).read_x(np.arange(len(idx))),
+                                          x[idx[::-1]])
+        for read in (ds.read, ds.read_y, lambda idx: ds.read_into(idx, x[:1], y[:1])):
+            with pytest.raises(ValueError, match="opened without labels"):
+                read(np.array([0]))
+        if fmt == "h5":
+            loaded = ds.load()           # --in-memory: x alone, then the file is closed
+            np.testing.assert_array_equal(loaded.read_x(np.arange(50)), x)
+            assert loaded.y_shape is None
+    if fmt == "h5":
+        with_y.close()
+
+
+def test_y_is_not_looked_at_when_opened_without_labels(tmp_path, uint8_arrays):
+    x, _ = uint8_arrays
+    path = write_h5(tmp_path / "d.h5", x=x, y=np.array([b"cat"] * 3))  # y would be refused
+    with pytest.raises(DataError, match="length mismatch"):
+        open_dataset(path)
+    ds = open_dataset(path, y_name=None)
+    np.testing.assert_array_equal(ds.read_x(np.arange(50)), x)
+    ds.close()
+    digits = open_dataset(None, y_name=None, split="test")
+    assert (digits.n, digits.n_features, digits.y_shape) == (360, 64, None)
+
+
 def test_unknown_suffix_is_recognised_by_signature(tmp_path, uint8_arrays):
     x, y = uint8_arrays
     ds = open_dataset(write_h5(tmp_path / "d.data", x=x, y=y))

@@ -6,12 +6,13 @@ it into global batches and reads its own contiguous slice of each. A cursor
 state beyond the seed.
 Sources (`Dataset`): HDF5 read by rows (`hdf5`), NPZ and bundled digits in memory (`files`),
 synthetic data (`synthetic`), subsets (`sources`); `validate` checks one fits a network.
+`open_dataset(..., y_name=None)` opens the inputs alone (prediction: the file need hold no y).
 Bad data raises `DataError` with one line starting "data file '<source>': ".
 
 This package's interface is the names listed here: callers write `from distbp import data;
 data.X`. The helpers the submodules share (`sources.data_error`, `sources.check_file`,
-`sources.check_layout`, `plan.row_blocks`) stay in their modules. Tests that tune a module's
-constants patch the submodule that reads them (e.g. `data.hdf5`).
+`sources.check_layout`, `sources.no_labels`, `plan.row_blocks`) stay in their modules. Tests
+that tune a module's constants patch the submodule that reads them (e.g. `data.hdf5`).
 """
 
 from __future__ import annotations

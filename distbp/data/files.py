@@ -24,18 +24,20 @@ BUNDLED_DIR = Path(__file__).parent.parent / "datasets"   # distbp/datasets, bes
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
-def _load_npz(path: str, x_name: str, y_name: str) -> ArrayDataset:
-    """An NPZ archive, loaded whole (NPZ cannot be read by rows; use HDF5 for large data)."""
+def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
+    """An NPZ archive's x and y (y_name None: x only), loaded whole (NPZ cannot be read by rows;
+    use HDF5 for large data)."""
+    names = [x_name] if y_name is None else [x_name, y_name]
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise data_error(path, "not an NPZ archive (a single .npy array?)")
         with archive:
-            for name in (x_name, y_name):
+            for name in names:
                 if name not in archive.files:
                     raise data_error(path, f"array {name!r} not found "
                                            f"(arrays: {', '.join(archive.files) or 'none'})")
-            x, y = archive[x_name], archive[y_name]
+            x, y = archive[x_name], None if y_name is None else archive[y_name]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -43,24 +45,27 @@ def _load_npz(path: str, x_name: str, y_name: str) -> ArrayDataset:
     return ArrayDataset(x, y, source=path)
 
 
-def _bundled_digits(split: str) -> ArrayDataset:
+def _bundled_digits(split: str, labels: bool) -> ArrayDataset:
     """The bundled UCI digits (8x8 uint8 images, 0..16, scale 1/16), read whole: they are tiny."""
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-    h5 = HDF5Dataset(BUNDLED_DIR / f"digits-{split}.h5", source=f"bundled digits ({split})")
+    h5 = HDF5Dataset(BUNDLED_DIR / f"digits-{split}.h5", y_name="y" if labels else None,
+                     source=f"bundled digits ({split})")
     try:
-        x, y = h5.read(np.arange(h5.n))
+        return h5.load()
     finally:
         h5.close()
-    return ArrayDataset(x, y, source=h5.source, scale=h5.scale)
 
 
-def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str = "y",
+def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str | None = "y",
                  split: str = "train") -> Dataset:
     """The data source for `path`: None -> bundled digits `split` ("train"/"test"); .h5, .hdf5,
-    .hdf -> HDF5Dataset; .npz -> ArrayDataset; other names are recognised by signature."""
+    .hdf -> HDF5Dataset; .npz -> ArrayDataset; other names are recognised by signature.
+
+    `y_name` None opens the inputs alone (prediction): the file need hold no y, and x is checked
+    and read exactly as with labels. Otherwise a missing y is a DataError naming it."""
     if path is None:
-        return _bundled_digits(split)
+        return _bundled_digits(split, labels=y_name is not None)
     path = str(path)
     check_file(path, path)
     suffix = Path(path).suffix.lower()

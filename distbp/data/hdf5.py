@@ -18,7 +18,7 @@ import numpy as np
 from h5py import h5s, h5t
 
 from distbp.data.plan import row_blocks
-from distbp.data.sources import ArrayDataset, check_file, check_layout, data_error
+from distbp.data.sources import ArrayDataset, check_file, check_layout, data_error, no_labels
 from distbp.errors import one_line
 
 __all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset"]
@@ -77,9 +77,11 @@ class HDF5Dataset:
     chunk cache and are read as a few slices, one per run of nearby rows (`_SpanReader`, one
     per thread and dataset: the training reader thread and the main thread's validation may
     read the same file at once, and a span reader's dataspaces and scratch are state).
+    `y_name` None opens x alone (a file of inputs for prediction): y is neither looked for nor
+    read, and y_dtype = y_shape = None.
     """
 
-    def __init__(self, path: str | Path, x_name: str = "x", y_name: str = "y",
+    def __init__(self, path: str | Path, x_name: str = "x", y_name: str | None = "y",
                  source: str | None = None):
         self.source = source or str(path)
         check_file(path, self.source)
@@ -90,39 +92,44 @@ class HDF5Dataset:
                                           f"{one_line(err)}") from None
         try:
             self._x = _h5_dataset(self.file, x_name, self.source)
-            self._y = _h5_dataset(self.file, y_name, self.source)
-            self.n_features = check_layout(self.source, self._x.shape, self._x.dtype,
-                                           self._y.shape, self._y.dtype)
+            self._y = None if y_name is None else _h5_dataset(self.file, y_name, self.source)
+            self.n_features = check_layout(self.source, self._x, self._y)
             self.scale = _h5_scale(self.file, self._x, self.source)
         except BaseException:
             self.file.close()
             raise
         self.n, self.x_dtype = self._x.shape[0], self._x.dtype
-        self.y_dtype, self.y_shape = self._y.dtype, self._y.shape
+        labels = self._y is not None
+        self.y_dtype, self.y_shape = (self._y.dtype, self._y.shape) if labels else (None, None)
         self._x_row = self._x.shape[1:]   # x may be stored (n, 28, 28): read_into's view of x
-        self._spans = {ds.name: _span_rows(ds) for ds in (self._x, self._y)}
+        self._spans = {ds.name: _span_rows(ds) for ds in self._datasets}
         self._local = threading.local()   # this thread's _SpanReader per dataset name
 
     @property
+    def _datasets(self) -> list[h5py.Dataset]:
+        """x, and y unless the file was opened without labels."""
+        return [ds for ds in (self._x, self._y) if ds is not None]
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of x and y, uncompressed: the memory `load()` needs."""
-        return (self.n * self.n_features * self.x_dtype.itemsize
-                + math.prod(self.y_shape) * self.y_dtype.itemsize)
+        """Bytes of x and y (if opened), uncompressed: the memory `load()` needs."""
+        return sum(math.prod(ds.shape) * ds.dtype.itemsize for ds in self._datasets)
 
     def load(self) -> ArrayDataset:
         """Every row in memory (the same values and dtypes `read` gives), read in slices of
         ~SCAN_BYTES straight into one array each; then the file is closed. Raises MemoryError
         when the arrays cannot be allocated (the file stays open then)."""
-        x, y = np.empty(self._x.shape, self.x_dtype), np.empty(self._y.shape, self.y_dtype)
+        arrays = [np.empty(ds.shape, ds.dtype) for ds in self._datasets]
         for rows in row_blocks(self.n, self.nbytes // self.n):
             sel = np.s_[int(rows[0]):int(rows[-1]) + 1]
             try:
-                self._x.read_direct(x, sel, sel)
-                self._y.read_direct(y, sel, sel)
+                for ds, a in zip(self._datasets, arrays):
+                    ds.read_direct(a, sel, sel)
             except OSError as err:
                 raise data_error(self.source, f"cannot read rows {sel.start}..{sel.stop - 1}: "
                                               f"{one_line(err)}") from None
         self.close()
+        x, y = arrays if self._y is not None else (arrays[0], None)
         return ArrayDataset(x, y, source=self.source, scale=self.scale)
 
     def _rows(self, ds: h5py.Dataset, indices: np.ndarray,
@@ -157,18 +164,28 @@ class HDF5Dataset:
             readers[ds.name] = _SpanReader(ds, *spans)
         return readers[ds.name]
 
+    @property
+    def _labels(self) -> h5py.Dataset:
+        """The y dataset; ValueError for a file opened without labels."""
+        if self._y is None:
+            raise no_labels(self.source)
+        return self._y
+
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.read_x(indices), self.read_y(indices)
+
+    def read_x(self, indices: np.ndarray) -> np.ndarray:
         x = self._rows(self._x, indices)
-        return x.reshape(len(x), self.n_features), self._rows(self._y, indices)
+        return x.reshape(len(x), self.n_features)
 
     def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         if not (x.flags.c_contiguous and y.flags.c_contiguous):
             raise ValueError("read_into needs C-contiguous x and y")  # else reshape would copy
         self._rows(self._x, indices, x.reshape(len(x), *self._x_row))
-        self._rows(self._y, indices, y)
+        self._rows(self._labels, indices, y)
 
     def read_y(self, indices: np.ndarray) -> np.ndarray:
-        return self._rows(self._y, indices)
+        return self._rows(self._labels, indices)
 
     def close(self) -> None:
         self.file.close()

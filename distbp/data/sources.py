@@ -9,6 +9,10 @@ Bad data raises `DataError` with one line starting "data file '<source>': ".
 Every source reads rows two ways: `read` returns new arrays (start-up checks, evaluation), and
 `read_into` fills the caller's buffers from `row_buffers` (the training loader's reused ring,
 so a step allocates no rows). Both give the same values, bit for bit.
+
+A source opened without labels (y_name=None: `distbp predict` on a file of inputs only) has
+y_dtype = y_shape = None; its `read_x` works as any source's, and reading y raises
+`no_labels` (every command that needs y opens its data with a y_name).
 """
 
 from __future__ import annotations
@@ -22,24 +26,28 @@ import numpy as np
 from distbp.errors import ConfigError, DataError, one_line
 
 __all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "check_file", "check_layout",
-           "data_error", "row_buffers", "split_validation", "subset"]
+           "data_error", "no_labels", "row_buffers", "split_validation", "subset"]
 
 _VALIDATION_STREAM = 0x7661    # spawn keys: streams that never coincide with epoch permutations
 
 
 class Dataset(Protocol):
-    """Rows of x (n, n_features) and y (n,) integer labels or (n, k) targets."""
+    """Rows of x (n, n_features) and y (n,) integer labels or (n, k) targets; y is None
+    (y_dtype, y_shape) for a source opened without labels, which reads x only."""
 
     n: int
     n_features: int
     x_dtype: np.dtype          # on-disk dtype: uint8 stays uint8; the trainer converts
-    y_dtype: np.dtype
-    y_shape: tuple[int, ...]
+    y_dtype: np.dtype | None
+    y_shape: tuple[int, ...] | None
     source: str                # path, or e.g. "bundled digits (train)"
     scale: float | None        # multiply x by this for network inputs (HDF5 attribute 'scale')
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x rows (len, n_features) and y rows for strictly increasing int64 `indices`."""
+
+    def read_x(self, indices: np.ndarray) -> np.ndarray:
+        """x rows only (len, n_features), the same as read's (prediction needs no y)."""
 
     def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """The rows of strictly increasing int64 `indices` written into x and y, C-contiguous
@@ -68,26 +76,34 @@ def data_error(source: str, problem: str) -> DataError:
     return DataError(f"data file {source!r}: {problem}")
 
 
-def check_layout(source: str, x_shape: tuple, x_dtype: np.dtype, y_shape: tuple,
-                 y_dtype: np.dtype) -> int:
-    """Shape and dtype checks every source shares; returns n_features (trailing dims of x
+def check_layout(source: str, x, y=None) -> int:
+    """Shape and dtype checks every source shares, on arrays or h5py datasets x and y (None: a
+    source without labels, whose x is checked alone); returns n_features (trailing dims of x
     multiplied, so (n, 28, 28) images are read as (n, 784))."""
-    if len(x_shape) < 2:
-        raise data_error(source, f"x must be 2-D (rows, features), got shape {x_shape}")
-    if len(y_shape) not in (1, 2):
+    if len(x.shape) < 2:
+        raise data_error(source, f"x must be 2-D (rows, features), got shape {x.shape}")
+    if y is not None and len(y.shape) not in (1, 2):
         raise data_error(source, f"y must be 1-D labels (rows,) or 2-D targets (rows, outputs), "
-                                 f"got shape {y_shape}")
-    if x_shape[0] != y_shape[0]:
-        raise data_error(source, f"length mismatch: x has {x_shape[0]} rows, y has {y_shape[0]}")
-    if x_shape[0] == 0:
+                                 f"got shape {y.shape}")
+    if y is not None and x.shape[0] != y.shape[0]:
+        raise data_error(source, f"length mismatch: x has {x.shape[0]} rows, y has {y.shape[0]}")
+    if x.shape[0] == 0:
         raise data_error(source, "empty data (0 rows)")
-    for name, dtype in (("x", x_dtype), ("y", y_dtype)):
-        if dtype.kind not in "iuf":
-            raise data_error(source, f"{name} has dtype {dtype}; expected a float or integer dtype")
-    n_features = math.prod(x_shape[1:])
+    for name, a in (("x", x), ("y", y)):
+        if a is not None and a.dtype.kind not in "iuf":
+            raise data_error(source, f"{name} has dtype {a.dtype}; expected a float or integer "
+                                     f"dtype")
+    n_features = math.prod(x.shape[1:])
     if n_features == 0:
-        raise data_error(source, f"x has 0 features (shape {x_shape})")
+        raise data_error(source, f"x has 0 features (shape {x.shape})")
     return n_features
+
+
+def no_labels(source: str) -> ValueError:
+    """The error of a y read from a source opened without labels: a caller's mistake, since
+    everything that needs y opens its data with a y_name (and so gets a DataError if y is
+    missing from the file)."""
+    return ValueError(f"{source}: opened without labels (y_name=None); only x can be read")
 
 
 def _missing_hint(path: Path) -> str:
@@ -114,19 +130,29 @@ def check_file(path: str | Path, source: str) -> None:
 
 
 class ArrayDataset:
-    """Rows held in memory (NPZ, the bundled digits, synthetic data, tests). Not copied."""
+    """Rows held in memory (NPZ, the bundled digits, synthetic data, tests). Not copied.
+    y None: inputs only (`y` then raises `no_labels`)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, source: str = "in-memory arrays",
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, source: str = "in-memory arrays",
                  scale: float | None = None):
-        x, y = np.asarray(x), np.asarray(y)
-        self.n_features = check_layout(source, x.shape, x.dtype, y.shape, y.dtype)
+        x, y = np.asarray(x), None if y is None else np.asarray(y)
+        self.n_features = check_layout(source, x, y)
         self.x = x.reshape(x.shape[0], self.n_features)
-        self.y = y
-        self.n, self.x_dtype, self.y_dtype, self.y_shape = len(y), x.dtype, y.dtype, y.shape
-        self.source, self.scale = source, scale
+        self._y = y
+        self.n, self.x_dtype, self.source, self.scale = len(x), x.dtype, source, scale
+        self.y_dtype, self.y_shape = (None, None) if y is None else (y.dtype, y.shape)
+
+    @property
+    def y(self) -> np.ndarray:
+        if self._y is None:
+            raise no_labels(self.source)
+        return self._y
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.x[indices], self.y[indices]
+
+    def read_x(self, indices: np.ndarray) -> np.ndarray:
+        return self.x[indices]
 
     def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _check_rows(self, indices)
@@ -152,7 +178,7 @@ class SubsetDataset:
         self._increasing = bool(np.all(self.rows[1:] > self.rows[:-1]))
         self.n, self.n_features, self.source = len(rows), base.n_features, base.source
         self.x_dtype, self.y_dtype, self.scale = base.x_dtype, base.y_dtype, base.scale
-        self.y_shape = (self.n, *base.y_shape[1:])
+        self.y_shape = None if base.y_shape is None else (self.n, *base.y_shape[1:])
 
     def _base_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Increasing base rows to read, and where row i of the answer is among them."""
@@ -163,6 +189,11 @@ class SubsetDataset:
         rows, inverse = self._base_rows(indices)
         x, y = self.base.read(rows)
         return (x, y) if inverse is None else (x[inverse], y[inverse])
+
+    def read_x(self, indices: np.ndarray) -> np.ndarray:
+        rows, inverse = self._base_rows(indices)
+        x = self.base.read_x(rows)
+        return x if inverse is None else x[inverse]
 
     def read_into(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """Straight into x and y when the base rows increase (a split, a sorted subset);
