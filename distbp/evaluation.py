@@ -74,16 +74,17 @@ def open_checkpoint_data(path, data_path: str | None, *, x_name: str | None = No
     """Load and verify checkpoint `path`, open data file `data_path` (None: the bundled digits'
     test split, for a checkpoint trained on them) and check it against the model; UsageError on
     bad input, no collective. Dataset names default to the checkpoint's; `batch` to its training
-    batch size. `labels`: y is checked too, on rank `rank`'s share of `size` only (so call it
-    on every rank through launch.agree)."""
+    batch size. `labels`: y must be in the file and is checked too, on rank `rank`'s share of
+    `size` only (so call it on every rank through launch.agree); without, only x is opened and
+    checked (y_name is not used, and the file need hold no y)."""
     ckpt = checkpoint.load(path)
     net = network_from_checkpoint(ckpt)
     cfg = ckpt.config
     if data_path is None and cfg.get("data") is not None:
         raise ConfigError(f"--data is required: checkpoint '{ckpt.path}' was trained on "
                           f"'{cfg['data']}', not on the bundled digits")
-    ds = data.open_dataset(data_path, x_name or cfg.get("x_name") or "x",
-                           y_name or cfg.get("y_name") or "y", split="test")
+    y_name = (y_name or cfg.get("y_name") or "y") if labels else None
+    ds = data.open_dataset(data_path, x_name or cfg.get("x_name") or "x", y_name, split="test")
     batch = batch or cfg.get("batch_size")
     loaded = Loaded(ckpt, net, ds, preprocess.Inputs(ckpt.preprocess, net.n_inputs, net.dtype),
                     batch if isinstance(batch, int) and batch > 0 else DEFAULT_BATCH)
@@ -117,7 +118,7 @@ def predict_rows(net: Network, ds: data.Dataset, inputs: preprocess.Inputs, lo: 
     """Output activations of rows lo..hi-1 of `ds` into out (hi − lo, n_out)."""
     for start in range(lo, hi, batch):
         stop = min(start + batch, hi)
-        x, _ = ds.read(np.arange(start, stop, dtype=np.int64))
+        x = ds.read_x(np.arange(start, stop, dtype=np.int64))
         out[start - lo:stop - lo] = net.predict(inputs(x))
 
 

@@ -121,6 +121,70 @@ def test_predict_in_many_gather_rounds_writes_the_same_rows(run, tmp_path, monke
                                    rtol=0, atol=1e-12)
 
 
+def inputs_only(labelled: Path, d: Path) -> dict[str, Path]:
+    """The x of `labelled` alone, as HDF5 and as NPZ: files without labels."""
+    with h5py.File(labelled, "r") as f:
+        x = f["x"][()]
+    with h5py.File(d / "x-only.h5", "w") as f:
+        f["x"] = x
+    np.savez(d / "x-only.npz", x=x)
+    return {"h5": d / "x-only.h5", "npz": d / "x-only.npz"}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_predict_on_files_without_labels_writes_what_the_labelled_file_gives(run, tmp_path,
+                                                                            ranks):
+    def predict(data: Path) -> dict[str, np.ndarray]:
+        out = tmp_path / f"pred-{data.name}.h5"
+        p = distbp("predict", str(run["ckpt"]), "--data", str(data), "--out", str(out), n=ranks)
+        assert p.returncode == 0, p.stderr
+        with h5py.File(out, "r") as f:
+            return {name: f[name][()] for name in ("prediction", "label")}
+
+    want = predict(run["test"])
+    np.testing.assert_allclose(want["prediction"], reference(run["ckpt"], run["test"])[0],
+                               rtol=0, atol=1e-12)
+    for data in inputs_only(run["test"], tmp_path).values():
+        got = predict(data)
+        for name in ("prediction", "label"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{data.name} {name}")
+
+
+def test_a_file_without_labels_is_exit_2_naming_the_missing_y_for_evaluate_and_train(run,
+                                                                                   tmp_path):
+    files = inputs_only(run["test"], tmp_path)
+    for argv, ranks, missing in (
+            (["evaluate", str(run["ckpt"]), "--data", str(files["h5"])], 2,
+             "dataset 'y' not found (datasets: x)"),
+            (["evaluate", str(run["ckpt"]), "--data", str(files["npz"])], 1,
+             "array 'y' not found (arrays: x)"),
+            (["train", "--data", str(files["h5"]), "--steps", "1", "--run-dir",
+              str(tmp_path / "run")], 1, "dataset 'y' not found (datasets: x)")):
+        p = distbp(*argv, n=ranks)
+        assert p.returncode == 2, (argv, p.stderr)
+        data = argv[argv.index("--data") + 1]
+        assert error_lines(p.stderr) == [f"distbp: error: data file '{data}': {missing}"], argv
+
+
+def test_predict_without_labels_still_checks_x(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with h5py.File(tmp_path / "wide.h5", "w") as f:
+        f["x"] = np.zeros((4, 7))
+    with h5py.File(tmp_path / "labels.h5", "w") as f:
+        f["y"] = np.zeros(4, np.int64)
+    with h5py.File(tmp_path / "text.h5", "w") as f:
+        f["x"] = np.array([[b"a"] * FEATURES] * 4)
+    for name, message in (("wide.h5", "x has 7 features but the network's input layer has 5"),
+                          ("labels.h5", "dataset 'x' not found (datasets: y)"),
+                          ("text.h5", "x has dtype |S1; expected a float or integer dtype")):
+        argv = ["predict", str(run["ckpt"]), "--data", str(tmp_path / name),
+                "--out", str(tmp_path / "p.h5")]
+        assert main(argv) == 2, argv
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and message in err[0], (name, err)
+    assert not (tmp_path / "p.h5").exists()
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 37])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_gather_rounds_cover_every_row_once(n, size, monkeypatch):

@@ -25,7 +25,7 @@ def add_command(sub) -> None:
                        description="Write dataset `prediction` (N, n_out) of output "
                        "activations in the model's dtype and, for softmax/sigmoid models, `label` "
                        "(N,) (argmax; a > 0.5 for one output), rows in the input order. Only x "
-                       "is used, but the data file must hold a y dataset too.")
+                       "is read: the data file need hold no labels (--y-name is not used).")
     add_checkpoint_data_arguments(p)
     p.add_argument("--out", required=True, help="output HDF5 file (written atomically by rank 0)")
     p.set_defaults(run=run)
@@ -33,7 +33,7 @@ def add_command(sub) -> None:
 
 def _open(args: argparse.Namespace, rank: int) -> tuple[Loaded, PredictionFile | None]:
     """The model and data and, on rank 0 only, the opened output (no collective)."""
-    m = open_checkpoint_data(args.checkpoint, args.data, x_name=args.x_name, y_name=args.y_name,
+    m = open_checkpoint_data(args.checkpoint, args.data, x_name=args.x_name,
                              batch=args.batch_size, labels=False)
     try:
         attrs = {"checkpoint": str(m.ckpt.path), "step": m.ckpt.step, "data": m.ds.source}
