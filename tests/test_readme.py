@@ -1,4 +1,9 @@
-"""README claims that can drift: the equation table's line numbers, the opening commands, CI."""
+"""README claims that can drift: the equation table's functions, the opening commands, CI.
+
+The equation table names a function for each equation (`Qualname` in `distbp/file.py`), never
+line numbers: an edit elsewhere in a file cannot break it, while moving an equation's code out
+of its function (or renaming the function) does.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +13,80 @@ import re
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+TABLE_HEADING = "## The seed's equations in the code"
 
-# README row -> a fragment that must appear in the cited lines
+# README row (a text unique to it) -> the code that computes its equation, which must lie inside
+# the function the row names. Compared with runs of whitespace squashed to one space.
 EQUATIONS = {
-    "z_j = a_k W_jᵀ + b_j": "z_j = a_k W_jᵀ",
-    "a_j = g(z_j)": "a_j = g(z_j)",
-    "δ_L = ∂L/∂z_L": "δ_L",
-    "ΔW_j = δ_jᵀ a_k": "ΔW_j = δ_jᵀ a_k",
-    "Δb_j = Σ_rows δ_j": "Δb_j = Σ_rows δ_j",
-    "Δa_k = δ_j W_j": "Δa_k = δ_j W_j",
-    "δ_k = Δa_k ⊙ g′(z_k)": "δ_k = Δa_k ⊙ g′(z_k)",
-    "grad /= count": "self.grad /= count",
-    "w = w − α·u": "w = w − α·u",
+    "z_j = a_k W_jᵀ + b_j": ["np.matmul(ws.a[k], W.T, out=ws.z[j])", "ws.z[j] += b"],
+    "a_j = g(z_j)": ["self.g.g(ws.z[j], ws.a[j])"],
+    "a_L = g_out(z_L)": ["np.subtract(z, s.row, out=a)", "np.exp(a, out=a)", "a /= s.row2"],
+    "δ_L = a·ΣT − T": ["np.multiply(a, s.row, out=delta)", "delta -= t"],
+    "ΔW_j = δ_jᵀ a_k": ["np.matmul(delta.T, ws.a[k], out=dW[k])"],
+    "Δb_j = Σ_rows δ_j": ["np.sum(delta, axis=0, out=db[k])"],
+    "Δa_k = δ_j W_j": ["np.matmul(delta, self.weights[k], out=ws.delta[k])"],
+    "δ_k = Δa_k ⊙ g′(z_k)": ["self.g.gprime(ws.z[k], ws.a[k], ws.z[k])",
+                             "ws.delta[k] *= ws.z[k]"],
+    "grad /= count": ["self.comm.allreduce_sum(self.buf)", "self.grad /= count"],
+    "w = w − α·u": ["np.multiply(u, dt(lr), out=s2)", "params -= s2"],
 }
+CITATION = re.compile(r"`([\w.]+)` in `(distbp/[\w/]+\.py)`")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _table_rows() -> list[str]:
+    """The body rows of the equation table (header and separator left out)."""
+    section = README.split(TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return rows[2:]
 
 
 def _row(key: str) -> str:
-    rows = [line for line in README.splitlines() if line.startswith("|") and key in line]
-    assert len(rows) == 1, key
+    rows = [line for line in _table_rows() if key in line]
+    assert len(rows) == 1, f"{key!r} is in {len(rows)} rows of the README's equation table"
     return rows[0]
 
 
-def test_every_cited_line_range_holds_its_equation():
-    for key, fragment in EQUATIONS.items():
-        m = re.search(r"`(distbp/[\w/]+\.py)` L(\d+)(?:–(\d+))?", _row(key))
-        assert m, key
-        path, first, last = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
-        text = (ROOT / path).read_text().splitlines()
-        found = [i for i, line in enumerate(text, start=1) if fragment in line]
-        assert any(first <= i <= last for i in found), \
-            f"README cites {path} L{first}-{last} for {key!r}; it is at line(s) {found}"
-
-
-def _function_span(path: str, qualname: str) -> tuple[int, int]:
-    """(first, last) line of the def `qualname` ("func" or "Class.method") in the file."""
-    tree = ast.parse((ROOT / path).read_text())
+def function_source(path: str, qualname: str) -> str:
+    """The source of the def `qualname` ("func" or "Class.method") in ROOT/path, comments and
+    docstring included; AssertionError naming it if the file has no such function."""
+    text = (ROOT / path).read_text()
+    body = ast.parse(text).body
     *owners, name = qualname.split(".")
-    body = tree.body
     for owner in owners:
-        body = next(n.body for n in body if isinstance(n, ast.ClassDef) and n.name == owner)
-    node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
-    return node.lineno, node.end_lineno
+        classes = [n for n in body if isinstance(n, ast.ClassDef) and n.name == owner]
+        assert classes, f"{path} has no class {owner}"
+        body = classes[0].body
+    defs = [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.name == name]
+    assert defs, f"{path} has no function {qualname}"
+    return ast.get_source_segment(text, defs[0])
 
 
-def test_every_cited_line_range_lies_in_the_named_function():
-    for key in EQUATIONS:
-        m = re.search(r"`([\w.]+)` in `(distbp/[\w/]+\.py)` L(\d+)(?:–(\d+))?", _row(key))
-        assert m, f"README row for {key!r} does not name its function: `func` in `path` Lfirst"
-        name, path, first = m.group(1), m.group(2), int(m.group(3))
-        last = int(m.group(4) or first)
-        lo, hi = _function_span(path, name)
-        assert lo <= first <= last <= hi, \
-            f"README cites {path} L{first}-{last} as {name}, which spans L{lo}-{hi}"
+def test_every_row_of_the_equation_table_is_checked():
+    rows = _table_rows()
+    assert rows, "the README has no equation table"
+    for row in rows:
+        keys = [key for key in EQUATIONS if key in row]
+        assert len(keys) == 1, f"README row {row!r} matches {keys} of tests/test_readme.py"
+
+
+def test_every_equation_is_computed_inside_the_function_its_row_names():
+    for key, fragments in EQUATIONS.items():
+        m = CITATION.search(_row(key))
+        assert m, f"README row for {key!r} does not name its function: `Qualname` in `path`"
+        qualname, path = m.groups()
+        source = _squash(function_source(path, qualname))
+        for fragment in fragments:
+            assert _squash(fragment) in source, \
+                f"README says {qualname} in {path} computes {key!r}, but it lacks {fragment!r}"
+
+
+def test_the_readme_cites_no_line_numbers():
+    assert not re.search(r"\.py`?\s+L\d+", README)
 
 
 def test_ci_runs_exactly_the_readme_test_command():
