@@ -25,7 +25,7 @@ entry point can install its signal handler before NumPy loads (distbp.entry).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from distbp.version import __version__
 
 _LAZY = {"Network": "distbp.network", "fit": "distbp.api", "load": "distbp.api",
          "evaluate": "distbp.api", "predict": "distbp.api", "FitResult": "distbp.api"}

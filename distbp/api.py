@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import __version__, checkpoint, data, preprocess
+from distbp import checkpoint, data, preprocess
 from distbp.config_schema import TrainConfig
 from distbp.errors import ConfigError, NonFiniteError
 from distbp.evaluation import loss_sums, network_from_checkpoint, predict_rows
@@ -34,6 +34,7 @@ from distbp.network import Network
 from distbp.session import ARRAYS_LABEL, Session, build_session
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
 from distbp.trainer import Trainer
+from distbp.version import __version__
 
 __all__ = ["FitResult", "evaluate", "fit", "load", "predict", "train"]
 

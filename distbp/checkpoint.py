@@ -40,8 +40,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,9 +64,10 @@ from distbp.ckpt_integrity import (
     read_fields,
     userblock,
 )
-from distbp.durable import fsync_path, replace_durably
+from distbp.durable import fsync_path, replace_durably, umask
 from distbp.errors import CheckpointError, one_line
 from distbp.network import n_params, param_views
+from distbp.version import __version__
 
 __all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "latest_valid",
            "list_checkpoints", "load", "save", "set_aside_newer"]
@@ -207,7 +210,6 @@ def _write_atomically(final: Path, contents: Callable[[h5py.File], None]) -> Pat
 
 def _write_root(f: h5py.File, step: int, epoch: int, world_size: int) -> None:
     """The root attributes: format, version, position, provenance."""
-    from distbp import __version__  # lazily: the package's __init__ is the API layer above
 
     f.attrs.update({"format": FORMAT, "format_version": np.int64(FORMAT_VERSION),
                     "step": np.int64(step), "epoch": np.int64(epoch),
@@ -274,23 +276,29 @@ def _rotate(directory: Path, keep: int | None, written: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def set_aside_newer(directory, step: int) -> list[Path]:
-    """Move checkpoints with a step above `step` into directory/superseded-<UTC time>/.
+def set_aside_newer(directory, step: int, files: Sequence[Path] = ()) -> list[Path]:
+    """Move checkpoints with a step above `step`, and those of `files` that exist and are not
+    empty (a fresh run's old metrics file), into a new folder directory/superseded-<UTC time>-*/.
 
     A run that starts fresh (or from an older checkpoint) in a directory that holds a later
     run's checkpoints would otherwise have them picked by the next `--resume auto`, or rotated
-    away by `--keep`. Nothing is deleted. Returns the new paths."""
+    away by `--keep`; its metrics file would be overwritten. Nothing is deleted, and two runs
+    never share a folder. Returns the new paths."""
     newer = [p for p in list_checkpoints(directory) if int(p.name[5:13]) > step]
-    if not newer:
+    others = [Path(f) for f in files if Path(f).is_file() and Path(f).stat().st_size > 0]
+    if not newer and not others:
         return []
-    target = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
-    target.mkdir(exist_ok=True)
+    stamp = time.strftime("superseded-%Y%m%dT%H%M%SZ-", time.gmtime())
+    target = Path(tempfile.mkdtemp(prefix=stamp, dir=directory))
+    os.chmod(target, 0o777 & ~umask())  # mkdtemp's 0700: as any new directory
     moved = []
-    for path in newer:
-        os.replace(path, target / path.name)
+    for path in [*newer, *others]:
+        shutil.move(path, target / path.name)  # a metrics file may sit on another file system
         moved.append(target / path.name)
     fsync_path(Path(directory))
     return moved
+
+
 
 
 # ------------------------------------------------------------------------------------ load

@@ -24,6 +24,7 @@ import numpy as np
 
 from distbp.errors import CheckpointError, one_line
 from distbp.network import n_params, param_views
+from distbp.version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INTERVAL_KEYS", "MAGIC", "NUMERIC", "USERBLOCK", "attr",
            "check_file", "digest", "error", "file_digest", "join_ints", "member", "read_fields",
@@ -108,7 +109,6 @@ def check_file(path: Path) -> None:
 def read_fields(f: h5py.File, path: Path) -> dict:
     """Every Checkpoint field but `path`, read from the open file `f` (already through
     check_file): format and version checked, each dataset verified, the flat params rebuilt."""
-    from distbp import __version__  # lazily: the package's __init__ is the API layer above
 
     if (fmt := attr(f, "format", path)) != FORMAT:
         raise error(path, f"not a distbp checkpoint (format attribute is {fmt!r})")

@@ -26,6 +26,7 @@ from distbp.config_values import (
     CHOICE,
     FLOAT,
     INT,
+    KEY_ALIASES,
     LAYERS,
     NAME,
     PATH,
@@ -35,7 +36,7 @@ from distbp.config_values import (
 )
 from distbp.errors import ConfigError
 
-__all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "KEY_ALIASES", "OPTIMIZER_OPTIONS",
+__all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "OPTIMIZER_OPTIONS",
            "OPTIONS", "OptionSpec", "TrainConfig", "build_config", "option_name", "parse_options",
            "validate"]
 
@@ -45,23 +46,6 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds before a stuck collective aborts
 OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"),
                      "adamw": ("betas", "eps")}
 
-# Spellings other tools use for our options (lower case, underscores): an unknown key found here
-# is answered with our name; any other unknown key with difflib's closest match.
-KEY_ALIASES = {
-    "learning_rate": "lr", "base_lr": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
-    "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size", "max_steps": "steps",
-    "num_steps": "steps", "max_iters": "steps", "iterations": "steps", "wd": "weight_decay",
-    "l2": "weight_decay", "optim": "optimizer", "scheduler": "schedule",
-    "lr_scheduler": "schedule", "warmup": "warmup_steps", "warmup_iters": "warmup_steps",
-    "beta1": "betas", "beta2": "betas", "epsilon": "eps", "adam_eps": "eps",
-    "eta_min": "min_lr", "lr_min": "min_lr", "gamma": "lr_gamma", "step_size": "lr_step_size",
-    "max_grad_norm": "clip_grad_norm", "gradient_clip_val": "clip_grad_norm",
-    "grad_clip": "clip_grad_norm", "patience": "early_stop", "random_seed": "seed",
-    "precision": "dtype", "out_dir": "run_dir", "output_dir": "run_dir",
-    "save_every": "checkpoint_every", "log_interval": "log_every", "num_threads": "threads",
-    "val_split": "val_fraction", "validation_split": "val_fraction", "train_data": "data",
-    "valid_data": "val_data", "validation_data": "val_data", "hidden_layers": "layers",
-}
 
 
 def _opt(default: Any, help: str, kind: Kind, none_ok: bool = False, **rules: Any) -> Any:
@@ -160,13 +144,15 @@ class TrainConfig:
                                PATH, True)
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
                                         "none: only at checkpoints", INT, True, check="positive")
-    progress: str = _opt("auto", "rank 0's progress. lines: a line every --log-every steps; bar: "
-                                 "those lines plus a bar redrawn in place; auto: bar on a "
-                                 "terminal, else lines (under mpiexec stdout is a pipe: ask for "
-                                 "bar)", CHOICE,
+    progress: str = _opt("auto", "rank 0's progress: lines every --log-every steps, bar adds a "
+                                 "bar redrawn in place, auto: bar on a terminal (under mpiexec "
+                                 "stdout is a pipe: ask for bar)", CHOICE,
                          choices=("auto", "bar", "lines"))
     log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run", INT,
                                  True, check="positive")
+    record_every: int | None = _opt(None, "train record in the metrics file every N steps (and at "
+                                          "each progress line); none: about 200 per run", INT,
+                                    True, check="positive")
     threads: int | None = _opt(None, "BLAS threads per rank; none: OMP/OPENBLAS/MKL_NUM_THREADS, "
                                      "else SLURM_CPUS_PER_TASK, else this rank's CPUs / ranks "
                                      "per node (never more than the CPUs)", INT, True,

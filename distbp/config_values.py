@@ -17,8 +17,8 @@ from typing import Any
 
 from distbp.errors import ConfigError
 
-__all__ = ["BETAS", "BOOL", "CHOICE", "FLOAT", "INT", "LAYERS", "NAME", "PATH", "Kind",
-           "describe_value", "format_value", "parse_layers"]
+__all__ = ["BETAS", "BOOL", "CHOICE", "FLOAT", "INT", "KEY_ALIASES", "LAYERS", "NAME", "PATH",
+           "Kind", "describe_value", "format_value", "parse_layers"]
 
 
 def describe_value(v: Any) -> str:
@@ -121,3 +121,23 @@ NAME = Kind(_exact(str, "a string"), "NAME")
 CHOICE = Kind(_exact(str, "a string"), "WORD")  # its `choices` make the metavar
 LAYERS = Kind(_to_layers, "N,N,...")
 BETAS = Kind(_to_betas, "B1,B2")
+
+
+# Spellings other tools use for our options (lower case, underscores): an unknown key found here
+# is answered with our name; any other unknown key with difflib's closest match.
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size", "max_steps": "steps",
+    "num_steps": "steps", "max_iters": "steps", "iterations": "steps", "wd": "weight_decay",
+    "l2": "weight_decay", "optim": "optimizer", "scheduler": "schedule",
+    "lr_scheduler": "schedule", "warmup": "warmup_steps", "warmup_iters": "warmup_steps",
+    "beta1": "betas", "beta2": "betas", "epsilon": "eps", "adam_eps": "eps",
+    "eta_min": "min_lr", "lr_min": "min_lr", "gamma": "lr_gamma", "step_size": "lr_step_size",
+    "max_grad_norm": "clip_grad_norm", "gradient_clip_val": "clip_grad_norm",
+    "grad_clip": "clip_grad_norm", "patience": "early_stop", "random_seed": "seed",
+    "precision": "dtype", "out_dir": "run_dir", "output_dir": "run_dir",
+    "save_every": "checkpoint_every", "log_interval": "log_every", "num_threads": "threads",
+    "log_every_n_steps": "record_every",
+    "val_split": "val_fraction", "validation_split": "val_fraction", "train_data": "data",
+    "valid_data": "val_data", "validation_data": "val_data", "hidden_layers": "layers",
+}

@@ -30,7 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distbp.durable import fsync_path
+from distbp.durable import fsync_path, umask
 from distbp.errors import DataError, UsageError, one_line
 from distbp.idx import IdxReader
 
@@ -94,7 +94,7 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
         # not durable.replace_durably: the chmod sits between the fsync and the rename, and
         # only the rename's OSError is the user's fault (_replace makes it a UsageError)
         fsync_path(tmp)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp made it 0600: readable like any new file
+        os.chmod(tmp, 0o644 & ~umask())  # mkstemp made it 0600: readable like any new file
         _replace(tmp, out)
         fsync_path(out.parent)
     except BaseException:
@@ -132,11 +132,6 @@ def _replace(tmp: str, out: Path) -> None:
         raise _cannot_write(out, err) from None
 
 
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- IDX import

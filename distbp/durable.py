@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["fsync_path", "replace_durably"]
+__all__ = ["fsync_path", "replace_durably", "umask"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -40,3 +40,11 @@ def replace_durably(tmp: str | Path, final: str | Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(Path(final).parent)
+
+
+def umask() -> int:
+    """The process's umask, for giving a file made private by mkstemp/mkdtemp the mode any new
+    file would have (reading the umask means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -28,10 +28,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distbp import __version__, checkpoint, data, preprocess
+from distbp import checkpoint, data, preprocess
 from distbp.durable import replace_durably
 from distbp.errors import CheckpointError, ConfigError, DataError, one_line
 from distbp.network import Network
+from distbp.version import __version__
 
 __all__ = ["GATHER_BYTES", "Loaded", "PredictionFile", "gather_plan", "loss_sums",
            "network_from_checkpoint", "open_checkpoint_data", "output_labels", "predict_rows",

@@ -25,7 +25,7 @@ from typing import TextIO
 
 from distbp.ckpt_integrity import INTERVAL_KEYS
 
-__all__ = ["MetricsLog", "Progress", "Interval"]
+__all__ = ["Interval", "MetricsLog", "Progress", "RunLog", "format_train"]
 
 
 class MetricsLog:
@@ -136,3 +136,56 @@ def format_train(r: dict, total: int) -> str:
     return (f"step {r['step']}/{total} epoch {r['epoch']} loss {r['loss']:.4f} "
             f"acc {r['accuracy']:.4f} lr {r['lr']:.4g} {r['samples_per_s']:.0f} samples/s "
             f"compute {r['compute_ms']:.2f} ms comm {r['comm_ms']:.2f} ms")
+
+
+class RunLog:
+    """A run's account as it goes. On every rank: `interval`, the sums since the last train
+    record (they ride in checkpoints, so every rank must agree on them). On rank 0 (`metrics`
+    not None): a train record every `record_every` steps, a progress line every `print_every`
+    steps (each with its record), the bar, and the closing summary."""
+
+    def __init__(self, metrics: MetricsLog | None, progress: Progress, total: int,
+                 record_every: int, print_every: int, interval: Interval) -> None:
+        self.metrics, self.progress, self.total = metrics, progress, total
+        self.record_every, self.print_every, self.interval = record_every, print_every, interval
+        self.started = time.perf_counter()  # the run's clock
+        self.samples = self.loss_sum = 0.0  # over the steps this process trained
+
+    def after_step(self, step: int, epoch: int, lr: float, sums: tuple[float, float, float],
+                   times: tuple[float, float], grad_norm: float | None) -> None:
+        """Step `step` (1-based) is done: `sums` (loss sum, correct, rows) over the global batch,
+        `times` (compute, communication) seconds on this rank."""
+        self.interval.add(*sums, *times)
+        self.loss_sum += sums[0]
+        self.samples += sums[2]
+        if self.metrics is None:
+            return
+        printed = step % self.print_every == 0 or step == self.total
+        if printed or step % self.record_every == 0:
+            self.record(step, epoch, lr, grad_norm, printed)
+        self.progress.step(step, f"loss {sums[0] / max(sums[2], 1.0):.4f}")
+
+    def record(self, step: int, epoch: int, lr: float, grad_norm: float | None,
+               printed: bool = True) -> None:
+        """Rank 0: the train record of the interval's steps up to `step` (the interval restarts);
+        with clipping, "grad_norm": `step`'s before clipping, if this process took that step."""
+        record = self.interval.record(step, epoch, lr, time.perf_counter() - self.started)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.metrics.write(record)
+        if printed:
+            self.progress.line(format_train(record, self.total))
+        self.interval.reset()
+
+    def summary(self, step: int, start: int, checkpoint) -> str:
+        """One line: steps, wall time, samples/s, last and best validation, final checkpoint."""
+        wall = time.perf_counter() - self.started
+        vals = [r for r in self.metrics.history if r.get("kind") == "val"]
+        text = (f"done: step {step} of {self.total} ({step - start} trained in {wall:.3g} s, "
+                f"{self.samples / max(wall, 1e-9):,.0f} samples/s)")
+        if vals:
+            best = max(vals, key=lambda r: (r["accuracy"], -r["loss"]))
+            text += (f"; validation: last accuracy {vals[-1]['accuracy']:.4f} loss "
+                     f"{vals[-1]['loss']:.4f} (step {vals[-1]['step']}), best accuracy "
+                     f"{best['accuracy']:.4f} (step {best['step']})")
+        return text + (f"; final checkpoint {checkpoint}" if checkpoint else "")

@@ -20,7 +20,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
 from distbp.evaluation import loss_sums
 from distbp.loader import BatchPlan, ShardLoader
-from distbp.metrics import Interval, MetricsLog, Progress, format_train
+from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
 from distbp.session import Session, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals
@@ -40,16 +39,7 @@ __all__ = ["Trainer"]
 # The step's scalars, after the gradient in the one reduced buffer.
 LOSS_SUM, ROWS, CORRECT, STOP = range(4)
 TAIL = 4
-
-
-@dataclass
-class _RunLog:
-    """Rank 0's metrics file (None elsewhere), progress display, a record every `every` steps."""
-    metrics: MetricsLog | None
-    progress: Progress
-    every: int
-    interval: Interval = field(default_factory=Interval)
-    started: float = field(default_factory=time.perf_counter)  # the run's clock
+MIN_JUDGED_EPOCH = 20  # steps an epoch needs before its loss says whether the network learns
 
 
 class Trainer:
@@ -70,7 +60,8 @@ class Trainer:
         self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
         self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
         self.last_checkpoint: Path | None = session.resumed_from
-        self._log: _RunLog | None = None
+        self._log: RunLog | None = None
+        self._baseline: float | None = None  # loss of predicting the class frequencies
         self._at_step = session.start_step  # 1-based step in progress, for error messages
 
     # ------------------------------------------------------------------ the loop
@@ -106,10 +97,11 @@ class Trainer:
             lr = self.step(step)
             step += 1
             tail = self.tail
-            log.interval.add(float(tail[LOSS_SUM]), float(tail[CORRECT]), float(tail[ROWS]),
-                             *self.phase_s[:2])
-            self._report(step, epoch, lr, log)
+            log.after_step(step, epoch, lr, (float(tail[LOSS_SUM]), float(tail[CORRECT]),
+                                             float(tail[ROWS])), self.phase_s[:2], self._grad_norm)
             end_of_epoch = step % s.steps_per_epoch == 0
+            if self._baseline is not None and step in (s.steps_per_epoch // 2, s.steps_per_epoch):
+                self._warn_if_not_learning(log, step)
             if end_of_epoch and s.val is not None:
                 self._validate(step, epoch, log)
                 if step < s.total_steps and self._early_stop_reason() is not None:
@@ -155,43 +147,59 @@ class Trainer:
         tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
         tail[STOP] = self.stop.signum is not None
 
-    def _begin(self) -> _RunLog:
-        """Before the first step: the preprocessing statistics (a collective), rank 0 moves aside
-        checkpoints newer than the start (left by an earlier, longer run) and opens the metrics;
-        the record in progress continues from the resumed checkpoint's sums."""
+    def _begin(self) -> RunLog:
+        """Before the first step: the preprocessing statistics and, for a fresh classification
+        run, the class frequencies (collectives); rank 0 moves aside what an earlier run left
+        (checkpoints newer than the start, a fresh run's old metrics file) and opens the
+        metrics; the record in progress continues from the resumed checkpoint's sums."""
         s, cfg = self.s, self.s.cfg
         self._setup_preprocess()
+        fresh = s.resumed_from is None
+        # judged on the second half of epoch 0: enough steps to tell learning from noise
+        if fresh and s.steps_per_epoch >= MIN_JUDGED_EPOCH and s.net.output == "softmax" \
+                and len(s.train.y_shape) == 1:
+            self._baseline = self._class_entropy()
         if self.rank0:
-            moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step)
+            moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step,
+                                               [s.metrics_path] if fresh else [])
             if moved:
-                self.log(f"moved {len(moved)} checkpoint(s) newer than step {s.start_step} "
-                         f"(from an earlier run) to {moved[0].parent}")
+                names = ", ".join(p.name for p in moved[:3]) + (", ..." if moved[3:] else "")
+                self.log(f"moved {len(moved)} file(s) of an earlier run ({names}) to "
+                         f"{moved[0].parent}")
         metrics = MetricsLog(s.metrics_path, s.history) if self.rank0 else None
         every = cfg.log_every or max(1, s.total_steps // 20)
-        # the sums since the last record, as the resumed checkpoint left them: exact records
-        return _RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), every,
-                       Interval(s.interval))
+        records = cfg.record_every or max(1, s.total_steps // 200)
+        return RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), s.total_steps,
+                      records, every, Interval(s.interval))
 
-    def _report(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
-        """Rank 0: a train record every `log.every` steps and at the last; the bar every step."""
-        if not self.rank0:
+    def _class_entropy(self) -> float:
+        """The cross-entropy of predicting the training labels' frequencies, −Σ p log p: each
+        rank counts its contiguous share, one allreduce."""
+        s, n_out = self.s, self.s.net.n_outputs
+        counts = np.zeros(n_out, np.float64)
+        lo, hi = data.shard_bounds(s.train.n, self.comm.rank, self.comm.size)
+        for start in range(lo, hi, 1 << 16):
+            y = s.train.read_y(np.arange(start, min(start + (1 << 16), hi)))
+            counts += np.bincount(y.astype(np.int64), minlength=n_out)[:n_out]
+        self.comm.allreduce_sum(counts)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    def _warn_if_not_learning(self, log: RunLog, step: int) -> None:
+        """A fresh run's rank 0 warns after epoch 0 when the training loss of the epoch's second
+        half is no better than predicting the class frequencies: the network is not learning."""
+        if step < self.s.steps_per_epoch:
+            self._half = (log.loss_sum, log.samples)  # the sums of the first half
             return
-        if log.interval.steps and (step % log.every == 0 or step == self.s.total_steps):
-            self._record(step, epoch, lr, log)
-        loss = float(self.tail[LOSS_SUM]) / float(self.tail[ROWS])
-        log.progress.step(step, f"loss {loss:.4f}")
+        loss = (log.loss_sum - self._half[0]) / max(log.samples - self._half[1], 1.0)
+        if self.rank0 and loss >= 0.98 * self._baseline:
+            print(f"distbp: warning: the training loss at the end of epoch 0, {loss:.4f}, is no "
+                  f"better than predicting the class frequencies ({self._baseline:.4f}): the "
+                  f"network is not learning; check --lr (now {self.s.cfg.lr:g}: too large "
+                  f"diverges, too small stalls), try --standardize (inputs of very different "
+                  f"scales) or another --optimizer", file=sys.stderr, flush=True)
 
-    def _record(self, step: int, epoch: int, lr: float, log: _RunLog) -> None:
-        """Rank 0: the train record of the steps in `log.interval` up to `step`, which restarts;
-        with clipping, "grad_norm": `step`'s before clipping, if this process took that step."""
-        record = log.interval.record(step, epoch, lr, time.perf_counter() - log.started)
-        if self._grad_norm is not None:
-            record["grad_norm"] = self._grad_norm
-        log.metrics.write(record)
-        log.progress.line(format_train(record, self.s.total_steps))
-        log.interval.reset()
-
-    def _preempt(self, step: int, log: _RunLog) -> int:
+    def _preempt(self, step: int, log: RunLog) -> int:
         """All ranks saw the stop flag in the same reduced buffer: checkpoint, EXIT_PREEMPTED."""
         self._save(step, log)
         if self.rank0:
@@ -209,25 +217,29 @@ class Trainer:
         c = self.s.cfg
         return stop_reason(self._vals, c.early_stop, c.early_stop_metric, c.early_stop_min_delta)
 
-    def _finish_early(self, step: int, log: _RunLog, saved: bool = False) -> int:
+    def _finish_early(self, step: int, log: RunLog, saved: bool = False) -> int:
         """Every rank decided alike: the record of the steps since the last one (also those a
         resumed checkpoint carried), the final checkpoint (again if `saved` before it), EXIT_OK."""
         if (carried := log.interval.steps) and self.rank0:  # the loop's epoch, lr of `step`
-            self._record(step, data.step_cursor(step - 1, self.s.steps_per_epoch)[0],
-                         self.s.schedule.lr_at(step - 1), log)
+            log.record(step, data.step_cursor(step - 1, self.s.steps_per_epoch)[0],
+                       self.s.schedule.lr_at(step - 1), self._grad_norm)
         if not saved or carried:  # the file at `step` lacks that record: replace it (all ranks)
             self._save(step, log)
         if self.rank0:
             log.progress.line(self._early_stop_reason())
-        self._finish(log)
+        self._finish(log, step)
         return EXIT_OK
 
-    def _finish(self, log: _RunLog) -> None:
-        """After the last step (or none: already there), close the metrics and meet every rank."""
+    def _finish(self, log: RunLog, step: int | None = None) -> None:
+        """After the last step (or none: already there), rank 0 sums the run up in one line and
+        closes the metrics; every rank meets."""
         s = self.s
         if s.start_step >= s.total_steps and self.rank0:
             log.progress.line(f"nothing to do: already at step {s.start_step} of {s.total_steps}")
         if log.metrics:
+            if s.start_step < s.total_steps:
+                log.progress.line(log.summary(step or s.total_steps, s.start_step,
+                                              self.last_checkpoint))
             log.metrics.close()
         self.comm.barrier()
 
@@ -295,7 +307,7 @@ class Trainer:
                 self.comm.bcast(self.s.opt_state[key], root=0)
         return False
 
-    def _validate(self, step: int, epoch: int, log: _RunLog) -> None:
+    def _validate(self, step: int, epoch: int, log: RunLog) -> None:
         """Exact loss and accuracy over the validation set (distbp.evaluation: each rank takes a
         contiguous share, one allreduce), recorded by rank 0 and kept for early stopping."""
         s, comm = self.s, self.comm
@@ -311,7 +323,7 @@ class Trainer:
             log.progress.line(f"validation after epoch {epoch}: loss {record['loss']:.4f} "
                               f"accuracy {record['accuracy']:.4f} ({record['samples']} samples)")
 
-    def _save(self, step: int, log: _RunLog) -> None:
+    def _save(self, step: int, log: RunLog) -> None:
         """Check the replicas (repairing them), refuse non-finite ones, rank 0 writes the file."""
         self.check_replicas(step)
         # A finite gradient's update can still overflow; the replicas agree, so all ranks refuse.

@@ -169,7 +169,8 @@ def test_resume_with_clipping_is_bitwise_equal_to_the_uninterrupted_run(tmp_path
     # checkpoints every 3 steps, records every 4: rank 0 dies right after step 8, the resume
     # starts from step 6, two steps into the record of steps 5..8
     data = write_data(tmp_path / "d.h5", ROWS)
-    opts = (*OPTS[:-2], "--momentum", "0.9", "--log-every", "4", "--checkpoint-every", "3",
+    opts = (*OPTS[:-2], "--momentum", "0.9", "--log-every", "4", "--record-every", "4",
+            "--checkpoint-every", "3",
             "--clip-grad-norm", BOUND)
     ok(train(2, data, tmp_path / "whole", *opts))
     died = train(2, data, tmp_path / "parts", *opts, env=clean_env(DISTBP_FAULT="raise:0:8"))

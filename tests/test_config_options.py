@@ -16,12 +16,11 @@ from conftest import child_env
 from distbp.config import DEFAULT_PRESET, add_train_arguments, resolve_config
 from distbp.config_schema import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
-    KEY_ALIASES,
     OPTIONS,
     TrainConfig,
     validate,
 )
-from distbp.config_values import format_value, parse_layers
+from distbp.config_values import KEY_ALIASES, format_value, parse_layers
 from distbp.errors import ConfigError
 
 

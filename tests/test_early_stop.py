@@ -237,7 +237,8 @@ def test_a_resume_that_stops_at_once_with_less_patience_writes_the_carried_steps
     step = (epoch + 1) * SPE
     assert step < EPOCHS * SPE
     every = next(n for n in (4, 5) if step % n)  # no record due at the stop step itself
-    opts = (*OPTS, "--checkpoint-every", str(SPE), "--log-every", str(every))
+    opts = (*OPTS, "--checkpoint-every", str(SPE), "--log-every", str(every), "--record-every",
+            str(every))
     ok(train(2, runs["data"], tmp_path / "two", *opts, "--early-stop", "2"))
     run = tmp_path / "run"
     died = train(2, runs["data"], run, *opts, "--early-stop", "3",

@@ -24,6 +24,7 @@ from helpers.trainruns import (
     assert_same_state,
     clean_env,
     final,
+    metrics,
     ok,
     record_steps,
     rel_diff,
@@ -312,10 +313,14 @@ def test_a_fresh_run_sets_aside_an_earlier_runs_newer_checkpoints(tmp_path, base
     run = tmp_path / "run"
     shutil.copytree(base[1], run)
     earlier = checkpoint.checkpoint_path(run / "checkpoints", 5).read_bytes()
+    earlier_metrics = (run / "metrics.jsonl").read_text()
     proc = ok(train(0, base[0], run, "--dtype", "float64", *BATCH, "--steps", "3",
                     "--keep", "1"))
-    assert "moved 1 checkpoint(s) newer than step 0" in proc.stdout
+    assert "moved 2 file(s) of an earlier run (ckpt-00000005.h5, metrics.jsonl)" in proc.stdout
     kept = [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")]
     assert kept == ["ckpt-00000003.h5"]
     (aside,) = (run / "checkpoints").glob("superseded-*/ckpt-00000005.h5")
     assert aside.read_bytes() == earlier
+    # the earlier run's metrics went with its checkpoint, whole; the new file is the new run's
+    assert (aside.parent / "metrics.jsonl").read_text() == earlier_metrics
+    assert [r["step"] for r in metrics(run) if r["kind"] == "train"][-1] == 3

@@ -29,7 +29,7 @@ ROWS, BATCH = 66, ("--batch-size", "16")
 
 
 SPAN = ("--dtype", "float32", *BATCH, "--momentum", "0.9", "--steps", "20", "--log-every", "4",
-        "--checkpoint-every", "3")
+        "--record-every", "4", "--checkpoint-every", "3")
 EXACT = ("kind", "step", "epoch", "loss", "accuracy", "lr")  # timings differ, these may not
 
 

@@ -15,7 +15,7 @@ def test_checkpoint_dir_and_metrics_elsewhere_are_used_and_resumed_from(tmp_path
     data = write_data(tmp_path / "d.h5", 66)
     run, ckpts, log = tmp_path / "run", tmp_path / "elsewhere" / "ck", tmp_path / "logs" / "m.jsonl"
     placed = ("--checkpoint-dir", str(ckpts), "--metrics", str(log), "--checkpoint-every", "5",
-              "--log-every", "5", "--dtype", "float64")
+              "--log-every", "5", "--record-every", "5", "--dtype", "float64")
     crashed = train(2, data, run, *placed, "--steps", "15",
                     env=clean_env(DISTBP_FAULT="raise:0:12"))  # after ckpt-00000010
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr

@@ -18,10 +18,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distbp import __version__
 from distbp.cli import bench, data, evaluate, gradcheck, info, inspect, plot, predict, train
 from distbp.cli.args import EPILOG, Parser
 from distbp.launch import Job, guarded
+from distbp.version import __version__
 
 __all__ = ["build_parser", "main"]
 
