@@ -10,9 +10,10 @@
 Every rank passes the same full arrays; the batch plan shards them exactly as it shards a file.
 `fit` and `distbp train` are one code path (`train`): the same run directory, metrics,
 checkpoints, resume, preemption (SIGTERM/SIGUSR1/SIGINT: a checkpoint, then `exit_code` 75) and
-validation. Errors: bad input raises a UsageError on every rank alike (SetupRefused when found on
-some ranks only); a failure that leaves the ranks apart (a dead peer, an exception on one rank)
-prints the error and aborts the whole job, as `distbp train` does.
+validation. Errors: bad input found by `fit` raises distbp.errors.SetupRefused (a UsageError) on
+every rank, its message on the rank that found it; `evaluate`/`predict` raise a UsageError
+(ConfigError, DataError). A failure that leaves the ranks apart (a dead peer, an exception on
+one rank) prints the error and aborts the whole job, as `distbp train` does.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from distbp import checkpoint, data, preprocess
-from distbp.config_schema import TrainConfig
-from distbp.errors import ConfigError, NonFiniteError
+from distbp.config import resolve_options
+from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
+from distbp.errors import ConfigError, NonFiniteError, SetupRefused
 from distbp.evaluation import loss_sums, network_from_checkpoint, predict_rows
-from distbp.launch import Job, SetupRefused, agree, exit_code, ranks_may_diverge
+from distbp.launch import Job, agree, exit_code, ranks_may_diverge
 from distbp.network import Network
 from distbp.session import ARRAYS_LABEL, Session, build_session
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
@@ -64,7 +66,7 @@ def fit(model: Network | Sequence[int] | None = None, x=None, y=None, *, x_val=N
     job = Job()
     stop = catch_stop_signals()
     try:
-        comm = job.start(timeout=options.get("collective_timeout", TrainConfig.collective_timeout),
+        comm = job.start(timeout=options.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S),
                          threads=options.get("threads"))
         cfg, datasets = agree(comm, lambda: _fit_config(model, x, y, x_val, y_val, options))
         return train(cfg, job, stop, datasets=datasets,
@@ -78,29 +80,34 @@ def fit(model: Network | Sequence[int] | None = None, x=None, y=None, *, x_val=N
 
 
 def _fit_config(model, x, y, x_val, y_val, options: dict) -> tuple[TrainConfig, tuple | None]:
-    """The validated configuration of a `fit` call, and the in-memory datasets (or None)."""
+    """The validated configuration of a `fit` call (as `distbp train` resolves its options:
+    defaults < preset < config file < the keywords; without data, the bundled digits and their
+    preset) and the in-memory datasets, or None."""
     options = dict(options)
     if isinstance(model, Network):
-        options.update(layers=model.layers, activation=model.activation, output=model.output,
-                       loss=model.loss, dtype=str(model.dtype))
+        for key, value in (("layers", list(model.layers)), ("activation", model.activation),
+                           ("output", model.output), ("loss", model.loss),
+                           ("dtype", str(model.dtype))):
+            if options.setdefault(key, value) != value:
+                raise ConfigError(f"fit: {key}={options[key]!r} contradicts the network's "
+                                  f"{value!r}")
     elif model is not None:
-        options["layers"] = tuple(model)
+        options["layers"] = [int(n) for n in model]
     if (x is None) != (y is None) or (x_val is None) != (y_val is None):
-        raise ConfigError("fit: give x with y and x_val with y_val")
-    datasets = None
-    if x is not None:
-        if "data" in options:
-            raise ConfigError("fit: give either arrays x, y or data='file', not both")
-        train = data.ArrayDataset(x, y, source="arrays x, y")
-        val = data.ArrayDataset(x_val, y_val, source="arrays x_val, y_val") \
-            if x_val is not None else None
-        options["data"] = _arrays_label(train)
-        if val is not None:
-            options["val_data"] = _arrays_label(val)
-        datasets = (train, val)
-    elif x_val is not None:
-        raise ConfigError("fit: x_val, y_val need training arrays x, y")
-    return TrainConfig.from_dict(options, "fit()"), datasets
+        raise ConfigError("fit: give x with y, and x_val with y_val")
+    if x is None:
+        if x_val is not None:
+            raise ConfigError("fit: x_val, y_val need training arrays x, y")
+        return resolve_options(options), None
+    if "data" in options:
+        raise ConfigError("fit: give either arrays x, y or data='file', not both")
+    train = data.ArrayDataset(x, y, source="arrays x, y")
+    options["data"] = _arrays_label(train)
+    val = None
+    if x_val is not None:
+        val = data.ArrayDataset(x_val, y_val, source="arrays x_val, y_val")
+        options["val_data"] = _arrays_label(val)
+    return resolve_options(options), (train, val)
 
 
 def _arrays_label(ds: data.ArrayDataset) -> str:
@@ -192,7 +199,7 @@ def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
     ds = data.ArrayDataset(x, y, source="arrays x, y")
     _check_features(net, ds)
     job = Job()
-    comm = job.start(timeout=TrainConfig.collective_timeout)
+    comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
     lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)
     sums = loss_sums(net, ds, _inputs(net), lo, hi, _batch(batch_size))
     comm.allreduce_sum(sums)
@@ -204,10 +211,10 @@ def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
     """Output activations (N, n_out) of `net` on array x (with `net.preprocess`), computed in
     shares across the ranks and gathered: the whole array on every rank."""
     x = np.asarray(x)
-    ds = data.ArrayDataset(x, np.zeros(len(x), np.int64), source="array x")
+    ds = data.ArrayDataset(x, None, source="array x")
     _check_features(net, ds)
     job = Job()
-    comm = job.start(timeout=TrainConfig.collective_timeout)
+    comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
     counts = [hi - lo for lo, hi in (data.shard_bounds(ds.n, r, comm.size)
                                      for r in range(comm.size))]
     lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)

@@ -34,7 +34,7 @@ from distbp.config_values import format_value
 from distbp.errors import ConfigError
 
 __all__ = ["DEFAULT_PRESET", "PRESET_DIR", "add_train_arguments", "list_presets", "load_toml",
-           "preset_path", "resolve_config"]
+           "preset_path", "resolve_config", "resolve_options"]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "digits"
@@ -138,20 +138,34 @@ def _apply(values: dict[str, Any], origins: dict[str, str], new: dict[str, Any],
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < preset < --config file < command line, converted and validated."""
     given = vars(args)
+    cli = {k: v for k, v in given.items() if k in OPTIONS}  # other CLI args are not ours
+    return _resolve(given.get("preset"), given.get("config"), cli, CLI_SOURCE, text=True)
+
+
+def resolve_options(options: dict[str, Any], source: str = "fit()") -> TrainConfig:
+    """As `resolve_config`, for typed values (distbp.fit's keyword arguments): `preset` and
+    `config` (a TOML file) are taken from `options` like the command line's --preset, --config."""
+    options = dict(options)
+    preset, config = options.pop("preset", None), options.pop("config", None)
+    return _resolve(preset, config, options, source, text=False)
+
+
+def _resolve(preset: str | None, config: str | None, given: dict[str, Any], source: str,
+             text: bool) -> TrainConfig:
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     files = []
-    if given.get("preset") is not None:
-        files.append((preset_path(given["preset"]), f"preset '{given['preset']}'"))
-    if given.get("config") is not None:
-        files.append((given["config"], f"config file '{given['config']}'"))
-    for path, source in files:
-        _apply(values, origins, parse_options(load_toml(path), source, text=False), source)
-    cli = {k: v for k, v in given.items() if k in OPTIONS}  # other CLI args are not ours
-    _apply(values, origins, parse_options(cli, CLI_SOURCE, text=True), CLI_SOURCE)
-    if given.get("preset") is None and values.get("data") is None:
+    if preset is not None:
+        files.append((preset_path(preset), f"preset '{preset}'"))
+    if config is not None:
+        files.append((config, f"config file '{config}'"))
+    for path, file_source in files:
+        _apply(values, origins, parse_options(load_toml(path), file_source, text=False),
+               file_source)
+    _apply(values, origins, parse_options(given, source, text=text), source)
+    if preset is None and values.get("data") is None:
         # No data named anywhere: the bundled digits, trained with their preset, under the file
-        # and the command line.
+        # and the given values.
         merged, merged_origins = {}, {}
         _apply(merged, merged_origins, _default_preset(), _DEFAULT_SOURCE)
         _apply(merged, merged_origins, values, "")

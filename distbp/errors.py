@@ -7,7 +7,8 @@ and exits with code 2. Their messages must name the problem and the file or opti
 This module imports nothing of distbp: every layer may use it.
 """
 
-__all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "CollectiveTimeout",
+__all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "SetupRefused",
+           "CollectiveTimeout",
            "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED",
            "EXIT_STDOUT_CLOSED", "one_line"]
 
@@ -46,3 +47,13 @@ def one_line(err: BaseException) -> str:
     """`err`'s message on one line (HDF5, zlib and OS messages may span several); its type's name
     when the message is empty."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+class SetupRefused(UsageError):
+    """Bad input found at setup, known to every rank: each rank exits 2 (or, in a script, sees
+    this exception) without an abort. `carrier` is True only on the rank that found it (the
+    lowest failing one), which alone prints the message, so the user reads it once."""
+
+    def __init__(self, message: str, carrier: bool):
+        super().__init__(message)
+        self.carrier = carrier

@@ -35,10 +35,11 @@ from distbp.errors import (
     EXIT_USAGE,
     CollectiveTimeout,
     NonFiniteError,
+    SetupRefused,
     UsageError,
 )
 
-__all__ = ["Job", "SetupRefused", "agree", "env_rank", "exit_code", "guarded", "ranks_may_diverge",
+__all__ = ["Job", "agree", "env_rank", "exit_code", "guarded", "ranks_may_diverge",
            "set_threads"]
 
 
@@ -58,16 +59,6 @@ class Job:
         self.comm = get_comm(timeout=timeout)
         self.threads = set_threads(threads, self.comm.local_size)
         return self.comm
-
-
-class SetupRefused(UsageError):
-    """Bad input found at setup, known to every rank: each rank exits 2 (or, in a script, sees
-    this exception) without an abort. `carrier` is True only on the rank that found it (the
-    lowest failing one), which alone prints the message, so the user reads it once."""
-
-    def __init__(self, message: str, carrier: bool):
-        super().__init__(message)
-        self.carrier = carrier
 
 
 def env_rank() -> int:

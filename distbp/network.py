@@ -25,7 +25,7 @@ import numpy as np
 from distbp.activations import get_hidden
 from distbp.losses import Scratch, check_output_loss, loss_delta, output_forward
 
-__all__ = ["Network", "DTYPES"]
+__all__ = ["DTYPES", "Network", "n_params", "param_views"]
 
 DTYPES = ("float32", "float64")
 _RELU_FAMILY = ("relu", "leaky_relu")

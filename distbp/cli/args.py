@@ -44,8 +44,6 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="HDF5/NPZ data file; default, for a checkpoint trained on the "
                    "bundled digits: their test split")
     p.add_argument("--x-name", help="inputs dataset name (default: the checkpoint's, else x)")
-    p.add_argument("--y-name", help="labels/targets dataset name (default: the checkpoint's, "
-                   "else y)")
     p.add_argument("--batch-size", type=positive_int,
                    help="rows per forward pass and rank (default: the training batch size)")
     p.add_argument("--threads", type=positive_int,

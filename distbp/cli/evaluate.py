@@ -29,6 +29,8 @@ def add_command(sub) -> None:
                        description="Loss (mean over rows) and accuracy of a checkpoint's model on "
                        "a data file, with the checkpoint's training preprocessing.")
     add_checkpoint_data_arguments(p)
+    p.add_argument("--y-name", help="labels/targets dataset name (default: the checkpoint's, "
+                   "else y)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.set_defaults(run=run)
 
