@@ -6,16 +6,15 @@ Shared helpers: tests/helpers/trainruns.py."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
+from helpers.configs import resolve
 from helpers.trainruns import clean_env, final, metrics, ok, rel_diff, train, write_data
 
-from distbp.config import add_train_arguments, resolve_config
 from distbp.config_schema import TrainConfig
 from distbp.network import Network
 from distbp.optim import clip_grad_norm
@@ -191,12 +190,6 @@ def test_resume_with_clipping_is_bitwise_equal_to_the_uninterrupted_run(tmp_path
 
 
 def test_the_bound_is_off_by_default_and_set_alike_from_a_file_or_the_command_line(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-
-    def resolve(*argv: str) -> TrainConfig:
-        return resolve_config(parser.parse_args(list(argv)))
-
     assert TrainConfig().clip_grad_norm is None
     path = tmp_path / "run.toml"
     path.write_text('data = "d.h5"\nclip_grad_norm = 2\n')

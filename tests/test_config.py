@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.configs import resolve, train_parser
 
 from distbp.config import (
-    add_train_arguments,
     list_presets,
     load_toml,
     preset_path,
@@ -20,16 +20,6 @@ from distbp.config import (
 )
 from distbp.config_schema import TrainConfig, validate
 from distbp.errors import ConfigError
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distbp train")
-    add_train_arguments(parser)
-    return parser
-
-
-def resolve(*argv: str) -> TrainConfig:
-    return resolve_config(make_parser().parse_args(list(argv)))
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "run.toml") -> str:
@@ -108,7 +98,7 @@ def test_values_convert_to_field_types_from_either_source(tmp_path):
 
 
 def test_unrelated_namespace_entries_are_ignored():
-    args = make_parser().parse_args(["--lr", "0.5", "--data", "d.h5"])
+    args = train_parser().parse_args(["--lr", "0.5", "--data", "d.h5"])
     args.command = "train"
     assert resolve_config(args) == TrainConfig(lr=0.5, data="d.h5")
 
@@ -286,7 +276,7 @@ def test_config_is_frozen_and_replace_makes_a_changed_copy():
 
 
 def test_every_field_has_help_text_and_exactly_one_long_option():
-    parser = make_parser()
+    parser = train_parser()
     options = {a.dest: a for a in parser._actions if a.dest != "help"}
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     assert set(options) == set(names) | {"config", "preset"}
@@ -299,7 +289,7 @@ def test_every_field_has_help_text_and_exactly_one_long_option():
 
 
 def test_nesterov_flag_and_its_negation_override_a_file(tmp_path):
-    parser = make_parser()
+    parser = train_parser()
     assert "nesterov" not in vars(parser.parse_args([]))
     assert parser.parse_args(["--nesterov"]).nesterov is True
     assert parser.parse_args(["--no-nesterov"]).nesterov is False

@@ -4,7 +4,6 @@ in force, the aliases of other tools' key names, and the one layer-width parser.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import child_env
+from helpers.configs import resolve, train_parser
 
-from distbp.config import DEFAULT_PRESET, add_train_arguments, resolve_config
+from distbp.config import DEFAULT_PRESET
 from distbp.config_schema import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     OPTIONS,
@@ -22,16 +22,6 @@ from distbp.config_schema import (
 )
 from distbp.config_values import KEY_ALIASES, format_value, parse_layers
 from distbp.errors import ConfigError
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distbp train")
-    add_train_arguments(parser)
-    return parser
-
-
-def resolve(*argv: str) -> TrainConfig:
-    return resolve_config(make_parser().parse_args(list(argv)))
 
 
 def config_error(*argv: str) -> str:
@@ -170,7 +160,7 @@ def test_collective_timeout_default_is_the_shared_constant():
 # ---- help states the defaults that apply --------------------------------------------------------
 
 def _helps() -> dict[str, str]:
-    return {a.dest: a.help for a in make_parser()._actions}
+    return {a.dest: a.help for a in train_parser()._actions}
 
 
 def test_help_names_the_digits_preset_value_where_it_replaces_the_default():
@@ -182,7 +172,7 @@ def test_help_names_the_digits_preset_value_where_it_replaces_the_default():
     assert "(digits preset without --data: 30)" in helps["epochs"]
     assert "without --data and --preset: digits" in helps["preset"]
     assert "preset" not in helps["lr"] and "(default: 0.1)" in helps["lr"]  # same in the preset
-    assert "%%" not in make_parser().format_help()
+    assert "%%" not in train_parser().format_help()
 
 
 def test_every_value_the_help_states_is_the_one_a_run_gets():

@@ -8,25 +8,18 @@ Shared helpers: tests/helpers/trainruns.py."""
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.configs import resolve
 from helpers.trainruns import clean_env, final, metrics, ok, train, write_data
 
 from distbp import checkpoint
-from distbp.config import add_train_arguments, resolve_config
 from distbp.config_schema import TrainConfig
 from distbp.early_stop import standing, stop_reason
-
-
-def resolve(*argv: str) -> TrainConfig:
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    return resolve_config(parser.parse_args(list(argv)))
 
 # ------------------------------------------------------------------ the rule, by hand
 
