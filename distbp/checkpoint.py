@@ -37,6 +37,7 @@ resume, evaluate, inspect); only rank 0 calls save, _rotate and set_aside_newer.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -73,7 +74,7 @@ __all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "latest_valid",
            "list_checkpoints", "load", "save", "set_aside_newer"]
 
 _NAME = re.compile(r"ckpt-(\d{8})\.h5")
-_TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\d+")  # never matches _NAME: a crash leaves no ckpt-*
+_TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\w+")  # never matches _NAME: a crash leaves no ckpt-*
 _TEXT = h5py.string_dtype("utf-8")
 
 
@@ -188,24 +189,47 @@ def _check_save_args(step: int, keep: int | None, params, layers) -> np.ndarray:
 
 
 def _write_atomically(final: Path, contents: Callable[[h5py.File], None]) -> Path:
-    """Create `final` (in an existing or new directory) holding what `contents` writes into an
-    HDF5 file, sealed with its userblock header: temp file, fsync, os.replace, directory fsync.
-    On any failure the temp file is removed; an OSError becomes a one-line CheckpointError."""
+    """Create `final` holding what `contents` writes into an HDF5 file, sealed with its
+    userblock header: built in memory, then written to a new temporary file, fsync, os.replace,
+    directory fsync. On any failure the temporary file is removed; an OSError (a full disk)
+    becomes a one-line CheckpointError.
+
+    The file is built in memory so that HDF5 never writes to disk: a full disk then fails one
+    os.write, not the HDF5 library in the middle of its own bookkeeping. The temporary file is
+    made by mkstemp (O_CREAT | O_EXCL, an unpredictable name): a symlink planted in a shared
+    directory is never followed, and os.replace puts the file itself at `final`, never writing
+    through a symlink there."""
     directory = final.parent
-    tmp = directory / f".tmp-{final.name}.{os.getpid()}"
+    image = _image(contents, final)
+    tmp: Path | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w", userblock_size=USERBLOCK, libver="earliest") as f:
-            contents(f)
-        _seal(tmp)
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=directory)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp's 0600: as any new file
+            fh.write(image)
         replace_durably(tmp, final)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint '{final}': {one_line(e)}") from e
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint '{final}': {one_line(e)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+def _image(contents: Callable[[h5py.File], None], final: Path) -> bytes:
+    """The sealed checkpoint file's bytes: the HDF5 file `contents` writes, built in memory,
+    with the file-hash header in its userblock."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", userblock_size=USERBLOCK, libver="earliest") as f:
+        contents(f)
+    image = bytearray(buffer.getvalue())
+    image[:USERBLOCK] = userblock(io.BytesIO(bytes(image)), len(image), final)
+    return bytes(image)
 
 
 def _write_root(f: h5py.File, step: int, epoch: int, world_size: int) -> None:
@@ -257,14 +281,6 @@ def _put_text(g: h5py.Group, name: str, text: str) -> None:
     """One scalar UTF-8 string dataset with the sha256 attribute of its UTF-8 bytes."""
     data = text.encode("utf-8")
     g.create_dataset(name, data=data, dtype=_TEXT).attrs["sha256"] = digest(data)
-
-
-def _seal(path: Path) -> None:
-    """Write the file-hash header into the userblock of the closed HDF5 file at `path`."""
-    with open(path, "r+b") as fh:
-        block = userblock(fh, os.fstat(fh.fileno()).st_size, path)
-        fh.seek(0)
-        fh.write(block)
 
 
 def _rotate(directory: Path, keep: int | None, written: Path) -> None:

@@ -70,7 +70,9 @@ def test_crash_during_save_leaves_only_complete_checkpoints(tmp_path, point, sur
     for path in names:
         ck.load(path)
     assert ck.latest_valid(tmp_path) == (names[-1], [])
-    if survivor == 1:  # the torn temp file is left behind, invisible, until the next save
+    # HDF5 builds the file in memory: a crash while it writes leaves no file at all; one
+    # after the temporary file exists leaves it, invisible, until the next save
+    if point != "write" and survivor == 1:
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     ck.save(tmp_path, **run_state(step=3))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
