@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from distbp import checkpoint, data, preprocess
+from distbp.comm import host_names
 from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
 from distbp.errors import ConfigError, NonFiniteError, SetupRefused
@@ -133,8 +134,9 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
         if s.resumed_from is None:
             np.copyto(s.net.params, network.params)
             comm.bcast(s.net.params, root=0)
+    hosts = host_names(comm)  # every rank: one small gather
     if comm.rank == 0:
-        print("\n".join(start_report(s, comm, job.threads)), flush=True)
+        print("\n".join(start_report(s, comm, job.threads, hosts)), flush=True)
     trainer = Trainer(s, comm, stop=stop)
     code = trainer.train()
     if network is not None:
@@ -155,13 +157,15 @@ def _agree_on_start(comm, s: Session) -> None:
                            f"on every node", carrier=comm.rank == 0)
 
 
-def start_report(s: Session, comm, threads: str) -> list[str]:
-    """Rank 0's lines at the start of a run: ranks, data, model, batch split, config, resume."""
+def start_report(s: Session, comm, threads: str, hosts: Sequence[str] = ()) -> list[str]:
+    """Rank 0's lines at the start of a run: ranks, where they run (`hosts`: each rank's host
+    name, by rank), data, model, batch split, config, resume."""
     cfg, net = s.cfg, s.net
     sizes = sorted({b - a for a, b in (data.shard_bounds(cfg.batch_size, r, comm.size)
                                        for r in range(comm.size))})
     lines = [
         f"distbp {__version__}: {comm.size} rank(s), {comm.name}; {threads}",
+        *([placement(hosts)] if hosts else []),
         f"data: {s.train.source} ({s.train.n} rows, {s.train.n_features} features)"
         + (f"; validation: {s.val.source} ({s.val.n} rows)" if s.val is not None else ""),
         f"model: {'-'.join(map(str, net.layers))} {net.activation}/{net.output}/{net.loss} "
@@ -172,6 +176,25 @@ def start_report(s: Session, comm, threads: str) -> list[str]:
     if s.resumed_from is not None:
         lines.append(f"resumed from {s.resumed_from} at step {s.start_step}")
     return lines + s.notes
+
+
+def placement(hosts: Sequence[str]) -> str:
+    """'hosts: node1 ranks 0-1, node2 ranks 2-3': which ranks run on which host (by rank)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return f"hosts: {len(ranks)}: " + ", ".join(
+        f"{host} rank{'s' if len(r) > 1 else ''} {_spans(r)}" for host, r in ranks.items())
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], ranks[0]
+    for prev, cur in zip(ranks, [*ranks[1:], None]):
+        if cur != prev + 1:
+            out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = cur
+    return ",".join(out)
 
 
 def _share_records(comm, records: list[dict] | None) -> list[dict]:
@@ -198,10 +221,11 @@ def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
     contiguous share of the rows, one allreduce; the same dict on every rank."""
     ds = data.ArrayDataset(x, y, source="arrays x, y")
     _check_features(net, ds)
+    batch = _batch(batch_size)
     job = Job()
     comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)
-    sums = loss_sums(net, ds, _inputs(net), lo, hi, _batch(batch_size))
+    lo, hi = _share(ds.n, batch, comm.rank, comm.size)
+    sums = loss_sums(net, ds, _inputs(net), lo, hi, batch)
     comm.allreduce_sum(sums)
     n = max(sums[2], 1.0)
     return {"loss": sums[0] / n, "accuracy": sums[1] / n, "samples": int(sums[2])}
@@ -213,16 +237,26 @@ def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
     x = np.asarray(x)
     ds = data.ArrayDataset(x, None, source="array x")
     _check_features(net, ds)
+    batch = _batch(batch_size)
     job = Job()
     comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    counts = [hi - lo for lo, hi in (data.shard_bounds(ds.n, r, comm.size)
+    counts = [hi - lo for lo, hi in (_share(ds.n, batch, r, comm.size)
                                      for r in range(comm.size))]
-    lo, hi = data.shard_bounds(ds.n, comm.rank, comm.size)
+    lo, hi = _share(ds.n, batch, comm.rank, comm.size)
     mine = np.empty((hi - lo, net.n_outputs), net.dtype)
-    predict_rows(net, ds, _inputs(net), lo, hi, _batch(batch_size), mine)
+    predict_rows(net, ds, _inputs(net), lo, hi, batch, mine)
     out = np.empty((ds.n, net.n_outputs), net.dtype)
     comm.gather(mine, out, counts, root=None)
     return out
+
+
+def _share(n: int, batch: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of this rank's rows: whole batches of the one-process split (rows
+    k·batch..(k+1)·batch − 1), contiguous per rank. Every row meets the same other rows in its
+    forward pass on any number of ranks, so BLAS computes it alike: `predict` is bitwise
+    independent of the rank count (a row alone in a batch of 1 can round differently)."""
+    first, last = data.shard_bounds(-(-n // batch), rank, size)  # this rank's batches
+    return min(first * batch, n), min(last * batch, n)
 
 
 def _inputs(net: Network) -> preprocess.Inputs:
