@@ -17,6 +17,7 @@ job; the caller then calls `abort`.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 
 from distbp.errors import CollectiveTimeout, ConfigError
 
-__all__ = ["Comm", "MPIComm", "SerialComm", "get_comm", "launcher_world_size"]
+__all__ = ["Comm", "MPIComm", "SerialComm", "get_comm", "host_names", "launcher_world_size"]
 
 # Ranks the launcher started, by the variable it sets in every rank: PMI_SIZE (MPICH/Intel MPI
 # hydra, and Slurm's pmi2 plugin), OMPI_COMM_WORLD_SIZE (Open MPI's mpirun), PMIX_SIZE (some
@@ -58,6 +59,7 @@ class Comm(Protocol):
     size: int
     local_size: int
     name: str
+    hostname: str
 
     def allreduce_sum(self, buf: np.ndarray) -> None: ...
     def allreduce_max(self, buf: np.ndarray) -> None: ...
@@ -108,6 +110,9 @@ class SerialComm:
     size = 1
     local_size = 1
     name = "serial"
+
+    def __init__(self):
+        self.hostname = socket.gethostname()
 
     def allreduce_sum(self, buf: np.ndarray) -> None:
         _check_buffer(buf)
@@ -166,6 +171,7 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
+        self.hostname = socket.gethostname()
 
     def set_timeout(self, timeout: float | None) -> None:
         """Bound the collectives from now on by `timeout` seconds (None: blocking calls), e.g.
@@ -248,6 +254,23 @@ class MPIComm:
                 pause = min(2 * pause, _SLEEP_MAX_S)
         took = time.perf_counter() - start
         self._spin_s = min(_SPIN_MAX_S, max(_SPIN_MIN_S, 2 * took))
+
+
+# Bytes of a host name in host_names' gather (a DNS name has at most 253).
+_HOST_BYTES = 256
+
+
+def host_names(comm: Comm, root: int = 0) -> list[str]:
+    """Every rank's host name, by rank, on `root` ([] elsewhere): one small gather that every
+    rank must call. Rows of bytes, so the names travel bitwise like any other buffer."""
+    row = np.zeros((1, _HOST_BYTES), np.uint8)
+    name = comm.hostname.encode()[:_HOST_BYTES]
+    row[0, :len(name)] = np.frombuffer(name, np.uint8)
+    table = np.empty((comm.size, _HOST_BYTES), np.uint8) if comm.rank == root else None
+    comm.gather(row, table, [1] * comm.size, root=root)
+    if table is None:
+        return []
+    return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in table]
 
 
 def _library_name(version: str) -> str:
