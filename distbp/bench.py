@@ -22,10 +22,17 @@ import numpy as np
 from distbp import data
 from distbp.config_schema import TrainConfig
 from distbp.network import Network
+from distbp.scaling import (
+    StepModel,
+    fit_alpha_beta,
+    fit_line,
+    measure_allreduce,
+    measure_forward_backward,
+)
 from distbp.session import ARRAYS_LABEL, build_session
 from distbp.trainer import Trainer
 
-__all__ = ["bench_trainer", "executed_flops", "gemm_peak", "report", "time_steps"]
+__all__ = ["bench_trainer", "executed_flops", "fit_model", "gemm_peak", "report", "time_steps"]
 
 
 def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir: Path,
@@ -46,15 +53,38 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
 
 
 def time_steps(trainer: Trainer, comm, warmup: int, steps: int) -> np.ndarray:
-    """(steps, 3) seconds of this rank's forward+backward, allreduce and update, one row per
-    timed `Trainer.step` after `warmup` untimed ones (the loader must be open)."""
-    times = np.zeros((steps, 3))
+    """(steps, 4) seconds of this rank's forward+backward, allreduce and update, and of the whole
+    `Trainer.step` (also its shard's read and preprocessing), one row per timed step after
+    `warmup` untimed ones (the loader must be open)."""
+    times = np.zeros((steps, 4))
     for i in range(warmup + steps):
         comm.barrier()  # time each phase, not the waiting for a straggler's previous step
+        t0 = time.perf_counter()
         trainer.step(i)
         if i >= warmup:
-            times[i - warmup] = trainer.phase_s
+            times[i - warmup] = (*trainer.phase_s, time.perf_counter() - t0)
     return times
+
+
+def fit_model(net: Network, comm, med: np.ndarray, rows: int, algorithm: str,
+              alpha: float | None = None, beta: float | None = None) -> StepModel:
+    """The step model (distbp.scaling) of this launch: forward+backward measured at `rows` rows
+    per rank and 1/2, 1/4, 1/8 of them; α and β from a sweep of allreduce sizes up to twice the
+    gradient (given ones win; none with one rank: communication counts as free); the overhead
+    is what the median step `med` (forward+backward, allreduce, update, whole) spends besides
+    forward+backward and the allreduce. A collective: every rank gets the same model."""
+    counts = sorted({max(1, rows // k) for k in (1, 2, 4, 8)})
+    fb = measure_forward_backward(net, counts)
+    comm.allreduce_max(fb)
+    fb_fixed, fb_per_row = fit_line(counts, fb)
+    nbytes = (net.params.size + 4) * net.dtype.itemsize
+    if comm.size > 1 and (alpha is None or beta is None):
+        sizes = np.unique(np.geomspace(1, 2 * nbytes // 4, 10).astype(int))
+        fitted = fit_alpha_beta(comm.size, sizes * 4, measure_allreduce(comm, sizes), algorithm)
+        alpha, beta = (fitted[0] if alpha is None else alpha), (fitted[1] if beta is None else beta)
+    overhead = max(float(med[3] - med[0] - med[1]), 0.0)
+    return StepModel(alpha or 0.0, beta or 0.0, fb_fixed, fb_per_row, overhead, nbytes,
+                     algorithm)
 
 
 def step_gemms(net: Network, rows: int) -> list[tuple[int, int, int]]:
@@ -94,7 +124,7 @@ def _gemm_rate(m: int, k: int, n: int, dtype, repeats: int) -> float:
 
 def report(net: Network, batch: int, comm, threads: str, med: np.ndarray, peak: float) -> dict:
     """The figures, from median (compute, allreduce, update) seconds and the GEMM peak FLOP/s."""
-    compute, allreduce, update = (float(v) for v in med)
+    compute, allreduce, update = (float(v) for v in med[:3])
     step = compute + allreduce + update
     p = comm.size
     rows = data.shard_bounds(batch, 0, p)[1]  # rank 0's share, the largest

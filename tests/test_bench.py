@@ -78,5 +78,5 @@ def test_bench_times_the_trainers_own_step_function(tmp_path):
     before = trainer.s.net.params.copy()
     with trainer.open_loader():
         times = bench.time_steps(trainer, SerialComm(), warmup=2, steps=3)
-    assert calls == [0, 1, 2, 3, 4] and times.shape == (3, 3) and (times > 0).all()
+    assert calls == [0, 1, 2, 3, 4] and times.shape == (3, 4) and (times > 0).all()
     assert not np.array_equal(before, trainer.s.net.params)  # the updates really happened

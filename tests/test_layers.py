@@ -23,7 +23,7 @@ LAYERS = [
     ("state", ["distbp.checkpoint", "distbp.ckpt_integrity"]),
     ("run", ["distbp.config", "distbp.config_schema", "distbp.config_values", "distbp.session",
              "distbp.trainer", "distbp.evaluation", "distbp.metrics", "distbp.early_stop",
-             "distbp.stopflag", "distbp.plot", "distbp.bench"]),
+             "distbp.stopflag", "distbp.plot", "distbp.bench", "distbp.scaling"]),
     ("launch", ["distbp.launch"]),
     ("API", ["distbp.api", "distbp"]),
     ("CLI", ["distbp.cli", "distbp.cli.*"]),

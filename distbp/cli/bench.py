@@ -10,6 +10,7 @@ Timings are the median over --steps steps of the slowest rank (the step waits fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 
@@ -21,6 +22,7 @@ from distbp.cli.args import positive_int
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
+from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
 
@@ -45,6 +47,21 @@ def add_command(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank, >= 1 (default: as for train --threads)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    m = p.add_argument_group("scaling model (--model)")
+    m.add_argument("--model", action="store_true", help="also fit t_step(p, B) = fb(B/p) + "
+                   "overhead + allreduce(p, n) to this launch and predict 1 to 4096 ranks, at "
+                   "this global batch (strong) and these rows per rank (weak)")
+    m.add_argument("--algorithm", default="rabenseifner", choices=ALGORITHMS,
+                   help="the allreduce's cost on p ranks (default rabenseifner, MPICH's for "
+                   "large messages)")
+    m.add_argument("--alpha", type=float, help="latency per message hop in seconds (default: "
+                   "measured; 0 with one rank), e.g. 2e-6 for InfiniBand")
+    m.add_argument("--beta", type=float, help="seconds per byte (default: measured), e.g. "
+                   "8e-11 for 100 Gbit/s")
+    m.add_argument("--gflops", type=float, help="forward+backward rate per rank in GFLOP/s "
+                   "(default: measured), to predict other nodes")
+    m.add_argument("--plot", metavar="FILE", help="draw the predicted efficiencies (png, svg "
+                   "or pdf; needs matplotlib)")
     p.set_defaults(run=run)
 
 
@@ -68,8 +85,38 @@ def run(args: argparse.Namespace, job) -> int:
     comm.allreduce_max(slowest)
     peaks = np.array([peak, -peak])
     comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
+    med = np.median(slowest, axis=0)
+    r = bench.report(trainer.s.net, args.batch_size, comm, job.threads, med, -peaks[1])
+    if args.model:
+        r["model"] = _model(args, trainer.s.net, comm, med, hi - lo)
     if comm.rank == 0:
-        r = bench.report(trainer.s.net, args.batch_size, comm, job.threads,
-                         np.median(slowest, axis=0), -peaks[1])
         print(json.dumps(r) if args.json else bench.text(r))
+        if args.model and not args.json:
+            print(_model_text(r["model"]))
     return 0
+
+
+def _model(args: argparse.Namespace, net, comm, med: np.ndarray, rows: int) -> dict:
+    """The fitted model, its check against this launch's step, and its predictions."""
+    model = bench.fit_model(net, comm, med, rows, args.algorithm, args.alpha, args.beta)
+    if args.gflops is not None:
+        model = model.with_compute_rate(bench.executed_flops(net, 1), 1e9 * args.gflops)
+    strong, weak = model.strong(args.batch_size), model.weak(rows)
+    if args.plot and comm.rank == 0:
+        plot_efficiency(strong, weak, args.plot)
+    return {"terms": dataclasses.asdict(model), "ranks": comm.size,
+            "measured_step_s": float(med[3]), "predicted_step_s": model.step(comm.size, rows),
+            "strong": strong, "weak": weak}
+
+
+def _model_text(m: dict) -> str:
+    t = m["terms"]
+    head = (f"model ({t['algorithm']}): alpha {1e6 * t['alpha']:.2f} us, beta "
+            f"{1e9 * t['beta']:.4f} ns/byte ({1e-9 / t['beta'] if t['beta'] else float('inf'):.2f}"
+            f" GB/s), forward+backward {1e3 * t['fb_fixed']:.3f} ms + "
+            f"{1e6 * t['fb_per_row']:.3f} us/row, overhead {1e3 * t['overhead']:.3f} ms, "
+            f"allreduce {t['nbytes'] / 1e6:.2f} MB\n"
+            f"check on this launch ({m['ranks']} rank(s)): predicted step "
+            f"{1e3 * m['predicted_step_s']:.3f} ms, measured {1e3 * m['measured_step_s']:.3f} ms")
+    return "\n".join([head, table("strong scaling (fixed global batch):", m["strong"]),
+                      table("weak scaling (fixed rows per rank):", m["weak"])])
