@@ -25,6 +25,8 @@ entry point can install its signal handler before NumPy loads (distbp.entry).
 
 from __future__ import annotations
 
+import importlib
+
 from distbp.version import __version__
 
 _LAZY = {"Network": "distbp.network", "fit": "distbp.api", "load": "distbp.api",
@@ -35,8 +37,6 @@ __all__ = ["FitResult", "Network", "__version__", "evaluate", "fit", "load", "pr
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value

@@ -118,3 +118,16 @@ def test_every_module_and_the_cli_import_on_their_own():
         proc = subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True,
                               timeout=60, cwd=ROOT)
         assert proc.returncode == 0, f"import {m}:\n{proc.stderr}"
+
+
+def test_no_module_imports_a_distbp_module_inside_a_function_but_the_entry_point():
+    # entry.main imports the CLI only after installing the stop-signal handler (a signal during
+    # the heavy imports must count); no other import of distbp hides a cycle in a function
+    inside = []
+    for m, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{m}.{fn.name} imports {node.module}" for node in ast.walk(fn)
+                           if isinstance(node, ast.ImportFrom)
+                           and (node.module or "").split(".")[0] == "distbp"]
+    assert inside == ["distbp.entry.main imports distbp.cli"]
