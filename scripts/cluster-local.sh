@@ -63,6 +63,7 @@ PIDS=$DIR/pids
 NS=$DIR/ns
 SOCK=$DIR/munge/sock
 SW=$NAME-sw
+SHM_CLEAN=$(cd "$(dirname "$0")" && pwd)/mpich-shm-clean.sh
 
 say() { printf '[cluster-local] %s\n' "$*" >&2; }
 fail() { say "error: $*"; exit 1; }
@@ -226,8 +227,8 @@ KillWait=30
 SlurmdParameters=config_overrides
 # a killed job leaves MPICH's segments in the node's /dev/shm; its requeued run (same job id)
 # would attach to them: both remove this job's segments
-Prolog=$DIR/etc/shm-clean
-Epilog=$DIR/etc/shm-clean
+Prolog=$SHM_CLEAN
+Epilog=$SHM_CLEAN
 EOF
   for i in $(seq "$n"); do
     share=$(cpu_share "$i" "$n")
@@ -238,35 +239,10 @@ EOF
   { echo "127.0.0.1 localhost"
     echo "$NET.254 head"
     for i in $(seq "$n"); do echo "$NET.$i node$i"; done; } >"$DIR/etc/hosts"
-  write_shm_clean
   printf 'export SLURM_CONF=%q\n' "$CONF" >"$DIR/env.sh"
 }
 
 count_list() { tr ',' '\n' <<<"$1" | grep -c .; }
-
-# MPICH 5 names a step's node-shared memory /dev/shm/mpich_{shm,vci}_<h>_<node index>, h the
-# 32-bit FNV-1a hash of the PMI key space "<job id>.<step id>" in hex: remove the job's steps'.
-write_shm_clean() {
-  cat >"$DIR/etc/shm-clean" <<'EOF'
-#!/bin/bash
-# Slurm Prolog/Epilog of cluster-local.sh: remove MPICH's shared memory of this job's steps.
-[ -n "${SLURM_JOB_ID:-}" ] || exit 0
-fnv1a() {
-  local text=$1 h=2166136261 k byte
-  for ((k = 0; k < ${#text}; k++)); do
-    printf -v byte '%d' "'${text:k:1}"
-    h=$(( ((h ^ byte) * 16777619) & 0xFFFFFFFF ))
-  done
-  printf '%x' "$h"
-}
-for step in $(seq 0 63) 4294967291 4294967292 4294967293 4294967294; do
-  h=$(fnv1a "$SLURM_JOB_ID.$step")
-  rm -f /dev/shm/mpich_shm_"$h"_* /dev/shm/mpich_vci_"$h"_*
-done
-exit 0
-EOF
-  chmod 755 "$DIR/etc/shm-clean"
-}
 
 # ------------------------------------------------------------------------------------ daemons
 

@@ -25,9 +25,12 @@
 #   SLURM_CRED_EXPIRE  seconds before a requeued job may start again (default 120, Slurm's own;
 #                      tests use a few seconds)
 #   SLURM_SCHED_INTERVAL  seconds between scheduler passes (default 2)
-#   SLURM_FIRST_JOB_ID first job id (default 1). Give clusters that run side by side different
-#                      ranges: MPI libraries name their PMI key space (and shared memory) after
-#                      the job and step ids, so job 3 of one cluster can collide with job 3 of another
+#   SLURM_FIRST_JOB_ID first job id (default: random, 1000 to 50 million). MPICH names its PMI key
+#                      space and its shared memory (/dev/shm/mpich_shm_*) after the job and step
+#                      ids, and killed ranks leave that memory behind: a cluster that counted
+#                      from 1 again, or another one beside it, would meet old segments under its
+#                      new jobs' names (MPI_Init fails or hangs). The Prolog/Epilog
+#                      scripts/mpich-shm-clean.sh removes each job's own, for its requeues.
 #   SLURM_UP_TIMEOUT   seconds to wait for the node to become idle (default 60)
 #   SLURM_MESSAGE_TIMEOUT  seconds a client (sbatch, scancel, squeue) waits for slurmctld's answer
 #                      (default 30; Slurm's own 10 s is too short when the jobs keep every core
@@ -42,7 +45,8 @@ CRED_EXPIRE=${SLURM_CRED_EXPIRE:-120}
 SCHED_INTERVAL=${SLURM_SCHED_INTERVAL:-2}
 UP_TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 MESSAGE_TIMEOUT=${SLURM_MESSAGE_TIMEOUT:-30}
-FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-1}
+FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-$(( (RANDOM * 32768 + RANDOM) % 50000000 + 1000 ))}
+SHM_CLEAN=$(cd "$(dirname "$0")" && pwd)/mpich-shm-clean.sh
 CONF=$DIR/etc/slurm.conf
 PIDS=$DIR/pids
 SOCK=$DIR/munge/sock
@@ -129,6 +133,10 @@ SchedulerParameters=sched_interval=$SCHED_INTERVAL,bf_interval=$SCHED_INTERVAL
 MpiDefault=pmi2
 ReturnToService=2
 KillWait=30
+# killed ranks leave MPICH's shared memory in /dev/shm; a requeued job (same id) would attach to
+# its killed run's: remove the job's segments before and after it runs
+Prolog=$SHM_CLEAN
+Epilog=$SHM_CLEAN
 # the node may claim more CPUs than the machine has, so -n 4 runs on 2 cores
 SlurmdParameters=config_overrides
 NodeName=localhost CPUs=$CPUS State=UNKNOWN
