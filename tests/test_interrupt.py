@@ -1,5 +1,6 @@
 """Ctrl-C with real processes and real signals: a first SIGINT to one rank of a running 2-rank
-`distbp train`, or to mpiexec (hydra forwards it), is a preemption like SIGTERM: one checkpoint,
+`distbp train`, to mpiexec (hydra forwards it) or to its process group (a terminal's Ctrl-C), is
+a preemption like SIGTERM: one checkpoint,
 exit 75 on every rank, and `--resume auto` ends bitwise where an uninterrupted run ends; a second
 SIGINT aborts at once (exit 1, "interrupted") without writing the checkpoint the first one asked
 for. Job helpers: tests/helpers/mpijob.py; SIGTERM/SIGUSR1: tests/test_preemption.py."""
@@ -26,7 +27,6 @@ from helpers.mpijob import (
     rank_pids,
     run,
     shown,
-    start,
     teacher_file,
     wrapped,
 )
@@ -54,15 +54,26 @@ def uninterrupted(mpiexec, data, tmp_path_factory) -> bytes:
         .tobytes()
 
 
-@pytest.mark.parametrize("target", ["rank 0", "rank 1", "mpiexec"])
+@pytest.mark.parametrize("target", ["rank 0", "rank 1", "mpiexec", "terminal"])
 def test_first_ctrl_c_checkpoints_exits_75_on_every_rank_and_resumes_bitwise(
         mpiexec, data, tmp_path, uninterrupted, target):
+    # "terminal": SIGINT to mpiexec's process group, as Ctrl-C in a shell sends it (hydra's
+    # proxy runs the ranks in a session of their own, so each rank gets it once, forwarded)
     run_dir, stderr, env = tmp_path / "run", tmp_path / "stderr", job_env()
     cmd = wrapped(mpiexec, data, run_dir, *OPTS)  # each rank prints its own exit code
-    pids: dict[int, int] = {}
-    proc = start(cmd, env, stderr, meanwhile=lambda: pids.update(rank_pids(env[TAG])))
-    os.kill(proc.pid if target == "mpiexec" else pids[int(target[-1])], signal.SIGINT)
-    code, out = finish(proc)
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                start_new_session=True)
+    try:
+        pids = rank_pids(env[TAG])  # before the first step: a tiny run is soon over
+        wait_for_line(proc, "step ")
+        if target == "terminal":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid if target == "mpiexec" else pids[int(target[-1])], signal.SIGINT)
+        code, out = finish(proc)
+    finally:
+        proc.kill()
     assert code == 75, out[-2000:] + stderr.read_text()
     assert rank_codes(stderr.read_text()) == {0: 75, 1: 75}, stderr.read_text()
     assert "interrupted" not in stderr.read_text()
