@@ -1,9 +1,8 @@
 """Ctrl-C with real processes and real signals: a first SIGINT to one rank of a running 2-rank
 `distbp train`, to mpiexec (hydra forwards it) or to its process group (a terminal's Ctrl-C), is
-a preemption like SIGTERM: one checkpoint,
-exit 75 on every rank, and `--resume auto` ends bitwise where an uninterrupted run ends; a second
-SIGINT aborts at once (exit 1, "interrupted") without writing the checkpoint the first one asked
-for. Job helpers: tests/helpers/mpijob.py; SIGTERM/SIGUSR1: tests/test_preemption.py."""
+a preemption like SIGTERM: one checkpoint, exit 75 on every rank, and `--resume auto` ends
+bitwise where an uninterrupted run ends; a second SIGINT aborts at once (exit 1, "interrupted")
+without writing the checkpoint the first one asked for. Job helpers: tests/helpers/mpijob.py; SIGTERM/SIGUSR1: tests/test_preemption.py."""
 
 from __future__ import annotations
 
