@@ -57,14 +57,32 @@ class BatchPlan:
     size: int
 
     def shard_rows(self, n: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, rows) for start <= step < stop: rows (k,) int64, increasing; one permutation
-        of the n rows is computed per epoch."""
+        """(step, rows) for start <= step < stop: rows (k,) int64, increasing: views of the
+        epoch's permutation, in which this rank's shard of every step is sorted once when the
+        epoch begins (so a step allocates nothing)."""
         perm_epoch, perm = -1, np.empty(0, np.int64)
         for step in range(start, stop):
             epoch, in_epoch = data.step_cursor(step, self.steps_per_epoch)
             if epoch != perm_epoch:
-                perm, perm_epoch = data.epoch_permutation(self.seed, epoch, n), epoch
-            yield step, data.shard_indices(perm, in_epoch, self.batch_size, self.rank, self.size)
+                perm, perm_epoch = self._sorted_shards(n, epoch), epoch
+            lo, hi = self._shard_span(n, in_epoch)
+            yield step, perm[lo:hi]
+
+    def _shard_span(self, n: int, in_epoch: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's shard of step `in_epoch` in the epoch's permutation."""
+        lo, hi = data.batch_bounds(in_epoch, n, self.batch_size)
+        a, b = data.shard_bounds(hi - lo, self.rank, self.size)
+        return lo + a, lo + b
+
+    def _sorted_shards(self, n: int, epoch: int) -> np.ndarray:
+        """The epoch's permutation with each of this rank's shards sorted in place (HDF5 reads
+        want increasing rows; the gradient SUM does not depend on their order): the rows are
+        data.shard_indices's."""
+        perm = data.epoch_permutation(self.seed, epoch, n)
+        for in_epoch in range(self.steps_per_epoch):
+            lo, hi = self._shard_span(n, in_epoch)
+            perm[lo:hi].sort()
+        return perm
 
     def most_rows(self, n: int) -> int:
         """The most rows this rank reads at one step: its share of an epoch's first batch,

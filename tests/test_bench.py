@@ -80,3 +80,46 @@ def test_bench_times_the_trainers_own_step_function(tmp_path):
         times = bench.time_steps(trainer, SerialComm(), warmup=2, steps=3)
     assert calls == [0, 1, 2, 3, 4] and times.shape == (3, 4) and (times > 0).all()
     assert not np.array_equal(before, trainer.s.net.params)  # the updates really happened
+
+
+def test_bench_baseline_times_a_bare_loop_of_the_same_shapes_and_gives_the_ratio():
+    out = run_mpi(2, [*ARGS, "--baseline"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    b = json.loads(out.stdout)["baseline"]
+    assert b["bare_step_ms"] > 0 and b["distbp_step_ms"] > 0
+    assert b["speed_ratio"] == pytest.approx(b["bare_step_ms"] / b["distbp_step_ms"])
+    text = run_py([*ARGS[:-1], "--baseline", "--activation", "sigmoid"], timeout=120)
+    assert text.returncode == 0 and "x the bare loop's speed" in text.stdout, text.stderr
+    refused = run_py([*ARGS, "--baseline", "--activation", "tanh"], timeout=60)
+    assert refused.returncode == 2 and "--baseline" in refused.stderr
+
+
+# shapes whose smallest per-step array (batch x outputs) is 8 KiB or more, above the budget
+@pytest.mark.parametrize("layers,activation,batch", [((784, 128, 16), "relu", 128),
+                                                     ((64, 256, 256, 16), "sigmoid", 256)])
+def test_the_trainers_step_allocates_no_array_after_warm_up(tmp_path, layers, activation, batch):
+    # every thread (the loader's too) is traced: a per-step copy of the batch, a temporary of
+    # a layer's activations or of the gradient would show as tens of KiB or more
+    import tracemalloc
+
+    from distbp import bench
+    from distbp.comm import SerialComm
+
+    trainer = bench.bench_trainer(layers, activation, batch, "float32", SerialComm(), tmp_path, 60)
+    # NumPy's own iterator buffer (8192 elements, for broadcasting such as z += b) is no array
+    # of ours: shrink it, so what remains is what distbp allocates
+    old = np.setbufsize(64)
+    with trainer.open_loader():
+        for i in range(10):
+            trainer.step(i)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(10, 60):
+                trainer.step(i)
+            grown = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+            np.setbufsize(old)
+    assert 4 * batch * min(layers) >= 8192
+    assert grown < 4096, grown  # a few Python objects (the loader's queue, step scalars)

@@ -18,6 +18,7 @@ import numpy as np
 
 from distbp import bench
 from distbp.activations import HIDDEN
+from distbp.bare_loop import BareLoop
 from distbp.cli.args import positive_int
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
@@ -47,6 +48,9 @@ def add_command(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank, >= 1 (default: as for train --threads)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
+                   "same shapes (forward, backward, one allreduce, plain SGD; random rows in "
+                   "memory) and print distbp's step as a ratio of it")
     m = p.add_argument_group("scaling model (--model)")
     m.add_argument("--model", action="store_true", help="also fit t_step(p, B) = fb(B/p) + "
                    "overhead + allreduce(p, n) to this launch and predict 1 to 4096 ranks, at "
@@ -73,6 +77,9 @@ def run(args: argparse.Namespace, job) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.baseline and args.activation not in ("relu", "sigmoid"):
+        raise UsageError(f"--baseline: the bare loop has relu and sigmoid hidden layers, not "
+                         f"{args.activation}")
     comm = job.start(timeout=None, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir:
         trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
@@ -87,13 +94,30 @@ def run(args: argparse.Namespace, job) -> int:
     comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
     med = np.median(slowest, axis=0)
     r = bench.report(trainer.s.net, args.batch_size, comm, job.threads, med, -peaks[1])
+    if args.baseline:
+        r["baseline"] = _baseline(args, layers, comm, hi - lo, float(med[3]))
     if args.model:
         r["model"] = _model(args, trainer.s.net, comm, med, hi - lo)
     if comm.rank == 0:
         print(json.dumps(r) if args.json else bench.text(r))
+        if args.baseline and not args.json:
+            b = r["baseline"]
+            print(f"bare NumPy loop of the same shapes: {b['bare_step_ms']:.3f} ms per step; "
+                  f"distbp's whole step (Trainer.step: read, preprocess, step) "
+                  f"{b['distbp_step_ms']:.3f} ms = {b['speed_ratio']:.2f}x the bare loop's speed")
         if args.model and not args.json:
             print(_model_text(r["model"]))
     return 0
+
+
+def _baseline(args: argparse.Namespace, layers, comm, rows: int, step_s: float) -> dict:
+    """The bare loop's median step (slowest rank) and distbp's step speed as a ratio of it."""
+    loop = BareLoop(layers, args.activation, rows, args.dtype, comm)
+    times = loop.time(args.warmup, args.steps)
+    comm.allreduce_max(times)
+    bare = float(np.median(times))
+    return {"bare_step_ms": 1e3 * bare, "distbp_step_ms": 1e3 * step_s,
+            "speed_ratio": bare / step_s}
 
 
 def _model(args: argparse.Namespace, net, comm, med: np.ndarray, rows: int) -> dict:
