@@ -2,7 +2,8 @@
 `distbp train`, to mpiexec (hydra forwards it) or to its process group (a terminal's Ctrl-C), is
 a preemption like SIGTERM: one checkpoint, exit 75 on every rank, and `--resume auto` ends
 bitwise where an uninterrupted run ends; a second SIGINT aborts at once (exit 1, "interrupted")
-without writing the checkpoint the first one asked for. Job helpers: tests/helpers/mpijob.py; SIGTERM/SIGUSR1: tests/test_preemption.py."""
+without writing the checkpoint the first one asked for. Job helpers: tests/helpers/mpijob.py;
+SIGTERM/SIGUSR1: tests/test_preemption.py."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def test_first_ctrl_c_checkpoints_exits_75_on_every_rank_and_resumes_bitwise(
             os.kill(proc.pid if target == "mpiexec" else pids[int(target[-1])], signal.SIGINT)
         code, out = finish(proc)
     finally:
-        proc.kill()
+        proc.kill()  # a no-op once it has ended; reaped either way
+        proc.wait()
     assert code == 75, out[-2000:] + stderr.read_text()
     assert rank_codes(stderr.read_text()) == {0: 75, 1: 75}, stderr.read_text()
     assert "interrupted" not in stderr.read_text()
@@ -113,7 +115,8 @@ def test_second_ctrl_c_aborts_at_once_without_the_checkpoint(data, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=45)  # the held-up write alone would take 60 s
     finally:
-        proc.kill()
+        proc.kill()  # a no-op once it has ended; reaped either way
+        proc.wait()
     took = time.monotonic() - t0
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 1, out[-2000:] + stderr
