@@ -40,7 +40,16 @@ import h5py
 import numpy as np
 import pytest
 from conftest import BIN, ROOT, mpiexec_path, openmpi_skip_reason
-from helpers.slurmlab import DAEMONS, SCRIPT, Cluster, free_ports, job_env, unavailable
+from helpers.slurmlab import (
+    DAEMONS,
+    SCRIPT,
+    Cluster,
+    assert_same_state,
+    final_checkpoint,
+    free_ports,
+    job_env,
+    unavailable,
+)
 
 from distbp import checkpoint
 
@@ -119,21 +128,9 @@ def _mpiexec_train(slurm: Cluster, work: Path, run_dir: Path, steps: int, *optio
     env = {k: v for k, v in slurm.env.items() if k != "SLURM_CONF"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return _final(run_dir, steps)
+    return final_checkpoint(run_dir, steps)
 
 
-def _final(run_dir: Path, step: int) -> checkpoint.Checkpoint:
-    return checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", step))
-
-
-def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
-    """Parameters and every optimizer buffer bitwise equal, at the same step."""
-    assert (a.step, a.epoch, a.step_in_epoch) == (b.step, b.epoch, b.step_in_epoch)
-    assert a.params.dtype == b.params.dtype == np.float64
-    np.testing.assert_array_equal(a.params, b.params)
-    assert a.optimizer_state.keys() == b.optimizer_state.keys()
-    for key, value in a.optimizer_state.items():
-        np.testing.assert_array_equal(value, b.optimizer_state[key], err_msg=key)
 
 
 def _log(path: Path) -> str:
@@ -164,7 +161,7 @@ def test_sbatch_template_with_two_tasks_equals_mpiexec_bitwise(slurm, work, refe
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
     assert "--resume auto: no checkpoint in" in log  # the template always resumes
-    assert_same_state(_final(run_dir, STEPS), reference)
+    assert_same_state(final_checkpoint(run_dir, STEPS), reference)
 
 
 def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, work, reference):
@@ -187,7 +184,7 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, 
     assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", log), log
     assert log.count("job " + job + " run 2 ") == 1 and " run 3 " not in log
     assert_signal_reached_each_rank_once(log, "USR1")
-    assert_same_state(_final(run_dir, STEPS), reference)
+    assert_same_state(final_checkpoint(run_dir, STEPS), reference)
 
 
 EXTRA = 300  # steps the requeued run of the time-limit test trains past its checkpoint
@@ -239,7 +236,7 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
     assert "got USR1" not in run2 and " run 3 " not in run2, _shown(run2)
     reference = _mpiexec_train(slurm, work, work / "timelimit-reference", k + EXTRA, *TINY,
                                "--checkpoint-every", "100000000")
-    assert_same_state(_final(run_dir, k + EXTRA), reference)
+    assert_same_state(final_checkpoint(run_dir, k + EXTRA), reference)
 
 
 def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
@@ -259,7 +256,7 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
     assert "stopped by TERM (scancel or preemption): checkpoint written, not requeueing" in log
     assert " run 2 " not in log and "requeueing job" not in log, log
     k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written", log, re.M)[1])
-    assert _final(run_dir, k).step == k
+    assert final_checkpoint(run_dir, k).step == k
     assert_signal_reached_each_rank_once(log, "TERM")  # from slurmd; the trap does not forward it
 
 
@@ -290,7 +287,7 @@ def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work
     assert run1.count("got USR1: forwarding it to the ranks") == 1, log
     assert "the ranks were still starting when USR1 came (exit 138)" in run1, log
     assert "--resume auto: no checkpoint in" in run2 and "distbp exited with 0" in run2, log
-    assert _final(run_dir, 20).step == 20
+    assert final_checkpoint(run_dir, 20).step == 20
 
 
 def test_plain_srun_without_an_mpi_world_fails_loudly(slurm, work):
@@ -317,7 +314,7 @@ def test_sweep_array_trains_one_run_per_learning_rate(slurm, work):
     for task, lr in enumerate(("0.3", "0.1")):
         log = _log(work / f"sweep-{task}.out")
         assert "distbp exited with 0" in log, log
-        final = _final(sweep / f"lr-{lr}", 10)
+        final = final_checkpoint(sweep / f"lr-{lr}", 10)
         assert final.config["lr"] == float(lr) and final.config["steps"] == 10
         finals[lr] = final.params
     assert not (work / "ignored").exists()  # the sweep's run dir wins over the caller's
@@ -343,4 +340,4 @@ def test_open_mpi_ranks_under_srun_pmix_train_like_mpich_bitwise(slurm, work, re
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
     assert "help-pmix" not in log and "Sorry!" not in log, log
-    assert_same_state(_final(run_dir, STEPS), reference)
+    assert_same_state(final_checkpoint(run_dir, STEPS), reference)

@@ -22,10 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from conftest import BIN, ROOT, OpenMPILauncher, child_env, mpiexec_path
 
-__all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "free_ports",
-           "job_env", "unavailable"]
+from distbp import checkpoint
+
+__all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "assert_same_state",
+           "final_checkpoint", "free_ports", "job_env", "unavailable"]
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 
@@ -68,6 +71,21 @@ def job_env(conf: Path, **extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def final_checkpoint(run_dir: Path, step: int) -> checkpoint.Checkpoint:
+    """The checkpoint of `step` in `run_dir`/checkpoints, verified."""
+    return checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", step))
+
+
+def assert_same_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
+    """Parameters and every optimizer buffer bitwise equal, at the same step."""
+    assert (a.step, a.epoch, a.step_in_epoch) == (b.step, b.epoch, b.step_in_epoch)
+    assert a.params.dtype == b.params.dtype == np.float64
+    np.testing.assert_array_equal(a.params, b.params)
+    assert a.optimizer_state.keys() == b.optimizer_state.keys()
+    for key, value in a.optimizer_state.items():
+        np.testing.assert_array_equal(value, b.optimizer_state[key], err_msg=key)
 
 
 class Cluster:
