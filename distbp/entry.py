@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from distbp.errors import EXIT_ERROR, env_rank
 from distbp.stopflag import install_early
 
 __all__ = ["command_of", "main"]
@@ -21,8 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if command_of(args) == "train":
         install_early()
-    from distbp.cli import main as cli_main  # the heavy imports, now covered by the handler
-
+    try:
+        from distbp.cli import main as cli_main  # the heavy imports, covered by the handler
+    except KeyboardInterrupt:  # Ctrl-C twice before the command started: stop, as documented
+        print(f"distbp: rank {env_rank()}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     return cli_main(argv)
 
 

@@ -4,13 +4,15 @@
 checkpoint that cannot be used. The CLI prints their message as ONE line on stderr (no traceback)
 and exits with code 2. Their messages must name the problem and the file or option it is in;
 `one_line(err)` turns a foreign exception (OSError, h5py, zlib, ...) into text for such a message.
-This module imports nothing of distbp: every layer may use it.
+`env_rank()` is the rank to name in a message before MPI is initialized. This module imports
+nothing of distbp: every layer may use it.
 """
 
+import os
+
 __all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "SetupRefused",
-           "CollectiveTimeout",
-           "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_PREEMPTED",
-           "EXIT_STDOUT_CLOSED", "one_line"]
+           "CollectiveTimeout", "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE",
+           "EXIT_PREEMPTED", "EXIT_STDOUT_CLOSED", "env_rank", "one_line"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -57,3 +59,11 @@ class SetupRefused(UsageError):
     def __init__(self, message: str, carrier: bool):
         super().__init__(message)
         self.carrier = carrier
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher's variables say, before MPI is initialized; 0 if none."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0

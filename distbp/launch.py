@@ -37,9 +37,10 @@ from distbp.errors import (
     NonFiniteError,
     SetupRefused,
     UsageError,
+    env_rank,
 )
 
-__all__ = ["Job", "agree", "env_rank", "exit_code", "guarded", "ranks_may_diverge",
+__all__ = ["Job", "agree", "exit_code", "guarded", "ranks_may_diverge",
            "set_threads"]
 
 
@@ -59,14 +60,6 @@ class Job:
         self.comm = get_comm(timeout=timeout)
         self.threads = set_threads(threads, self.comm.local_size)
         return self.comm
-
-
-def env_rank() -> int:
-    """This process's rank as the launcher's variables say, before MPI is initialized; 0 if none."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def agree(comm, build: Callable):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distbp.errors import UsageError
-from distbp.launch import env_rank
+from distbp.errors import UsageError, env_rank
 
 __all__ = ["EPILOG", "Parser", "add_checkpoint_data_arguments", "positive_int"]
 
@@ -19,6 +18,10 @@ for SIGPIPE; 1 anything else (the failing rank prints its traceback and every ra
 class Parser(argparse.ArgumentParser):
     """argparse that reports bad usage through UsageError (exit 2) instead of exiting: rank 0
     prints the usage as one line, then the error once as `distbp: error: ...`."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if env_rank() == 0:  # --help, --version: once for the job, not once per rank
+            super()._print_message(message, file)
 
     def error(self, message: str):  # type: ignore[override]
         if env_rank() == 0:
