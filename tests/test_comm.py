@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import child_env, openmpi_skip_reason, run_mpi, run_py
 
-from distbp.comm import SerialComm, get_comm, launcher_world_size
+from distbp.comm import SerialComm, get_comm
+from distbp.launcher_env import launcher_world_size
 
 PROG = str(Path(__file__).parent / "mpi_progs" / "comm_prog.py")
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "MPI_LOCAL", "HYDRA_")

@@ -17,7 +17,7 @@ LAYERS = [
     ("foundation", ["distbp.errors", "distbp.version", "distbp.durable"]),
     ("engine", ["distbp.network", "distbp.activations", "distbp.losses", "distbp.optim",
                 "distbp.gradcheck"]),
-    ("communication", ["distbp.comm"]),
+    ("communication", ["distbp.comm", "distbp.launcher_env"]),
     ("data", ["distbp.data", "distbp.data.*", "distbp.loader", "distbp.preprocess", "distbp.idx",
               "distbp.data_import"]),
     ("state", ["distbp.checkpoint", "distbp.ckpt_integrity"]),
