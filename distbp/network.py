@@ -5,13 +5,16 @@ layer j takes the activations a_k of the layer k before it,
 
     z_j = a_k W_jᵀ + b_j                       (B, n_j)      forward, `_forward`
     a_j = g(z_j)                               (B, n_j)
-    δ_j = Δa_j ⊙ g′(z_j)                       (B, n_j)      backward, `_backward`
+    δ_j = Δa_j ⊙ g′(z_j)                       (B, n_j)      backward, `backward_layer`
     ΔW_j = δ_jᵀ a_k                            (n_j, n_k)    Δw_{k→j} = (Δa_j | g′ z_j) | a_kᵀ
     Δb_j = Σ_rows δ_j                          (n_j,)
     Δa_k = δ_j W_j                             (B, n_k)      Δa_k = w_{k→j}ᵀ | (Δa_j | g′ z_j)
 
 ΔW_j and Δb_j are SUMS over the rows, written straight into views of one flat gradient buffer laid
 out like `params`; callers divide once by the number of samples (the global batch, under MPI).
+`loss_grad_sum` runs the whole pass; a caller that acts on each layer's gradient as soon as it
+exists (the trainer starting an allreduce) runs `forward_loss`, then `backward_layer(j)` for
+j = L .. 1 itself.
 The update w′ = w − α Δw lives in distbp.optim. Buffers are kept per batch size, so after the
 first call with a given B a step allocates no arrays.
 """
@@ -76,6 +79,7 @@ class Network:
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
         self._grad_views: tuple = (None, [], [])
+        self._pass: _Workspace | None = None  # the workspace of the pass backward_layer ends
         self.last_output = np.empty((0, self.layers[-1]), self.dtype)
         # The input transform the network was trained with (keys of distbp.preprocess: scale,
         # mean, std): distbp.evaluate/predict apply it to raw rows; the methods here do not.
@@ -126,15 +130,33 @@ class Network:
         Returns the loss summed over the rows. `grad` (n_params,) is overwritten, not added to.
         Zero rows give a zero gradient and a zero loss (a rank with an empty shard).
         """
+        total = self.forward_loss(x, y, grad)
+        for j in range(self.depth, 0, -1):
+            self.backward_layer(j, grad)
+        return total
+
+    @property
+    def depth(self) -> int:
+        """L: the layers with weights (one fewer than the widths)."""
+        return len(self.layers) - 1
+
+    def forward_loss(self, x: np.ndarray, y: np.ndarray, grad: np.ndarray) -> float:
+        """The forward pass over the rows of x and the output layer's δ_L; returns the loss
+        summed over the rows. `backward_layer(j, grad)` for j = L down to 1 (each needs δ_j from
+        the layer above) then writes the gradient sums into `grad`. Zero rows (a rank with an
+        empty shard): `grad` is zeroed, the loss is 0 and backward_layer writes nothing."""
         if len(x) == 0:
             grad.fill(0.0)
+            self._pass = None
             return 0.0
         ws = self._workspace(len(x))
         self._forward(self._check_x(x), ws)
         self._targets(y, ws)
         total = loss_delta(self.output, self.loss, ws.z[-1], ws.a[-1], ws.t, ws.delta[-1],
                            ws.scratch)
-        self._backward(ws, grad)
+        if self._grad_views[0] is not grad:  # views of the caller's buffer, made once
+            self._grad_views = (grad, *param_views(grad, self.layers))
+        self._pass = ws
         return total
 
     def loss_sum(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
@@ -179,21 +201,21 @@ class Network:
         self.last_output = ws.a[L]  # (B, n_L) view, valid until the next pass
         return ws.a[L]
 
-    def _backward(self, ws: _Workspace, grad: np.ndarray) -> None:
-        # δ_L is already in ws.delta[L] (distbp.losses.loss_delta).
-        if self._grad_views[0] is not grad:  # views of the caller's buffer, made once
-            self._grad_views = (grad, *param_views(grad, self.layers))
+    def backward_layer(self, j: int, grad: np.ndarray) -> None:
+        """Layer j's gradient sums ΔW_j, Δb_j into `grad` (the buffer forward_loss was given)
+        and, below the first layer, δ_k of the layer k = j − 1 under it."""
+        ws = self._pass
+        if ws is None:  # no rows
+            return
         _, dW, db = self._grad_views
-        L = len(self.layers) - 1
-        for j in range(L, 0, -1):
-            k = j - 1
-            delta = ws.delta[j]  # δ_j                                  (B, n_j)
-            np.matmul(delta.T, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k         (n_j, n_k)
-            np.sum(delta, axis=0, out=db[k])  # Δb_j = Σ_rows δ_j            (n_j,)
-            if k > 0:
-                np.matmul(delta, self.weights[k], out=ws.delta[k])  # Δa_k = δ_j W_j   (B, n_k)
-                self.g.gprime(ws.z[k], ws.a[k], ws.z[k])  # g′(z_k), over z_k (no longer needed)
-                ws.delta[k] *= ws.z[k]  # δ_k = Δa_k ⊙ g′(z_k)          (B, n_k)
+        k = j - 1
+        delta = ws.delta[j]  # δ_j                                      (B, n_j)
+        np.matmul(delta.T, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k             (n_j, n_k)
+        np.sum(delta, axis=0, out=db[k])  # Δb_j = Σ_rows δ_j                (n_j,)
+        if k > 0:
+            np.matmul(delta, self.weights[k], out=ws.delta[k])  # Δa_k = δ_j W_j       (B, n_k)
+            self.g.gprime(ws.z[k], ws.a[k], ws.z[k])  # g′(z_k), over z_k (no longer needed)
+            ws.delta[k] *= ws.z[k]  # δ_k = Δa_k ⊙ g′(z_k)              (B, n_k)
 
     # ---------------------------------------------------------------- helpers
 
