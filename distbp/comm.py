@@ -56,6 +56,9 @@ class Comm(Protocol):
     hostname: str
 
     def allreduce_sum(self, buf: np.ndarray) -> None: ...
+    def start_allreduce_sum(self, buf: np.ndarray) -> Any: ...
+    def progress(self, pending: Sequence[Any]) -> None: ...
+    def wait_all(self, pending: Sequence[Any]) -> None: ...
     def allreduce_max(self, buf: np.ndarray) -> None: ...
     def allreduce_min(self, buf: np.ndarray) -> None: ...
     def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
@@ -117,6 +120,15 @@ class SerialComm:
     def allreduce_min(self, buf: np.ndarray) -> None:
         _check_buffer(buf)
 
+    def start_allreduce_sum(self, buf: np.ndarray) -> None:
+        _check_buffer(buf)
+
+    def progress(self, pending: Sequence[Any]) -> None:
+        pass
+
+    def wait_all(self, pending: Sequence[Any]) -> None:
+        pass
+
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         _check_buffer(buf)
         if root != 0:
@@ -176,6 +188,26 @@ class MPIComm:
 
     def allreduce_sum(self, buf: np.ndarray) -> None:
         self._allreduce(buf, self._MPI.SUM)
+
+    def start_allreduce_sum(self, buf: np.ndarray) -> Any:
+        """Begin an in-place sum of `buf` across ranks and return its pending request: `buf`
+        belongs to MPI until `wait_all` has returned (the overlap of a bucket with backward)."""
+        _check_buffer(buf)
+        return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def progress(self, pending: Sequence[Any]) -> None:
+        """Let MPI move `pending` requests on (MPICH advances nonblocking collectives only
+        inside MPI calls): one Test each, nothing waited for."""
+        for req in pending:
+            req.Test()
+
+    def wait_all(self, pending: Sequence[Any]) -> None:
+        """Until every request of `pending` is complete (deadline: as for any collective)."""
+        if self._timeout is None:
+            self._MPI.Request.Waitall(list(pending))
+            return
+        for req in pending:
+            self._wait(req)
 
     def allreduce_max(self, buf: np.ndarray) -> None:
         self._allreduce(buf, self._MPI.MAX)

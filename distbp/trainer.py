@@ -2,15 +2,13 @@
 
     this rank's shard of the global batch -> forward/backward: gradient SUMS into one flat buffer
     (plus loss sum, sample count, correct count and a stop flag in the same buffer)
-    -> ONE in-place Allreduce(SUM) -> divide by the global count -> optimizer step, same everywhere
-    -> rank 0: metrics, progress, checkpoint
+    -> ONE in-place Allreduce(SUM) (or buckets of it while backward runs: distbp.overlap)
+    -> divide by the global count -> optimizer step, same everywhere -> rank 0: metrics, checkpoint
 
-    trainer = Trainer(build_session(cfg, ...), comm, stop=catch_stop_signals())
-    code = trainer.train()          # EXIT_OK, or EXIT_PREEMPTED after a stop signal's checkpoint
+    code = Trainer(session, comm, stop=catch_stop_signals()).train()   # EXIT_OK or EXIT_PREEMPTED
 
-Preemption (SIGTERM, SIGUSR1, a first SIGINT) only sets a flag (distbp.stopflag); the flag rides
-in the step's own allreduce, so all ranks see it at the same step, rank 0 writes a checkpoint,
-and `train` returns EXIT_PREEMPTED.
+A stop signal (SIGTERM, SIGUSR1, a first SIGINT) only sets a flag (distbp.stopflag) that rides in
+the step's own allreduce: all ranks see it at the same step, rank 0 writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,27 +29,30 @@ from distbp.evaluation import loss_sums
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
+from distbp.overlap import Buckets
 from distbp.session import Session, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals
 
 __all__ = ["Trainer"]
 
-# The step's scalars, after the gradient in the one reduced buffer.
-LOSS_SUM, ROWS, CORRECT, STOP = range(4)
 TAIL = 4
+LOSS_SUM, ROWS, CORRECT, STOP = range(TAIL)  # the step's scalars, after the gradient
 MIN_JUDGED_EPOCH = 20  # steps an epoch needs before its loss says whether the network learns
 
 
 class Trainer:
     """Runs a Session on a communicator. Only rank 0 writes checkpoints, metrics and progress."""
 
-    def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None):
+    def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None,
+                 bucket_bytes: int | None = None):
         self.s, self.comm, self.log = session, comm, log
         self.rank0 = comm.rank == 0
         net = session.net
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
         self.buf = np.zeros(net.params.size + TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
+        # reduced in buckets while backward runs (distbp.overlap), or all at once (None)
+        self.buckets = Buckets(self.buf, net.layers, bucket_bytes, comm)
         self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
         self._grad_norm: float | None = None  # the last step's, before clipping
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
@@ -123,9 +124,9 @@ class Trainer:
         self._at_step = step + 1
         x, y = self.loader.get(step)
         t0 = time.perf_counter()
-        self._forward_backward(self.inputs(x), y)
+        self._forward_backward(self.inputs(x), y)  # buckets' allreduces start as layers finish
         t1 = time.perf_counter()
-        self.comm.allreduce_sum(self.buf)  # the one collective of the step
+        self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
         t2 = time.perf_counter()
         self._check_finite(step)
         count = float(self.tail[ROWS])
@@ -139,13 +140,17 @@ class Trainer:
 
     def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
         """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
-        loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce)."""
+        loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce),
+        each layer handed to the buckets as soon as backward has produced it."""
         net = self.s.net
-        loss_sum = net.loss_grad_sum(x, y, self.grad)
+        loss_sum = net.forward_loss(x, y, self.grad)
         correct = net.count_correct(net.last_output, y) if len(y) else 0
         tail = self.tail  # element by element: no temporary array per step
         tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
         tail[STOP] = self.stop.signum is not None
+        for j in range(net.depth, 0, -1):
+            net.backward_layer(j, self.grad)
+            self.buckets.layer_done(j)
 
     def _begin(self) -> RunLog:
         """Before the first step: the preprocessing statistics and, for a fresh classification

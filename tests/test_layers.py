@@ -24,7 +24,7 @@ LAYERS = [
     ("run", ["distbp.config", "distbp.config_schema", "distbp.config_values", "distbp.session",
              "distbp.trainer", "distbp.evaluation", "distbp.metrics", "distbp.early_stop",
              "distbp.stopflag", "distbp.plot", "distbp.bench", "distbp.scaling",
-             "distbp.bare_loop"]),
+             "distbp.bare_loop", "distbp.overlap"]),
     ("launch", ["distbp.launch"]),
     ("API", ["distbp.api", "distbp"]),
     ("CLI", ["distbp.cli", "distbp.cli.*"]),

@@ -27,7 +27,7 @@ EQUATIONS = {
     "Δa_k = δ_j W_j": ["np.matmul(delta, self.weights[k], out=ws.delta[k])"],
     "δ_k = Δa_k ⊙ g′(z_k)": ["self.g.gprime(ws.z[k], ws.a[k], ws.z[k])",
                              "ws.delta[k] *= ws.z[k]"],
-    "grad /= count": ["self.comm.allreduce_sum(self.buf)", "self.grad /= count"],
+    "grad /= count": ["self.buckets.wait()", "self.grad /= count"],
     "w = w − α·u": ["np.multiply(u, dt(lr), out=s2)", "params -= s2"],
 }
 CITATION = re.compile(r"`([\w.]+)` in `(distbp/[\w/]+\.py)`")

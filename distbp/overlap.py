@@ -1,0 +1,72 @@
+"""Allreduce in buckets while backward still runs: the communication of a step hidden behind its
+computation, as Horovod and DDP do, for ranks whose links are slow (several nodes).
+
+The step's one reduced buffer is [W_1 b_1 … W_L b_L | loss sum, rows, correct, stop]. Backward
+produces the layers' gradients last layer first, so the buffer is cut into buckets at layer
+boundaries from its END: bucket 0 holds layer L (and the scalars, known after the forward pass),
+each bucket at least `bucket_bytes` unless it reaches layer 1. As soon as backward has written
+the lowest layer of a bucket, the bucket's in-place Iallreduce starts; between layers the
+pending ones are progressed; `wait` returns when all are done, before the update.
+
+    buckets = Buckets(trainer.buf, net.layers, bucket_bytes=1 << 20, comm=comm)
+    loss = net.forward_loss(x, y, grad)          # then the scalars into the buffer's tail
+    for j in range(net.depth, 0, -1):
+        net.backward_layer(j, grad)
+        buckets.layer_done(j)                    # starts the bucket that layer j completes
+    buckets.wait()                               # the buffer holds the sums, as one allreduce's
+
+Each element is summed across the same ranks as by one allreduce of the whole buffer: on two
+ranks bitwise the same (a + b), on more within summation order (the MPI library may pick another
+algorithm for another message size).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distbp.network import n_params
+
+__all__ = ["Buckets", "bucket_bounds"]
+
+
+def bucket_bounds(layers, itemsize: int, bucket_bytes: int, size: int) -> dict[int, slice]:
+    """{layer j: the slice of the buffer (`size` elements, the scalars after the gradient) that
+    becomes complete when backward has produced layer j}, buckets cut at layer boundaries from
+    the end, each of at least `bucket_bytes` unless it reaches layer 1."""
+    starts = [n_params(layers[:j + 1]) for j in range(len(layers))]  # layer j+1 begins here
+    bounds, stop, gathered = {}, size, 0
+    for j in range(len(layers) - 1, 0, -1):
+        gathered += (starts[j] - starts[j - 1]) * itemsize
+        if gathered >= bucket_bytes or j == 1:
+            bounds[j] = slice(starts[j - 1], stop)
+            stop, gathered = starts[j - 1], 0
+    return bounds
+
+
+class Buckets:
+    """The pending bucket allreduces of one step over `buf` (C-contiguous, 1-D). With one bucket
+    (`bucket_bytes` None: no overlap) nothing starts early and `wait` is one blocking allreduce
+    of the whole buffer, the step's one collective as without buckets."""
+
+    def __init__(self, buf: np.ndarray, layers, bucket_bytes: int | None, comm):
+        self.buf, self.comm = buf, comm
+        self.bounds = bucket_bounds(layers, buf.itemsize, bucket_bytes or buf.nbytes, buf.size)
+        self.overlap = len(self.bounds) > 1
+        self.pending: list = []
+
+    def layer_done(self, j: int) -> None:
+        """Backward has written layer j: start the bucket it completes, progress the others."""
+        if not self.overlap:
+            return
+        bucket = self.bounds.get(j)
+        if bucket is not None:
+            self.pending.append(self.comm.start_allreduce_sum(self.buf[bucket]))
+        self.comm.progress(self.pending)
+
+    def wait(self) -> None:
+        """Until every bucket of the step is summed across the ranks."""
+        if not self.overlap:
+            self.comm.allreduce_sum(self.buf)  # the step's one collective
+            return
+        self.comm.wait_all(self.pending)
+        self.pending.clear()

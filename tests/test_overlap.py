@@ -1,0 +1,41 @@
+"""Allreduce in buckets while backward runs (distbp.overlap): the buckets cover the reduced
+buffer exactly, cut at layer boundaries from its end, and training with them gives the results
+of one allreduce per step (bitwise on two ranks, within summation order on more)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_mpi
+from helpers.trainruns import clean_env, rel_diff, write_data
+
+from distbp.overlap import bucket_bounds
+
+PROG = str(ROOT / "tests" / "mpi_progs" / "overlap_prog.py")
+LAYERS = (8, 32, 16, 3)  # layer 1: 288 parameters, layer 2: 528, layer 3: 51
+
+
+@pytest.mark.parametrize("bucket_bytes,expected", [
+    (1, {3: (816, 871), 2: (288, 816), 1: (0, 288)}),      # one bucket per layer
+    (8 * 500, {2: (288, 871), 1: (0, 288)}),                # layers 3+2 reach 500 floats
+    (8 * 10_000, {1: (0, 871)}),                             # everything in one bucket
+])
+def test_buckets_are_cut_at_layer_boundaries_from_the_end_and_cover_the_buffer(bucket_bytes,
+                                                                              expected):
+    size = 867 + 4  # the gradient, then the step's four scalars (in the first bucket)
+    bounds = bucket_bounds(LAYERS, 8, bucket_bytes, size)
+    assert {j: (b.start, b.stop) for j, b in bounds.items()} == expected
+    covered = sorted((b.start, b.stop) for b in bounds.values())
+    assert covered[0][0] == 0 and covered[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_training_with_buckets_equals_one_allreduce_per_step(tmp_path, ranks):
+    data = write_data(tmp_path / "d.h5", 70)
+    proc = run_mpi(ranks, [PROG, str(data), str(tmp_path)], timeout=120, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    whole, buckets = np.load(tmp_path / "whole.npy"), np.load(tmp_path / "buckets.npy")
+    if ranks == 2:  # a + b whatever the message: bitwise
+        np.testing.assert_array_equal(whole, buckets)
+    assert rel_diff(whole, buckets) <= 1e-10
