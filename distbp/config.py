@@ -12,6 +12,7 @@ validated, frozen `distbp.config_schema.TrainConfig`; every failure is a one-lin
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from distbp.config_schema import (
 )
 from distbp.config_values import format_value
 from distbp.errors import ConfigError
+from distbp.paths import check_regular
 
 __all__ = ["DEFAULT_PRESET", "PRESET_DIR", "add_train_arguments", "list_presets", "load_toml",
            "preset_path", "resolve_config", "resolve_options"]
@@ -47,6 +49,8 @@ _EXCLUSIVE = (("epochs", "steps"), ("val_data", "val_fraction"))
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The table in a TOML file; unreadable or invalid files raise a one-line ConfigError."""
+    if os.path.lexists(path):  # a FIFO would block the read forever
+        check_regular(path, f"config file '{path}'", ConfigError)
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)

@@ -36,13 +36,17 @@ from distbp.config_values import (
 )
 from distbp.errors import ConfigError
 
-__all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "OPTIMIZER_OPTIONS",
+__all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "MAX_SEED", "MAX_STEPS",
+           "OPTIMIZER_OPTIONS",
            "OPTIONS", "OptionSpec", "TrainConfig", "build_config", "option_name", "parse_options",
            "validate"]
 
 CLI_SOURCE = "command line"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds before a stuck collective aborts the job
 # Options of one optimizer, refused with another unless left at their defaults.
+# What the code can serve: steps fit a checkpoint's 8-digit name, a seed NumPy and an int64
+# (/rng/seed), rows an int64 index, a deadline a thread's timeout (TIMEOUT_MAX: ~292 years).
+MAX_STEPS, MAX_SEED, MAX_ROWS, MAX_TIMEOUT_S, MAX_THREADS = 10**8 - 1, 2**63 - 1, 2**62, 1e9, 4096
 OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"),
                      "adamw": ("betas", "eps")}
 
@@ -80,14 +84,15 @@ class TrainConfig:
     loss: str = _opt("cross_entropy", "loss on the output activations", CHOICE,
                      choices=("cross_entropy", "mse"))
     # optimisation
-    batch_size: int = _opt(64, "GLOBAL batch size, summed over all ranks", INT, check="positive")
+    batch_size: int = _opt(64, "GLOBAL batch size, summed over all ranks", INT,
+                           check="positive", most=MAX_ROWS)
     drop_last: bool = _opt(False, "drop the last partial batch of each epoch", BOOL)
     lr: float = _opt(0.1, "learning rate (peak rate when a schedule is used)", FLOAT,
                      check="positive")
     lr_reference_batch: int | None = _opt(None, "--lr is the rate for a global batch of N: the "
                                                 "run uses lr * batch-size / N (linear scaling "
                                                 "rule); none: --lr as given", INT, True,
-                                          check="positive")
+                                          check="positive", most=MAX_ROWS)
     optimizer: str = _opt("sgd", "update rule (SGD, Adam, AdamW)", CHOICE,
                           choices=("sgd", "adam", "adamw"))
     momentum: float = _opt(0.0, "SGD momentum in [0, 1); 0: the plain rule "
@@ -102,9 +107,10 @@ class TrainConfig:
                                check="nonneg")
     schedule: str = _opt("constant", "learning-rate schedule after warmup", CHOICE,
                          choices=("constant", "step", "cosine"))
-    warmup_steps: int = _opt(0, "linear warmup steps from 0 to --lr", INT, check="nonneg")
+    warmup_steps: int = _opt(0, "linear warmup steps from 0 to --lr", INT, check="nonneg",
+                             most=MAX_STEPS)
     lr_step_size: int | None = _opt(None, "steps between decays for --schedule step", INT, True,
-                                    check="positive")
+                                    check="positive", most=MAX_STEPS)
     lr_gamma: float = _opt(0.1, "decay factor for --schedule step", FLOAT, check="positive")
     min_lr: float = _opt(0.0, "final learning rate for --schedule cosine", FLOAT, check="nonneg")
     clip_grad_norm: float | None = _opt(None, "scale the averaged gradient down to this global "
@@ -112,19 +118,20 @@ class TrainConfig:
                                         FLOAT, True, check="positive")
     # length and numerics
     epochs: int | None = _opt(None, "passes over the data (excludes --steps; neither: 10 "
-                                    "epochs)", INT, True, check="positive")
+                                    "epochs)", INT, True, check="positive", most=MAX_STEPS)
     steps: int | None = _opt(None, "total optimizer steps of the run (excludes --epochs)", INT,
-                             True, check="positive")
+                             True, check="positive", most=MAX_STEPS)
     early_stop: int | None = _opt(None, "stop when --early-stop-metric has not improved for this "
                                         "many validations in a row (one per epoch; needs "
                                         "validation data); none: off", INT, True,
-                                  check="positive")
+                                  check="positive", most=MAX_STEPS)
     early_stop_metric: str = _opt("val_loss", "the validation result --early-stop watches", CHOICE,
                                   choices=("val_loss", "val_accuracy"))
     early_stop_min_delta: float = _opt(0.0, "a validation improves only when better than the "
                                             "best so far by more than this", FLOAT,
                                        check="nonneg")
-    seed: int = _opt(0, "seed for initial weights and the shuffling of every epoch", INT)
+    seed: int = _opt(0, "seed for initial weights and the shuffling of every epoch", INT,
+                     check="nonneg", most=MAX_SEED)
     dtype: str = _opt("float32", "floating-point type of parameters and arithmetic", CHOICE,
                       choices=("float32", "float64"))
     scale: float | None = _opt(None, "multiply inputs by this per batch (e.g. 1/255 for pixels)",
@@ -136,30 +143,34 @@ class TrainConfig:
     checkpoint_dir: str | None = _opt(None, "checkpoint directory; none: <run-dir>/checkpoints",
                                       PATH, True)
     checkpoint_every: int | None = _opt(None, "checkpoint every N steps; none: at the end of each "
-                                              "epoch and of the run", INT, True, check="positive")
-    keep: int = _opt(3, "number of newest checkpoints kept", INT, check="positive")
+                                              "epoch and of the run", INT, True, check="positive",
+                                      most=MAX_STEPS)
+    keep: int = _opt(3, "number of newest checkpoints kept", INT, check="positive",
+                     most=MAX_STEPS)
     resume: str = _opt("none", "none, auto (newest valid checkpoint in --checkpoint-dir) or a "
                                "checkpoint path", PATH, check="nonempty")
     metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl",
                                PATH, True)
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
-                                        "none: only at checkpoints", INT, True, check="positive")
+                                        "none: only at checkpoints", INT, True, check="positive",
+                                  most=MAX_STEPS)
     progress: str = _opt("auto", "rank 0's progress: lines every --log-every steps, bar adds a "
                                  "bar redrawn in place, auto: bar on a terminal (under mpiexec "
                                  "stdout is a pipe: ask for bar)", CHOICE,
                          choices=("auto", "bar", "lines"))
     log_every: int | None = _opt(None, "progress line every N steps; none: about 20 per run", INT,
-                                 True, check="positive")
+                                 True, check="positive", most=MAX_STEPS)
     record_every: int | None = _opt(None, "train record in the metrics file every N steps (and at "
                                           "each progress line); none: about 200 per run", INT,
-                                    True, check="positive")
+                                    True, check="positive", most=MAX_STEPS)
     threads: int | None = _opt(None, "BLAS threads per rank; none: OMP/OPENBLAS/MKL_NUM_THREADS, "
                                      "else SLURM_CPUS_PER_TASK, else this rank's CPUs / ranks "
                                      "per node (never more than the CPUs)", INT, True,
-                               check="positive")
+                               check="positive", most=MAX_THREADS)
     collective_timeout: float | None = _opt(DEFAULT_COLLECTIVE_TIMEOUT_S, "seconds before a "
                                             "stuck collective aborts the job; none: wait "
-                                            "forever", FLOAT, True, check="positive")
+                                            "forever", FLOAT, True, check="positive",
+                                            most=MAX_TIMEOUT_S)
     in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)", CHOICE,
                           choices=("auto", "yes", "no"))
 
@@ -274,6 +285,9 @@ def _field_problem(name: str, v: Any) -> str | None:
     num = "integer" if isinstance(v, int) else "number"
     if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
         return f"{opt} must be {allowed.format(num=num)}, got {format_value(v)}"
+    most = meta.get("most")
+    if most is not None and v > most:
+        return f"{opt} must be at most {most} (what distbp can serve), got {format_value(v)}"
     return None
 
 

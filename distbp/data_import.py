@@ -33,6 +33,7 @@ import numpy as np
 from distbp.durable import fsync_path, umask
 from distbp.errors import DataError, UsageError, one_line
 from distbp.idx import IdxReader
+from distbp.paths import check_not_input, check_regular
 
 __all__ = ["BLOCK_BYTES", "CHUNK_BYTES", "DEBIAN_FASHION_DIR", "FASHION_MD5", "FASHION_SPLITS",
            "FASHION_URL", "fashion_mnist", "import_idx", "write_data_file"]
@@ -161,6 +162,10 @@ def import_idx(images: str | Path, labels: str | Path, out: str | Path, source: 
     With `md5` = (images, labels), the uncompressed streams must have these MD5s. Raises
     DataError on any malformed input; no output file exists then.
     """
+    for what, path in (("images", images), ("labels", labels)):  # a FIFO would block forever
+        check_regular(path, f"IDX {what} file '{path}'", DataError)
+    check_not_input(out, (("IDX images file", images), ("IDX labels file", labels)),
+                    f"--out '{out}'", DataError)
     y = _read_labels(labels, md5[1] if md5 else None)
     with IdxReader(images) as r:
         if len(r.dims) < 2:

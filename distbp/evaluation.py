@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from distbp import checkpoint, data, preprocess
-from distbp.durable import replace_durably
+from distbp import checkpoint, data, paths, preprocess
+from distbp.durable import replace_durably, umask
 from distbp.errors import CheckpointError, ConfigError, DataError, one_line
 from distbp.network import Network
 from distbp.version import __version__
@@ -176,11 +177,21 @@ class PredictionFile:
             raise ConfigError(f"--out '{out}' is a directory")
         if not self.out.parent.is_dir():
             raise ConfigError(f"--out '{out}': directory '{self.out.parent}' does not exist")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        label = f"--out '{out}'"
+        paths.check_regular_or_absent(self.out, label, ConfigError)
+        paths.check_not_input(self.out, (("checkpoint", attrs.get("checkpoint")),
+                                         ("--data", attrs.get("data"))), label, ConfigError)
+        paths.check_private_directory(self.out.parent, label, ConfigError)
         self.labels = net.output in ("softmax", "sigmoid")
-        try:
+        try:  # O_EXCL, an unpredictable name: a planted symlink is never followed
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
+            os.close(fd)
+            self.tmp = Path(tmp)
+            os.chmod(self.tmp, 0o666 & ~umask())  # mkstemp's 0600: as any new file
             self.file = h5py.File(self.tmp, "w")
         except OSError as e:
+            if hasattr(self, "tmp"):
+                self.tmp.unlink(missing_ok=True)
             raise ConfigError(f"--out '{out}': cannot write ({one_line(e)})") from None
         try:
             self.pred = self.file.create_dataset("prediction", (n, net.n_outputs), net.dtype)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data, loader
-from distbp.config_schema import TrainConfig
+from distbp import checkpoint, data, loader, paths
+from distbp.config_schema import MAX_STEPS, TrainConfig
 from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
 from distbp.optim import Schedule, linear_scaling, make_optimizer
 
-__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "default_epochs",
-           "peak_lr", "stored_config"]
+__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "claim_outputs",
+           "default_epochs", "peak_lr", "release_outputs", "stored_config"]
 
 DEFAULT_HIDDEN = 128
 # How a configuration names in-memory training data (distbp.fit): "<arrays sha256:…>", a digest
@@ -62,6 +62,7 @@ class Session:
     preprocess: dict[str, np.ndarray] = field(default_factory=dict)
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)  # for rank 0 to print at start
+    locks: list[paths.RunLock] = field(default_factory=list)  # claim_outputs, on rank 0
 
 
 def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: int = 1,
@@ -90,6 +91,9 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     optimizer = _make_optimizer(cfg)
     spe = data.steps_per_epoch(train.n, cfg.batch_size, cfg.drop_last)
     total = cfg.steps or spe * (cfg.epochs or default_epochs)
+    if total > MAX_STEPS:
+        raise ConfigError(f"--epochs {cfg.epochs or default_epochs} of {spe} steps make {total} "
+                          f"steps; a run may have at most {MAX_STEPS} (checkpoint names)")
     lr = peak_lr(cfg)
     if lr != cfg.lr:
         notes.append(f"--lr {cfg.lr:g} is for a global batch of {cfg.lr_reference_batch}: "
@@ -107,43 +111,79 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
 
 
 def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None:
-    """Create the checkpoint and metrics directories (with parents) and write and remove a
-    probe file in each, so an impossible or unwritable --run-dir, --checkpoint-dir or --metrics
-    stops the run now (exit 2, naming the option), not at the first checkpoint."""
-    ckpt_option = ("--checkpoint-dir", cfg.checkpoint_dir)
-    metrics_option = ("--metrics", cfg.metrics)
-    for (option, value), directory in ((ckpt_option, ckpt_dir),
-                                       (metrics_option, metrics_path.parent)):
+    """Refuse now (exit 2, naming the option) what would fail or do harm later, creating
+    nothing: a --run-dir, --checkpoint-dir or --metrics that cannot be created or written, a
+    directory others may write into (paths.check_private_directory), a metrics file that is not
+    a regular file or is one of the run's inputs. `claim_outputs` creates them after every
+    rank agreed, so a run refused at setup leaves no trace."""
+    for option, value, directory in (("--checkpoint-dir", cfg.checkpoint_dir, ckpt_dir),
+                                     ("--metrics", cfg.metrics, metrics_path.parent)):
         named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
         _probe_directory(directory, named)
+        paths.check_private_directory(directory, named, ConfigError)
     named = (f"--metrics {cfg.metrics!r}" if cfg.metrics is not None
              else f"--run-dir {cfg.run_dir!r}")
     if metrics_path.is_dir():
         raise ConfigError(f"{named}: metrics file '{metrics_path}' is a directory")
-    if metrics_path.exists():
-        try:
-            with open(metrics_path, "a"):  # appends nothing: contents and mtime stay
-                pass
-        except OSError as e:
-            raise ConfigError(f"{named}: cannot write metrics file '{metrics_path}': "
-                              f"{e.strerror or e}") from None
+    label = f"{named}: metrics file '{metrics_path}'"
+    if not paths.check_regular_or_absent(metrics_path, label, ConfigError):
+        return
+    resume = cfg.resume if cfg.resume not in ("none", "auto") else None
+    paths.check_not_input(metrics_path, (("--data", cfg.data), ("--val-data", cfg.val_data),
+                                         ("--resume", resume)), label, ConfigError)
+    if not os.access(metrics_path, os.W_OK):
+        raise ConfigError(f"{label}: not writable")
 
 
 def _probe_directory(directory: Path, named: str) -> None:
+    """ConfigError unless `directory` exists and is writable, or its nearest existing ancestor
+    is a directory in which it can be created (a file made there and removed)."""
+    existing = directory
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == directory:
+            raise ConfigError(f"{named}: '{directory}' exists and is not a directory")
+        raise ConfigError(f"{named}: cannot create directory '{directory}': Not a directory")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{named}: '{directory}' exists and is not a directory") from None
-    except OSError as e:
-        raise ConfigError(f"{named}: cannot create directory '{directory}': "
-                          f"{e.strerror or e}") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".distbp-write-test-", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=".distbp-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"{named}: directory '{directory}' is not writable: "
+        what = "is not writable" if existing == directory else f"cannot be created in '{existing}'"
+        raise ConfigError(f"{named}: directory '{directory}' {what}: "
                           f"{e.strerror or e}") from None
+
+
+def claim_outputs(s: Session, rank: int) -> list[paths.RunLock]:
+    """Rank 0, once every rank accepted the setup: create the checkpoint and metrics
+    directories and lock each (paths.RunLock) for the run's lifetime, so a second run into them
+    is refused (exit 2, naming the holder). Other ranks write nothing and lock nothing. Give the
+    locks back with `release_outputs` (or exit: the kernel drops them)."""
+    if rank != 0:
+        return []
+    cfg = s.cfg
+    options = (("--checkpoint-dir", cfg.checkpoint_dir, s.checkpoint_dir),
+               ("--metrics", cfg.metrics, s.metrics_path.parent))
+    for option, value, directory in options:
+        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{named}: cannot create directory '{directory}': "
+                              f"{e.strerror or e}") from None
+        if all(os.path.realpath(directory) != os.path.realpath(lock.path.parent)
+               for lock in s.locks):
+            s.locks.append(paths.RunLock.acquire(directory, named, ConfigError))
+    s.notes += [lock.note for lock in s.locks if lock.note]
+    return s.locks
+
+
+def release_outputs(s: Session) -> None:
+    """Give back the locks `claim_outputs` took (a script may run again into the same place)."""
+    for lock in s.locks:
+        lock.release()
+    s.locks.clear()
 
 
 def _make_optimizer(cfg: TrainConfig):

@@ -81,6 +81,14 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "bad_dtype": (("--dtype", "float16"), r"--dtype must be one of float32, float64"),
     "epochs_and_steps": (("--epochs", "2"), r"--epochs and --steps are mutually exclusive"),
     "unknown_command_line_option": (("--lrr", "0.1"), r"unrecognized arguments: --lrr 0\.1"),
+    # ranges the code can serve: NumPy's seeds, an int64, the 8-digit checkpoint names
+    "seed_negative": (("--seed", "-1"), r"--seed must be a non-negative integer, got -1"),
+    "seed_beyond_int64": (("--seed", str(2**63)), r"--seed must be at most 9223372036854775807"),
+    "steps_beyond_checkpoint_names": (("--steps", "100000000"),
+                                      r"--steps must be at most 99999999"),
+    "epochs_beyond_checkpoint_names": (("--steps", "none", "--epochs", "99999999",
+                                        "--batch-size", "8"),  # 8 steps an epoch
+                                       r"make \d+ steps; a run may have at most 99999999"),
     # TOML files
     "toml_syntax_error": (("--config", "{d}/syntax.toml"),
                           r"'.*syntax\.toml': invalid TOML: .*\(line 2, column"),
@@ -89,6 +97,8 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "toml_wrong_type": (("--config", "{d}/wrong_type.toml"),
                         r"--lr must be a number, got string 'fast' \(in config file"),
     "toml_missing": (("--config", "{d}/absent.toml"), r"'.*absent\.toml': cannot read"),
+    "toml_is_a_fifo": (("--config", "{d}/fifo.toml"),
+                       r"config file '.*fifo\.toml': not a regular file \(a FIFO\)"),
     # checkpoints
     "checkpoint_dir_is_a_file": (("--checkpoint-dir", "{d}/plain_file"),
                                  r"--checkpoint-dir '.*plain_file' exists and is not a directory"),
@@ -108,6 +118,14 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "metrics_is_a_directory": (("--metrics", "{d}/folder.h5"),
                                r"--metrics '.*folder\.h5': metrics file '.*folder\.h5' is a "
                                r"directory"),
+    "metrics_is_the_data_file": (("--metrics", "{good}"),
+                                 r"metrics file '.*good\.h5': is the --data '.*good\.h5' this "
+                                 r"command reads"),
+    "metrics_is_a_fifo": (("--metrics", "{d}/fifo.h5"),
+                          r"metrics file '.*fifo\.h5': not a regular file \(a FIFO\)"),
+    "checkpoint_dir_writable_by_all": (("--checkpoint-dir", "{d}/open_to_all"),
+                                       r"'.*open_to_all' is writable by every user \(mode 777\) "
+                                       r"without the sticky bit"),
     "resume_missing": (("--resume", "{d}/gone.h5"), r"checkpoint '.*gone\.h5': not found"),
     "resume_not_hdf5": (("--resume", "{d}/text.h5"),
                         r"checkpoint '.*text\.h5': no distbp checksum header"),
@@ -163,6 +181,9 @@ def make_inputs(d: Path) -> Path:
     (d / "wrong_type.toml").write_text('lr = "fast"\n')
     (d / "plain_file").write_text("not a directory\n")
     os.mkfifo(d / "fifo.h5")  # open() of a FIFO blocks until a writer comes: never
+    os.mkfifo(d / "fifo.toml")
+    (d / "open_to_all").mkdir()
+    os.chmod(d / "open_to_all", 0o777)  # no sticky bit: anyone may replace files there
     (d / "read_only").mkdir(mode=0o555)
     return good
 

@@ -307,9 +307,10 @@ def test_config_modules_import_only_the_standard_library_and_errors(module):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    assert imported <= {"__future__", "argparse", "dataclasses", "difflib", "math", "re", "sys",
-                        "collections.abc", "pathlib", "typing", "tomllib", "tomli",
-                        "distbp.errors", "distbp.config_schema", "distbp.config_values"}
+    assert imported <= {"__future__", "argparse", "dataclasses", "difflib", "math", "os", "re",
+                        "sys", "collections.abc", "pathlib", "typing", "tomllib", "tomli",
+                        "distbp.errors", "distbp.paths", "distbp.config_schema",
+                        "distbp.config_values"}
 
 
 def test_config_modules_import_no_private_name_of_each_other():

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "distbp"
 
 # Bottom up, as docs/design.md draws them; a module may import its own layer and those below.
 LAYERS = [
-    ("foundation", ["distbp.errors", "distbp.version", "distbp.durable"]),
+    ("foundation", ["distbp.errors", "distbp.version", "distbp.durable", "distbp.paths"]),
     ("engine", ["distbp.network", "distbp.activations", "distbp.losses", "distbp.optim",
                 "distbp.gradcheck"]),
     ("communication", ["distbp.comm", "distbp.launcher_env"]),

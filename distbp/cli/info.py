@@ -15,6 +15,7 @@ from distbp.ckpt_integrity import MAGIC
 from distbp.cli import data as data_command
 from distbp.cli import inspect as inspect_command
 from distbp.errors import UsageError
+from distbp.paths import check_regular
 
 __all__ = ["add_command"]
 
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace, job) -> int:
     """`distbp info FILE`: inspect a checkpoint, describe anything else as a data file."""
     if Path(args.file).is_dir():
         raise UsageError(_directory_hint(Path(args.file)))
+    if Path(args.file).exists():  # a FIFO would block the read below forever
+        check_regular(args.file, f"data file {args.file!r}")
     if _is_checkpoint(args.file):
         return inspect_command.run(argparse.Namespace(checkpoint=args.file, json=args.json), job)
     return data_command.run_info(args, job)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distbp.durable import replace_durably
 from distbp.errors import EXIT_OK, UsageError
+from distbp.paths import check_regular, check_regular_or_absent
 from distbp.plot import FORMATS, METRICS, display_name, figure, read_run, save
 
 __all__ = ["DEFAULT_NAME", "add_command", "picture_format", "plot", "run_names"]
@@ -117,8 +118,7 @@ def _metrics_file(given: str) -> Path:
         if not (path / "metrics.jsonl").is_file():
             raise UsageError(f"run directory '{given}' has no metrics.jsonl")
         return path / "metrics.jsonl"
-    if not path.exists():
-        raise UsageError(f"metrics file '{given}': not found")
+    check_regular(path, f"metrics file '{given}'")  # a FIFO would block the read forever
     return path
 
 
@@ -149,7 +149,7 @@ def _check_target(out: Path, inputs: Sequence[Path], option: str) -> str:
                          f"'{out / DEFAULT_NAME}'")
     if not out.parent.is_dir():
         raise UsageError(f"{option} '{out}': directory '{out.parent}' does not exist")
-    exists = out.exists()
+    exists = check_regular_or_absent(out, f"{option} '{out}'")  # never read a FIFO
     for given in inputs if exists else ():
         if os.path.samefile(out, given):
             raise UsageError(f"{option} '{out}' is the metrics file '{given}' being plotted; "

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from distbp.data.sources import check_file
 from distbp.errors import DataError, one_line
 
 __all__ = ["describe"]
@@ -55,22 +56,16 @@ def describe(path: str | Path, y_name: str = "y") -> dict:
     HDF5 file or (format "npz", recognised as training recognises it: by the suffix .npz or a
     zip signature) an NPZ archive's arrays. DataError (one line) for anything else."""
     path = str(path)
-    _check_path(path)
+    check_file(path, path)
     if h5py.is_hdf5(path):
-        return _describe_hdf5(path, y_name)
+        try:
+            return _describe_hdf5(path, y_name)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # corrupt
+            raise DataError(f"data file {path!r}: not a valid HDF5 file (truncated or corrupt?): "
+                            f"{one_line(err)}") from None
     if path.lower().endswith(".npz") or zipfile.is_zipfile(path):
         return _describe_npz(path, y_name)
     raise DataError(f"data file {path!r}: not an HDF5 or NPZ file")
-
-
-def _check_path(path: str) -> None:
-    """DataError unless `path` names a regular file (a directory or a FIFO is said so)."""
-    if not os.path.exists(path):
-        raise DataError(f"data file {path!r}: not found")
-    if os.path.isdir(path):
-        raise DataError(f"data file {path!r}: is a directory, not a data file")
-    if not os.path.isfile(path):  # a FIFO, socket or device: reading could block forever
-        raise DataError(f"data file {path!r}: not a regular file")
 
 
 def _describe_hdf5(path: str, y_name: str) -> dict:

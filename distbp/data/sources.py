@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from distbp.errors import ConfigError, DataError, one_line
+from distbp.paths import check_regular
 
 __all__ = ["ArrayDataset", "Dataset", "SubsetDataset", "check_file", "check_layout",
            "data_error", "no_labels", "row_buffers", "split_validation", "subset"]
@@ -120,8 +121,8 @@ def check_file(path: str | Path, source: str) -> None:
         raise data_error(source, "not found" + _missing_hint(Path(path)))
     if Path(path).is_dir():
         raise data_error(source, "is a directory, not a data file")
-    if not Path(path).is_file():  # a FIFO, socket or device: open() could block forever
-        raise data_error(source, "not a regular file (a FIFO, socket or device?)")
+    # a FIFO, socket or device: open() could block forever
+    check_regular(path, f"data file {source!r}", DataError)
     try:
         with open(path, "rb"):
             pass
