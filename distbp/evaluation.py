@@ -1,9 +1,10 @@
 """Evaluation and prediction of a network over a dataset, each rank taking a contiguous share of
-the rows: the one definition used by the trainer's validation, `distbp evaluate`, `distbp
-predict` and the Python API.
+whole batches (`batch_share`): the one definition used by the trainer's validation, `distbp
+evaluate`, `distbp predict` and the Python API. A row meets the same rows in its batch on any
+number of ranks, so predictions are bitwise those of one process.
 
     m = open_checkpoint_data("ckpt.h5", "test.h5", labels=True)  # model, data, inputs, batch
-    sums = loss_sums(net, ds, inputs, *shard_bounds(ds.n, rank, size), batch)   # this rank's
+    sums = loss_sums(net, ds, inputs, *batch_share(ds.n, batch, rank, size), batch)  # this rank
     comm.allreduce_sum(sums)                       # [loss sum, correct rows, rows] of all rows
     predict_to_file(net, ds, inputs, comm, batch, writer)        # rank 0 writes, rows in order
 
@@ -35,7 +36,7 @@ from distbp.errors import CheckpointError, ConfigError, DataError, one_line
 from distbp.network import Network
 from distbp.version import __version__
 
-__all__ = ["GATHER_BYTES", "Loaded", "PredictionFile", "gather_plan", "loss_sums",
+__all__ = ["GATHER_BYTES", "Loaded", "PredictionFile", "batch_share", "gather_plan", "loss_sums",
            "network_from_checkpoint", "open_checkpoint_data", "output_labels", "predict_rows",
            "predict_to_file", "round_bounds"]
 
@@ -93,8 +94,10 @@ def open_checkpoint_data(path, data_path: str | None, *, x_name: str | None = No
     try:
         if labels:
             int_labels = ckpt.output == "softmax" and ckpt.loss == "cross_entropy"
+            scale = ckpt.preprocess.get("scale")
             data.validate_dataset(ds, net.n_inputs, net.n_outputs,
-                                  int_labels_required=int_labels, rank=rank, size=size)
+                                  int_labels_required=int_labels, rank=rank, size=size,
+                                  dtype=net.dtype, scale=None if scale is None else float(scale))
         elif ds.n_features != net.n_inputs:
             raise DataError(f"data file {ds.source!r}: x has {ds.n_features} features but the "
                             f"network's input layer has {net.n_inputs}")
@@ -130,17 +133,30 @@ def output_labels(a: np.ndarray) -> np.ndarray:
     return (a[:, 0] > 0.5).astype(np.int64) if a.shape[1] == 1 else a.argmax(axis=1)
 
 
-def gather_plan(n: int, size: int, n_out: int, itemsize: int) -> tuple[int, int]:
-    """(rows per rank per round C, rounds): a round's rows of all ranks stay near GATHER_BYTES
-    (at least one row each), and `rounds` rounds cover the largest share (rank 0's)."""
-    chunk = max(1, GATHER_BYTES // (size * n_out * itemsize))
-    lo, hi = data.shard_bounds(n, 0, size)
+def batch_share(n: int, batch: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of rank `rank`'s rows: whole batches of the one-process split (rows
+    k·batch .. (k+1)·batch − 1), contiguous per rank. Every row meets the same other rows in its
+    forward pass on any number of ranks, so BLAS computes it alike: predictions and each
+    batch's loss do not depend on the rank count (a row alone in a batch can round otherwise)."""
+    first, last = data.shard_bounds(-(-n // batch), rank, size)  # this rank's batches
+    return min(first * batch, n), min(last * batch, n)
+
+
+def gather_plan(n: int, size: int, n_out: int, itemsize: int, batch: int = 1
+                ) -> tuple[int, int]:
+    """(rows per rank per round C, rounds): C whole batches, a round's rows of all ranks near
+    GATHER_BYTES (at least one batch each), and `rounds` rounds cover the largest share (rank
+    0's)."""
+    rows = max(1, GATHER_BYTES // (size * n_out * itemsize))
+    chunk = max(batch, rows // batch * batch)
+    lo, hi = batch_share(n, batch, 0, size)
     return chunk, math.ceil((hi - lo) / chunk)
 
 
-def round_bounds(n: int, rank: int, size: int, chunk: int, t: int) -> tuple[int, int]:
+def round_bounds(n: int, rank: int, size: int, chunk: int, t: int, batch: int = 1
+                 ) -> tuple[int, int]:
     """[lo, hi) global rows rank `rank` predicts in round t: the t-th C rows of its share."""
-    lo, hi = data.shard_bounds(n, rank, size)
+    lo, hi = batch_share(n, batch, rank, size)
     a = min(lo + t * chunk, hi)
     return a, min(a + chunk, hi)
 
@@ -149,11 +165,11 @@ def predict_to_file(net: Network, ds: data.Dataset, inputs: preprocess.Inputs, c
                     writer: PredictionFile | None) -> None:
     """Every rank predicts its share round by round; rank 0 (`writer`) writes all rows."""
     n, n_out = ds.n, net.n_outputs
-    chunk, rounds = gather_plan(n, comm.size, n_out, net.dtype.itemsize)
+    chunk, rounds = gather_plan(n, comm.size, n_out, net.dtype.itemsize, batch)
     mine = np.empty((chunk, n_out), net.dtype)
     gathered = np.empty((comm.size * chunk, n_out), net.dtype) if writer is not None else None
     for t in range(rounds):
-        bounds = [round_bounds(n, r, comm.size, chunk, t) for r in range(comm.size)]
+        bounds = [round_bounds(n, r, comm.size, chunk, t, batch) for r in range(comm.size)]
         counts = [hi - lo for lo, hi in bounds]
         lo, hi = bounds[comm.rank]
         predict_rows(net, ds, inputs, lo, hi, batch, mine)

@@ -85,7 +85,8 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     for ds in (train, val):
         if ds is not None:
             # int labels or (N, out) targets; values on this rank's share of the rows only
-            data.validate_dataset(ds, layers[0], layers[-1], rank=rank, size=size)
+            data.validate_dataset(ds, layers[0], layers[-1], rank=rank, size=size,
+                                  dtype=cfg.dtype, scale=cfg.scale or train.scale)
     net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)

@@ -7,6 +7,8 @@ the digits bundled with the package.
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,6 +24,8 @@ __all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "open_dataset"]
 
 BUNDLED_DIR = Path(__file__).parent.parent / "datasets"   # distbp/datasets, beside this package
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
@@ -37,12 +41,35 @@ def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
                 if name not in archive.files:
                     raise data_error(path, f"array {name!r} not found "
                                            f"(arrays: {', '.join(archive.files) or 'none'})")
+                _check_npy_size(archive.zip, f"{name}.npy", path)
             x, y = archive[x_name], None if y_name is None else archive[y_name]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError,
+            RuntimeError, KeyError) as err:
         raise data_error(path, f"not a valid NPZ archive: {one_line(err)}") from None
     return ArrayDataset(x, y, source=path)
+
+
+def _check_npy_size(archive: zipfile.ZipFile, member: str, path: str) -> None:
+    """Refuse an array whose .npy header claims more bytes than its zip member can hold (deflate
+    expands at most ~1032-fold) or than this machine's memory, before NumPy allocates it."""
+    info = archive.getinfo(member)
+    with archive.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"{member}: .npy format version {version} not supported")
+        shape, _, dtype = _NPY_HEADERS[version](fh)
+    need = math.prod(shape) * dtype.itemsize
+    most = info.compress_size * (1100 if info.compress_type != zipfile.ZIP_STORED else 1)
+    if need > min(info.file_size, most):
+        raise data_error(path, f"array {member[:-4]!r} claims shape {shape} ({need} bytes) but "
+                               f"the archive holds {info.file_size} bytes of it (damaged or "
+                               "forged header?)")
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        raise data_error(path, f"array {member[:-4]!r} needs {need} bytes, more than this "
+                               f"machine's memory ({memory}); store large data as HDF5")
 
 
 def _bundled_digits(split: str, labels: bool) -> ArrayDataset:

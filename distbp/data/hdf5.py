@@ -10,6 +10,7 @@ or HDF5 reads into reused dataspaces and a scratch slice), so training allocates
 from __future__ import annotations
 
 import math
+import os
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from h5py import h5s, h5t
 
 from distbp.data.plan import row_blocks
 from distbp.data.sources import ArrayDataset, check_file, check_layout, data_error, no_labels
-from distbp.errors import one_line
+from distbp.errors import UsageError, one_line
 
 __all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset"]
 
@@ -43,9 +44,48 @@ def _selection(indices: np.ndarray) -> slice | np.ndarray:
     return idx
 
 
+def _check_links(file: h5py.File, name: str, source: str) -> None:
+    """Refuse a soft or external link on the way to `name`, before following any: an external
+    link may name a missing file or form a cycle, and either makes the data another file's."""
+    parts = [p for p in name.split("/") if p]
+    for i in range(len(parts)):
+        link = file.get("/".join(parts[:i + 1]), getlink=True)
+        kind = {h5py.SoftLink: "a soft link", h5py.ExternalLink: "an external link"}.get(
+            type(link))
+        if kind is not None:
+            raise data_error(source, f"{'/'.join(parts[:i + 1])!r} is {kind}; distbp reads "
+                                     "plain datasets only (contiguous, chunked or compressed)")
+
+
+def _check_storage(ds: h5py.Dataset, file_bytes: int, source: str) -> None:
+    """Refuse storage that is not plain data in this file: a virtual dataset or external raw
+    storage (a missing source reads as zeros), or storage that is not all written or claims
+    more bytes than the file holds (unwritten data reads as fill values: a header that claims
+    2**40 rows must not be trained on, nor allocated)."""
+    what = f"dataset {ds.name!r}"
+    if ds.is_virtual:
+        raise data_error(source, f"{what} is a virtual dataset; distbp reads plain datasets only")
+    if ds.external:
+        raise data_error(source, f"{what} uses external raw storage (in other files); distbp "
+                                 "reads plain datasets only")
+    stored, need = ds.id.get_storage_size(), math.prod(ds.shape) * ds.dtype.itemsize
+    if stored > file_bytes:
+        raise data_error(source, f"{what} claims {stored} stored bytes, more than the file's "
+                                 f"{file_bytes}")
+    if ds.chunks is None:
+        written = stored >= need and (ds.id.get_offset() or 0) + stored <= file_bytes
+    else:
+        chunks = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        written = ds.id.get_num_chunks() == chunks
+    if need and not written:
+        raise data_error(source, f"{what} declares shape {ds.shape} ({need} bytes) but the file "
+                                 f"holds {stored} bytes of it (a damaged or forged header?)")
+
+
 def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
     """`name` opened with a CHUNK_CACHE_BYTES chunk cache. The cache is set per dataset at its
     first open (a file-wide setting would need h5py.File arguments), so open it low-level."""
+    _check_links(file, name, source)
     if file.get(name, getclass=True) is h5py.Dataset:   # class only: nothing opened yet
         dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
         dapl.set_chunk_cache(_CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, _CHUNK_CACHE_W0)
@@ -61,11 +101,19 @@ def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
 
 
 def _h5_scale(file: h5py.File, x: h5py.Dataset, source: str) -> float | None:
-    """The optional attribute 'scale' (on x, else on the file): x * scale is the network input."""
-    value = np.asarray(x.attrs.get("scale", file.attrs.get("scale", np.nan)))
+    """The optional attribute 'scale' (on x, else on the file): x * scale is the network input;
+    a finite positive number."""
+    owner = x if "scale" in x.attrs else file if "scale" in file.attrs else None
+    if owner is None:
+        return None
+    value = np.asarray(owner.attrs["scale"])
     if value.size != 1 or value.dtype.kind not in "iuf":
         raise data_error(source, f"attribute 'scale' must be one number, got {value!r}")
-    return None if np.isnan(value) else float(value.reshape(()))
+    scale = float(value.reshape(()))
+    if not (math.isfinite(scale) and scale > 0):
+        raise data_error(source, f"attribute 'scale' must be a finite positive number, got "
+                                 f"{scale!r}")
+    return scale
 
 
 class HDF5Dataset:
@@ -87,14 +135,23 @@ class HDF5Dataset:
         check_file(path, self.source)
         try:
             self.file = h5py.File(path, "r", locking=False)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
             raise data_error(self.source, f"not a valid HDF5 file (truncated or corrupt?): "
                                           f"{one_line(err)}") from None
         try:
             self._x = _h5_dataset(self.file, x_name, self.source)
             self._y = None if y_name is None else _h5_dataset(self.file, y_name, self.source)
             self.n_features = check_layout(self.source, self._x, self._y)
+            for ds in (self._x, self._y):
+                if ds is not None:
+                    _check_storage(ds, os.path.getsize(path), self.source)
             self.scale = _h5_scale(self.file, self._x, self.source)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+            self.file.close()
+            if isinstance(err, UsageError):
+                raise
+            raise data_error(self.source, f"not a valid HDF5 file (corrupt?): "
+                                          f"{one_line(err)}") from None
         except BaseException:
             self.file.close()
             raise
@@ -125,7 +182,7 @@ class HDF5Dataset:
             try:
                 for ds, a in zip(self._datasets, arrays):
                     ds.read_direct(a, sel, sel)
-            except OSError as err:
+            except (OSError, RuntimeError) as err:
                 raise data_error(self.source, f"cannot read rows {sel.start}..{sel.stop - 1}: "
                                               f"{one_line(err)}") from None
         self.close()
@@ -148,7 +205,7 @@ class HDF5Dataset:
             elif len(indices):
                 ds.read_direct(out, sel)
             return out
-        except OSError as err:  # e.g. a corrupt compressed chunk: bad input, found mid-run
+        except (OSError, RuntimeError) as err:  # a corrupt compressed chunk: found mid-run
             span = f" {indices[0]}..{indices[-1]}" if len(indices) else ""
             raise data_error(self.source, f"cannot read rows{span} ({len(indices)} rows) of "
                                           f"{ds.name!r}: {one_line(err)}") from None
