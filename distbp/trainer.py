@@ -25,7 +25,7 @@ import numpy as np
 from distbp import checkpoint, data, preprocess
 from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
-from distbp.evaluation import loss_sums
+from distbp.evaluation import batch_share, loss_sums
 from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
@@ -313,10 +313,10 @@ class Trainer:
         return False
 
     def _validate(self, step: int, epoch: int, log: RunLog) -> None:
-        """Exact loss and accuracy over the validation set (distbp.evaluation: each rank takes a
-        contiguous share, one allreduce), recorded by rank 0 and kept for early stopping."""
+        """Exact loss and accuracy over the validation set (distbp.evaluation: each rank takes
+        whole batches, one allreduce), recorded by rank 0 and kept for early stopping."""
         s, comm = self.s, self.comm
-        lo, hi = data.shard_bounds(s.val.n, comm.rank, comm.size)
+        lo, hi = batch_share(s.val.n, s.cfg.batch_size, comm.rank, comm.size)
         totals = loss_sums(s.net, s.val, self.inputs, lo, hi, s.cfg.batch_size)
         comm.allreduce_sum(totals)  # the same totals on every rank
         n = max(totals[2], 1.0)
