@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["FORMATS", "KINDS", "LIMIT", "METRICS", "NEEDS_MATPLOTLIB", "Run", "Series",
-           "display_name", "drawable", "figure", "read_run", "save", "series_of"]
+           "display_name", "drawable", "figure", "read_run", "require_matplotlib", "save",
+           "series_of"]
 
 KINDS = ("train", "val")
 # Numeric fields of train records (loss and accuracy also of val records), as distbp.metrics
@@ -207,6 +208,12 @@ def figure(runs: Sequence[Run], metrics: Sequence[str], log: Sequence[str] = ())
         pad = 0.03 * (max(steps) - min(steps))
         axes[0].set_xlim(min(steps) - pad, max(steps) + pad)
     return fig
+
+
+def require_matplotlib() -> None:
+    """UsageError with the install line unless matplotlib can be imported (check before work
+    whose result would be drawn)."""
+    _matplotlib()
 
 
 def _matplotlib():

@@ -30,7 +30,7 @@ from distbp.loader import BatchPlan, ShardLoader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
 from distbp.overlap import Buckets
-from distbp.session import Session, stored_config
+from distbp.session import Session, peak_lr, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals
 
 __all__ = ["Trainer"]
@@ -62,7 +62,8 @@ class Trainer:
         self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
         self.last_checkpoint: Path | None = session.resumed_from
         self._log: RunLog | None = None
-        self._baseline: float | None = None  # loss of predicting the class frequencies
+        # the loss of predicting the class frequencies; loss and rows of epoch 0's first half
+        self._baseline, self._half = None, (0.0, 0.0)
         self._at_step = session.start_step  # 1-based step in progress, for error messages
 
     # ------------------------------------------------------------------ the loop
@@ -178,8 +179,7 @@ class Trainer:
                       records, every, Interval(s.interval))
 
     def _class_entropy(self) -> float:
-        """The cross-entropy of predicting the training labels' frequencies, −Σ p log p: each
-        rank counts its contiguous share, one allreduce."""
+        """−Σ p log p of the training labels' frequencies (ranks count shares; one allreduce)."""
         s, n_out = self.s, self.s.net.n_outputs
         counts = np.zeros(n_out, np.float64)
         lo, hi = data.shard_bounds(s.train.n, self.comm.rank, self.comm.size)
@@ -200,7 +200,7 @@ class Trainer:
         if self.rank0 and loss >= 0.98 * self._baseline:
             print(f"distbp: warning: the training loss at the end of epoch 0, {loss:.4f}, is no "
                   f"better than predicting the class frequencies ({self._baseline:.4f}): the "
-                  f"network is not learning; check --lr (now {self.s.cfg.lr:g}: too large "
+                  f"network is not learning; check --lr (now {peak_lr(self.s.cfg):g}: too large "
                   f"diverges, too small stalls), try --standardize (inputs of very different "
                   f"scales) or another --optimizer", file=sys.stderr, flush=True)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 import distbp
 from distbp.data import BUNDLED_DIR
-from distbp.launch import env_rank
+from distbp.errors import env_rank
 
 RANK = env_rank()  # the launcher's rank variable; 0 in one process
 

@@ -128,7 +128,10 @@ def test_no_module_imports_a_distbp_module_inside_a_function_but_the_entry_point
     for m, path in MODULES.items():
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                inside += [f"{m}.{fn.name} imports {node.module}" for node in ast.walk(fn)
-                           if isinstance(node, ast.ImportFrom)
-                           and (node.module or "").split(".")[0] == "distbp"]
+                names = [node.module or "" for node in ast.walk(fn)
+                         if isinstance(node, ast.ImportFrom)]
+                names += [alias.name for node in ast.walk(fn) if isinstance(node, ast.Import)
+                          for alias in node.names]
+                inside += [f"{m}.{fn.name} imports {name}" for name in names
+                           if name.split(".")[0] == "distbp"]
     assert inside == ["distbp.entry.main imports distbp.cli"]

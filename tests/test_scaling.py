@@ -83,3 +83,9 @@ def test_bench_model_takes_a_named_clusters_alpha_beta_and_rate_and_plots(tmp_pa
     flops_per_row = 2 * (2 * (256 * 256 + 256 * 40) + 256 * 40)  # the step's matmuls, one row
     assert math.isclose(t["fb_per_row"], flops_per_row / 50e9)
     assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_refuses_a_plot_it_could_not_write_before_measuring(tmp_path):
+    out = run_py([*ARGS, "--plot", str(tmp_path / "scaling.jpg")], timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert "--plot" in out.stderr and ".png" in out.stderr

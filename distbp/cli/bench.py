@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -20,9 +21,11 @@ from distbp import bench
 from distbp.activations import HIDDEN
 from distbp.bare_loop import BareLoop
 from distbp.cli.args import positive_int
+from distbp.cli.plot import picture_format
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
+from distbp.plot import require_matplotlib
 from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
@@ -77,6 +80,9 @@ def run(args: argparse.Namespace, job) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.plot is not None:  # refused now, not after the measurement
+        picture_format(Path(args.plot), "--plot")
+        require_matplotlib()
     if args.baseline and args.activation not in ("relu", "sigmoid"):
         raise UsageError(f"--baseline: the bare loop has relu and sigmoid hidden layers, not "
                          f"{args.activation}")
