@@ -15,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from distbp.data.files import check_npy_size
+from distbp.data.hdf5 import check_storage
 from distbp.data.sources import check_file
 from distbp.errors import DataError, one_line
 
@@ -84,6 +86,7 @@ def _describe_hdf5(path: str, y_name: str) -> dict:
                     "attributes": {k: _attr(v) for k, v in obj.attrs.items()}}
         f.visititems(visit)
         if isinstance(f.get(y_name), h5py.Dataset):
+            check_storage(f[y_name], os.path.getsize(path), path)  # before reading every row
             counts = _class_counts(f[y_name])
             if counts is not None:
                 info["class_counts"] = {str(k): v for k, v in counts.items()}
@@ -104,6 +107,8 @@ def _describe_npz(path: str, y_name: str) -> dict:
                     name = member.filename[:-4]
                     info["datasets"][name], kinds[name] = _npy_entry(archive, member)
         if kinds.get(y_name, "O") in "iuf":  # not object arrays: they would need pickle
+            with zipfile.ZipFile(path) as archive:  # its size, before NumPy allocates it
+                check_npy_size(archive, f"{y_name}.npy", path)
             with np.load(path, allow_pickle=False) as arrays:
                 counts = _class_counts(arrays[y_name])
             if counts is not None:

@@ -20,7 +20,7 @@ from distbp.data.hdf5 import HDF5Dataset
 from distbp.data.sources import ArrayDataset, Dataset, check_file, data_error
 from distbp.errors import ConfigError, DataError, one_line
 
-__all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "open_dataset"]
+__all__ = ["BUNDLED_DIR", "HDF5_SUFFIXES", "check_npy_size", "open_dataset"]
 
 BUNDLED_DIR = Path(__file__).parent.parent / "datasets"   # distbp/datasets, beside this package
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -41,7 +41,7 @@ def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
                 if name not in archive.files:
                     raise data_error(path, f"array {name!r} not found "
                                            f"(arrays: {', '.join(archive.files) or 'none'})")
-                _check_npy_size(archive.zip, f"{name}.npy", path)
+                check_npy_size(archive.zip, f"{name}.npy", path)
             x, y = archive[x_name], None if y_name is None else archive[y_name]
     except DataError:
         raise
@@ -51,7 +51,7 @@ def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
     return ArrayDataset(x, y, source=path)
 
 
-def _check_npy_size(archive: zipfile.ZipFile, member: str, path: str) -> None:
+def check_npy_size(archive: zipfile.ZipFile, member: str, path: str) -> None:
     """Refuse an array whose .npy header claims more bytes than its zip member can hold (deflate
     expands at most ~1032-fold) or than this machine's memory, before NumPy allocates it."""
     info = archive.getinfo(member)

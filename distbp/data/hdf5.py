@@ -22,7 +22,7 @@ from distbp.data.plan import row_blocks
 from distbp.data.sources import ArrayDataset, check_file, check_layout, data_error, no_labels
 from distbp.errors import UsageError, one_line
 
-__all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset"]
+__all__ = ["CHUNK_CACHE_BYTES", "SPAN_BYTES", "HDF5Dataset", "check_storage"]
 
 CHUNK_CACHE_BYTES = 64 << 20   # HDF5 chunk cache per dataset (h5py's default is 1-8 MiB)
 _CHUNK_CACHE_SLOTS = 100_003   # hash slots: a prime, as HDF5 advises, ~100x the chunks that fit
@@ -57,7 +57,7 @@ def _check_links(file: h5py.File, name: str, source: str) -> None:
                                      "plain datasets only (contiguous, chunked or compressed)")
 
 
-def _check_storage(ds: h5py.Dataset, file_bytes: int, source: str) -> None:
+def check_storage(ds: h5py.Dataset, file_bytes: int, source: str) -> None:
     """Refuse storage that is not plain data in this file: a virtual dataset or external raw
     storage (a missing source reads as zeros), or storage that is not all written or claims
     more bytes than the file holds (unwritten data reads as fill values: a header that claims
@@ -144,7 +144,7 @@ class HDF5Dataset:
             self.n_features = check_layout(self.source, self._x, self._y)
             for ds in (self._x, self._y):
                 if ds is not None:
-                    _check_storage(ds, os.path.getsize(path), self.source)
+                    check_storage(ds, os.path.getsize(path), self.source)
             self.scale = _h5_scale(self.file, self._x, self.source)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
             self.file.close()

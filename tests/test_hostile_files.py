@@ -1,0 +1,217 @@
+"""Files made to hurt: HDF5 features distbp does not read, headers that claim terabytes, corrupt
+bytes, values beyond the run's dtype, FIFOs where a file is expected, outputs that are inputs,
+symlinks planted where distbp writes. Each is a real `distbp` process: exit 2, one line naming
+the file and the problem, no traceback, no hang, nothing destroyed."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import child_env
+
+from distbp import checkpoint
+from distbp.data import synthetic_teacher
+
+N = 64
+
+
+def distbp(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m distbp ARGS` as one process; a hang fails the test at `timeout`."""
+    return subprocess.run([sys.executable, "-m", "distbp", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=child_env())
+
+
+def refused(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, shown
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distbp: error: "), shown
+    assert pattern in lines[0], shown
+
+
+def write_h5(path: Path, build) -> Path:
+    with h5py.File(path, "w") as f:
+        build(f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hostile")
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    x, y = ds.x, ds.y
+    good = write_h5(d / "good.h5", lambda f: f.update(x=x, y=y))
+
+    def external_link(f):
+        f["x"] = h5py.ExternalLink(str(d / "missing.h5"), "x")
+        f["y"] = y
+
+    def cycle(f):  # two files whose x are links to each other
+        f["x"] = h5py.ExternalLink(str(d / "cycle_b.h5"), "x")
+        f["y"] = y
+
+    def soft_link(f):
+        f["data"] = x
+        f["x"] = h5py.SoftLink("/data")
+        f["y"] = y
+
+    def virtual(f):
+        layout = h5py.VirtualLayout(x.shape, x.dtype)
+        layout[:] = h5py.VirtualSource(str(d / "missing.h5"), "x", x.shape)
+        f.create_virtual_dataset("x", layout, fillvalue=0)
+        f["y"] = y
+
+    def external_raw(f):
+        f.create_dataset("x", x.shape, x.dtype, external=[(str(d / "missing.bin"), 0,
+                                                            h5py.h5f.UNLIMITED)])
+        f["y"] = y
+
+    def claims_2_40_rows(f):
+        f.create_dataset("x", (2**40, 8), np.float32, chunks=(1024, 8))
+        f.create_dataset("y", (2**40,), np.int64, chunks=(1024,))
+
+    made = {"good": good}
+    for name, build in (("external_link", external_link), ("cycle_a", cycle),
+                        ("soft_link", soft_link), ("virtual", virtual),
+                        ("external_raw", external_raw), ("claims_2_40_rows", claims_2_40_rows)):
+        made[name] = write_h5(d / f"{name}.h5", build)
+    write_h5(d / "cycle_b.h5", lambda f: f.update(
+        x=h5py.ExternalLink(str(d / "cycle_a.h5"), "x"), y=y))
+    made["scale_inf"] = write_h5(d / "scale_inf.h5", lambda f: (
+        f.update(x=x, y=y), f.attrs.__setitem__("scale", np.inf)))
+    made["scale_zero"] = write_h5(d / "scale_zero.h5", lambda f: (
+        f.update(x=x, y=y), f["x"].attrs.__setitem__("scale", 0.0)))
+    made["beyond_float32"] = write_h5(d / "beyond_float32.h5", lambda f: f.update(
+        x=np.where(np.arange(N)[:, None] == 6, 1e39, x.astype(np.float64)), y=y))
+    made["huge_npz"] = d / "huge.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**40, 8)})
+    with zipfile.ZipFile(made["huge_npz"], "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue() + bytes(4096))
+        z.writestr("y.npy", header.getvalue())
+    os.mkfifo(d / "fifo")
+    made["fifo"] = d / "fifo"
+    return made
+
+
+DATA_CASES = {
+    "external_link": "'x' is an external link",
+    "cycle_a": "'x' is an external link",
+    "soft_link": "'x' is a soft link",
+    "virtual": "dataset '/x' is a virtual dataset",
+    "external_raw": "dataset '/x' uses external raw storage",
+    "claims_2_40_rows": "declares shape (1099511627776, 8)",
+    "huge_npz": "array 'x' claims shape (1099511627776, 8)",
+    "scale_inf": "attribute 'scale' must be a finite positive number, got inf",
+    "scale_zero": "attribute 'scale' must be a finite positive number, got 0.0",
+    "beyond_float32": "x holds values beyond float32's range (first at row 6)",
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_hostile_data_file_is_refused_at_setup_and_creates_nothing(files, tmp_path, case):
+    run_dir = tmp_path / "run"
+    proc = distbp("train", "--data", files[case], "--layers", "8,16,3", "--steps", "2",
+                  "--run-dir", run_dir)
+    refused(proc, DATA_CASES[case])
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["external_link", "virtual", "claims_2_40_rows", "huge_npz"])
+def test_data_info_refuses_what_training_refuses_or_describes_it_without_reading_it(files, case):
+    proc = distbp("data", "info", files[case])
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_randomly_corrupted_data_files_give_one_line_never_a_traceback(files, tmp_path):
+    raw = bytearray(files["good"].read_bytes())
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        bad = bytearray(raw)
+        at = rng.integers(0, min(len(raw), 4096), size=8)  # the first pages: headers, B-trees
+        for i, value in zip(at, rng.integers(0, 256, size=8)):
+            bad[int(i)] = int(value)
+        path = tmp_path / f"corrupt{trial}.h5"
+        path.write_bytes(bytes(bad))
+        proc = distbp("train", "--data", path, "--layers", "8,16,3", "--steps", "1",
+                      "--run-dir", tmp_path / f"run{trial}")
+        assert proc.returncode in (0, 2), f"trial {trial}: {proc.stderr}"
+        assert "Traceback" not in proc.stderr, f"trial {trial}: {proc.stderr}"
+        if proc.returncode == 2:
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_every_path_option_refuses_a_fifo_instead_of_blocking(files, tmp_path):
+    fifo, good = files["fifo"], files["good"]
+    done = distbp("train", "--data", good, "--layers", "8,16,3", "--steps", "2",
+                  "--run-dir", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    ckpt = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    for args in (("train", "--config", fifo), ("train", "--data", fifo),
+                 ("train", "--val-data", fifo, "--data", good), ("train", "--resume", fifo),
+                 ("train", "--data", good, "--metrics", fifo, "--run-dir", tmp_path / "r2"),
+                 ("info", fifo), ("inspect", fifo), ("data", "info", fifo), ("plot", fifo),
+                 ("plot", tmp_path / "run", "-o", fifo.with_suffix(".png")),
+                 ("evaluate", ckpt, "--data", fifo), ("predict", ckpt, "--data", fifo,
+                                                       "--out", tmp_path / "p.h5"),
+                 ("data", "import-idx", fifo, fifo, "--out", tmp_path / "i.h5")):
+        if args[-1] == fifo.with_suffix(".png"):
+            os.mkfifo(fifo.with_suffix(".png"))
+        proc = distbp(*args, timeout=30)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "FIFO" in proc.stderr or "not a file" in proc.stderr, (args, proc.stderr)
+
+
+def test_an_output_that_is_an_input_is_refused_and_left_intact(files, tmp_path):
+    good = files["good"]
+    before = good.read_bytes()
+    link = tmp_path / "hard-link.h5"
+    os.link(good, link)  # another name, the same inode
+    run = tmp_path / "run"
+    refused(distbp("train", "--data", good, "--metrics", link, "--run-dir", run,
+                   "--layers", "8,16,3"), "is the --data")
+    assert distbp("train", "--data", good, "--layers", "8,16,3", "--steps", "2",
+                  "--run-dir", run).returncode == 0
+    ckpt = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    ckpt_bytes = ckpt.read_bytes()
+    spelled = run / "checkpoints" / ".." / "checkpoints" / ckpt.name
+    refused(distbp("predict", ckpt, "--data", good, "--out", spelled), "is the checkpoint")
+    refused(distbp("predict", ckpt, "--data", good, "--out", link), "is the --data")
+    refused(distbp("plot", run, "-o", run / "metrics.jsonl"), "metrics file")
+    assert good.read_bytes() == before and ckpt.read_bytes() == ckpt_bytes
+
+
+def test_a_symlink_planted_in_the_checkpoint_directory_is_never_followed(files, tmp_path):
+    ckpts, victim = tmp_path / "run" / "checkpoints", tmp_path / "victim.txt"
+    ckpts.mkdir(parents=True)
+    victim.write_text("precious\n")
+    for step in range(1, 4):  # every name the old code would have used
+        for pid in range(os.getpid(), os.getpid() + 50):
+            (ckpts / f".tmp-ckpt-{step:08d}.h5.{pid}").symlink_to(victim)
+        (ckpts / f"ckpt-{step:08d}.h5").symlink_to(victim)
+    proc = distbp("train", "--data", files["good"], "--layers", "8,16,3", "--steps", "3",
+                  "--checkpoint-every", "1", "--run-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious\n"
+    newest = checkpoint.checkpoint_path(ckpts, 3)
+    assert not newest.is_symlink() and checkpoint.load(newest).step == 3
+
+
+def test_a_checkpoint_directory_writable_by_all_needs_the_sticky_bit(files, tmp_path):
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    args = ("train", "--data", files["good"], "--layers", "8,16,3", "--steps", "2",
+            "--checkpoint-dir", shared, "--run-dir", tmp_path / "run")
+    refused(distbp(*args), "is writable by every user (mode 777) without the sticky bit")
+    os.chmod(shared, 0o1777)  # /scratch, /tmp: others cannot replace what distbp writes
+    assert distbp(*args).returncode == 0
