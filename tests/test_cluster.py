@@ -162,4 +162,32 @@ def test_the_cluster_leaves_no_namespace_mount_daemon_or_segment(cluster, host_s
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or \
             b"slurm" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert shm_segments() - host_shm == set()
+    # The host's /dev/shm never saw this cluster's jobs (each node has its own): no segment
+    # named after any of their job ids there (other MPI jobs of the host are not ours to judge).
+    jobs = re.findall(r"JobId=(\d+)", _log(cluster.lab / "logs" / "jobcomp.txt"))
+    assert jobs
+    ours = {name for name in shm_segments() - host_shm
+            if any(mpich_hash(f"{job}.{step}") in name for job in jobs for step in range(64))}
+    assert ours == set()
+
+
+def mpich_hash(kvsname: str) -> str:
+    """MPICH's name for a PMI key space's shared memory: 32-bit FNV-1a, hex (as
+    scripts/mpich-shm-clean.sh computes it)."""
+    h = 2166136261
+    for byte in kvsname.encode():
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return f"_{h:x}_"
+
+
+def test_mpich_hash_names_the_segments_the_prolog_removes(tmp_path):
+    """scripts/mpich-shm-clean.sh removes exactly the job's segments (FNV-1a of 'job.step'),
+    e.g. job 2 step 0 is mpich_shm_281e0ec3_<node>."""
+    assert mpich_hash("2.0") == "_281e0ec3_"
+    names = [f"mpich_shm{mpich_hash('41.0')}0", f"mpich_vci{mpich_hash('41.3')}1",
+             f"mpich_shm{mpich_hash('41.4294967291')}0", f"mpich_shm{mpich_hash('42.0')}0"]
+    for name in names:
+        (tmp_path / name).touch()
+    env = {"SLURM_JOB_ID": "41", "DISTBP_SHM_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "mpich-shm-clean.sh")], check=True, env=env)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[3]]

@@ -197,9 +197,9 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
     at the first check at or after end - lead - 30 s: with -t 2 and @80 that is 10 to 70 s after
     the start (after the ranks' start-up), a minute or more before the limit itself.
 
-    Run 1 asks for 10^8 steps and writes a checkpoint after every one: a brake (5-35 ms a step
+    Run 1 asks for 10^7 steps and writes a checkpoint after every one: a brake (5-35 ms a step
     instead of 0.5-2.5 ms), since the reference retrains every step run 1 made before the
-    warning. The requeued run gets `--steps K+EXTRA --checkpoint-every 10^8` (changes resume
+    warning. The requeued run gets `--steps K+EXTRA --checkpoint-every 10^7` (changes resume
     allows) from a DISTBP wrapper, K the newest checkpoint's step: it trains EXTRA steps and
     ends; the end equals a plain `mpiexec -n 2` run of K+EXTRA steps bitwise."""
     run_dir, out = work / "timelimit", work / "timelimit.out"
@@ -209,13 +209,13 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
         'if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then\n'
         f'  ckpts=("{run_dir}"/checkpoints/ckpt-*.h5)  # zero-padded: the last is the newest\n'
         '  k=${ckpts[-1]##*/ckpt-}; k=$((10#${k%.h5}))\n'
-        f'  set -- "$@" --steps $((k + {EXTRA})) --checkpoint-every 100000000\n'
+        f'  set -- "$@" --steps $((k + {EXTRA})) --checkpoint-every 10000000\n'
         "fi\n"
         f'exec "{BIN / "distbp"}" "$@"\n')
     wrapper.chmod(0o755)
     job = slurm.sbatch("--ntasks=2", "--time=2", "--signal=B:USR1@80", f"--output={out}",
                        f"--chdir={work}", str(TRAIN),
-                       *_train_args(work, run_dir, *TINY, "--steps", "100000000",
+                       *_train_args(work, run_dir, *TINY, "--steps", "10000000",
                                     "--checkpoint-every", "1", "--log-every", "1000"),
                        env={**slurm.env, "DISTBP": str(wrapper)})
     slurm.wait_for_output(job, out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120)
@@ -235,7 +235,7 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
     assert f"steps {k} -> {k + EXTRA}" in run2 and "distbp exited with 0" in run2, _shown(run2)
     assert "got USR1" not in run2 and " run 3 " not in run2, _shown(run2)
     reference = _mpiexec_train(slurm, work, work / "timelimit-reference", k + EXTRA, *TINY,
-                               "--checkpoint-every", "100000000")
+                               "--checkpoint-every", "10000000")
     assert_same_state(final_checkpoint(run_dir, k + EXTRA), reference)
 
 
@@ -244,8 +244,8 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
     sends it): the ranks checkpoint and exit 75, the script does not requeue (scancel is final)."""
     run_dir, out = work / "cancelled", work / "cancelled.out"
     job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
-                       *_train_args(work, run_dir, *TINY, "--steps", "100000000",
-                                    "--checkpoint-every", "100000000", "--log-every", "100"))
+                       *_train_args(work, run_dir, *TINY, "--steps", "10000000",
+                                    "--checkpoint-every", "10000000", "--log-every", "100"))
     slurm.wait_for_output(job, out, r"step \d+/\d+ epoch", 60)
     slurm.control("scancel", job,
                   took_effect=lambda: "got TERM" in _log(out) or slurm.state(job) != "RUNNING")
