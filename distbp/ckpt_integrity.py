@@ -116,29 +116,110 @@ def read_fields(f: h5py.File, path: Path) -> dict:
         raise error(path, f"format_version {version} is not supported by distbp {__version__} "
                           f"(it reads format_version {FORMAT_VERSION})")
     model, opt, rng = (member(f, name, path, h5py.Group) for name in ("model", "optimizer", "rng"))
-    layers = tuple(int(n) for n in attr(model, "layers", path))
-    dtype = str(attr(model, "dtype", path))
-    epoch = int(attr(f, "epoch", path))
-    if int(verified_array(rng, "epoch", path)) != epoch:
+    layers = _layers(attr(model, "layers", path), path)
+    dtype = text_attr(model, "dtype", path)
+    epoch = int_value(attr(f, "epoch", path), "/epoch", path)
+    if int_value(verified_array(rng, "epoch", path), "/rng/epoch", path) != epoch:
         raise error(path, "/rng/epoch disagrees with the root attribute epoch (file corrupt)")
-    prep = f.get("preprocess", {})
+    prep = member(f, "preprocess", path, h5py.Group) if "preprocess" in f else {}
     metrics_group = member(f, "metrics", path, h5py.Group)
     metrics = verified_text(metrics_group, "jsonl", path)
+    params = _read_params(model, layers, dtype, path)
     return dict(  # in Checkpoint's order, which is also the order the checks run in
-        step=int(attr(f, "step", path)), epoch=epoch,
-        step_in_epoch=int(verified_array(rng, "step_in_epoch", path)),
-        seed=int(verified_array(rng, "seed", path)), layers=layers,
-        activation=str(attr(model, "activation", path)),
-        output=str(attr(model, "output", path)), loss=str(attr(model, "loss", path)),
-        dtype=dtype, params=_read_params(model, layers, dtype, path),
-        optimizer_name=str(attr(opt, "name", path)),
-        optimizer_state={k: verified_array(opt, k, path) for k in opt},
-        config=json.loads(verified_text(member(f, "config", path, h5py.Group), "json", path)),
+        step=int_value(attr(f, "step", path), "/step", path, 10**8 - 1), epoch=epoch,
+        step_in_epoch=int_value(verified_array(rng, "step_in_epoch", path), "/rng/step_in_epoch",
+                                path),
+        seed=int_value(verified_array(rng, "seed", path), "/rng/seed", path), layers=layers,
+        activation=text_attr(model, "activation", path),
+        output=text_attr(model, "output", path), loss=text_attr(model, "loss", path),
+        dtype=dtype, params=params, optimizer_name=text_attr(opt, "name", path),
+        optimizer_state=_optimizer_state(opt, params.size, path),
+        config=_config(verified_text(member(f, "config", path, h5py.Group), "json", path), path),
         preprocess={k: verified_array(prep, k, path) for k in prep},
-        metrics=[json.loads(line) for line in metrics.splitlines() if line.strip()],
-        world_size=int(attr(f, "world_size", path)),
-        distbp_version=str(attr(f, "distbp_version", path)),
+        metrics=_records(metrics, path),
+        world_size=int_value(attr(f, "world_size", path), "/world_size", path),
+        distbp_version=text_attr(f, "distbp_version", path),
         interval=_read_interval(metrics_group, path))
+
+
+# ------------------------------------------------------------------ the schema of each field
+# A file whose digests match is intact, not necessarily distbp's: anyone can write one. Every
+# field is checked for type, shape and size before it is used, so a forged file is a
+# CheckpointError, never an AttributeError, a TypeError or a terabyte allocation.
+
+def int_value(value, name: str, path: Path, most: int = 2**63 - 1) -> int:
+    """A 0-d integer (attribute or dataset) in 0..most."""
+    arr = np.asarray(value)
+    if arr.shape != () or arr.dtype.kind not in "iu" or not 0 <= int(arr) <= most:
+        raise error(path, f"{name} must be an integer in 0..{most}, got {_show(value)}")
+    return int(arr)
+
+
+def text_attr(obj, name: str, path: Path) -> str:
+    """A string attribute."""
+    value = attr(obj, name, path)
+    if not isinstance(value, str):
+        raise error(path, f"attribute {name!r} on {obj.name} must be text, got {_show(value)}")
+    return value
+
+
+def _show(value) -> str:
+    return repr(value)[:60]
+
+
+def _layers(value, path: Path) -> tuple[int, ...]:
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or not 2 <= len(arr) <= 1000 \
+            or arr.min() < 1 or arr.max() > 2**31:
+        raise error(path, f"/model attribute layers must be 2 to 1000 widths in 1..2**31, got "
+                          f"{_show(value)}")
+    return tuple(int(n) for n in arr)
+
+
+def _optimizer_state(opt: h5py.Group, n: int, path: Path) -> dict[str, np.ndarray]:
+    """Each state buffer: one value per parameter (n,) or a 0-d scalar (Adam's t)."""
+    state = {k: verified_array(opt, k, path) for k in opt}
+    for k, a in state.items():
+        if a.shape not in ((), (n,)):
+            raise error(path, f"/optimizer/{k} has shape {a.shape}; state buffers are () or "
+                              f"({n},), one value per parameter")
+    return state
+
+
+def _config(text: str, path: Path) -> dict:
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise error(path, f"/config/json is not JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise error(path, f"/config/json must be an object of options, got {_show(config)}")
+    return config
+
+
+def _records(text: str, path: Path) -> list[dict]:
+    """The metrics history: JSON objects whose step and epoch are integers >= 0, kind text,
+    and every other value a number, text, true/false or null."""
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise error(path, f"/metrics/jsonl line {i} is not JSON: {one_line(e)}") from None
+        if not isinstance(r, dict) or not _record_ok(r):
+            raise error(path, f"/metrics/jsonl line {i} is not a metrics record: {line[:60]!r}")
+        records.append(r)
+    return records
+
+
+def _record_ok(r: dict) -> bool:
+    counts = all(type(r[k]) is int and r[k] >= 0 for k in ("step", "epoch") if k in r)
+    kind = isinstance(r.get("kind", ""), str)
+    scalars = all(v is None or isinstance(v, (str, int, float)) for v in r.values())
+    val = r.get("kind") != "val" or all(type(r.get(k)) in (int, float)
+                                        for k in ("loss", "accuracy"))
+    return counts and kind and scalars and val
 
 
 def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float]:
@@ -146,8 +227,10 @@ def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float]:
     verified 0-d dataset (steps an integer)."""
     g = member(metrics, "interval", path, h5py.Group)
     arrays = {k: verified_array(g, k, path) for k in INTERVAL_KEYS}
-    if any(a.shape != () for a in arrays.values()) or arrays["steps"].dtype.kind not in "iu":
-        raise error(path, "/metrics/interval must hold 0-d datasets, steps an integer")
+    if any(a.shape != () or not np.isfinite(a) or a < 0 for a in arrays.values()) \
+            or arrays["steps"].dtype.kind not in "iu":
+        raise error(path, "/metrics/interval must hold finite 0-d datasets >= 0, steps an "
+                          "integer")
     return {k: int(a) if k == "steps" else float(a) for k, a in arrays.items()}
 
 
@@ -158,6 +241,10 @@ def _read_params(model: h5py.Group, layers: tuple[int, ...], dtype: str, path: P
         raise error(path, f"/model has invalid layers {join_ints(layers)} or dtype {dtype!r}")
     if f"W{len(layers)}" in model:
         raise error(path, f"/model has more weight datasets than layers {join_ints(layers)} allow")
+    need = n_params(layers) * np.dtype(dtype).itemsize
+    if need > os.path.getsize(path):  # before allocating what a forged header claims
+        raise error(path, f"layers {join_ints(layers)} need {need} bytes of parameters, more "
+                          f"than the file's {os.path.getsize(path)}")
     params = np.empty(n_params(layers), dtype)
     for j, views in enumerate(zip(*param_views(params, layers)), start=1):
         for name, view in zip((f"W{j}", f"b{j}"), views):
@@ -174,9 +261,20 @@ def verified_array(g: h5py.Group, name: str, path: Path) -> np.ndarray:
     ds = member(g, name, path)
     if ds.dtype.kind not in NUMERIC:
         raise error(path, f"dataset {ds.name} has non-numeric dtype {ds.dtype}")
+    _check_plain(ds, path)
     arr = np.asarray(ds[()], order="C")
     _verify(ds, digest(arr), path)
     return arr
+
+
+def _check_plain(ds: h5py.Dataset, path: Path) -> None:
+    """Refuse what save() never writes: chunks, filters, virtual or external storage, and a
+    declared size larger than the file (read before anything is allocated)."""
+    size = os.path.getsize(path)
+    if ds.chunks is not None or ds.is_virtual or ds.external or \
+            ds.size * ds.dtype.itemsize > size:
+        raise error(path, f"dataset {ds.name} is not stored as save() writes it (contiguous, "
+                          f"within the file's {size} bytes): shape {ds.shape}")
 
 
 def verified_text(g: h5py.Group, name: str, path: Path) -> str:
@@ -184,6 +282,7 @@ def verified_text(g: h5py.Group, name: str, path: Path) -> str:
     ds = member(g, name, path)
     if h5py.check_string_dtype(ds.dtype) is None or ds.shape != ():
         raise error(path, f"dataset {ds.name} is not a text dataset")
+    _check_plain(ds, path)
     data = ds[()]
     data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     _verify(ds, digest(data), path)

@@ -34,6 +34,7 @@ from distbp import checkpoint, data, paths, preprocess
 from distbp.durable import replace_durably, umask
 from distbp.errors import CheckpointError, ConfigError, DataError, one_line
 from distbp.network import Network
+from distbp.session import checked_config
 from distbp.version import __version__
 
 __all__ = ["GATHER_BYTES", "Loaded", "PredictionFile", "batch_share", "gather_plan", "loss_sums",
@@ -45,7 +46,9 @@ DEFAULT_BATCH = 256      # rows per forward pass when the checkpoint's config na
 
 
 def network_from_checkpoint(ckpt: checkpoint.Checkpoint) -> Network:
-    """The checkpoint's network with its parameters; CheckpointError if it cannot be built."""
+    """The checkpoint's network with its parameters; CheckpointError if it cannot be built
+    or its configuration is not one distbp wrote (session.checked_config)."""
+    checked_config(ckpt)
     try:
         net = Network(ckpt.layers, activation=ckpt.activation, output=ckpt.output,
                       loss=ckpt.loss, dtype=ckpt.dtype)

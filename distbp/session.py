@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data, loader, paths
-from distbp.config_schema import MAX_STEPS, TrainConfig
+from distbp import checkpoint, data, loader, paths, preprocess
+from distbp.config_schema import MAX_STEPS, TrainConfig, parse_options
 from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
 from distbp.optim import Schedule, linear_scaling, make_optimizer
 
-__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "claim_outputs",
+__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "checked_config",
+           "claim_outputs",
            "default_epochs", "peak_lr", "release_outputs", "stored_config"]
 
 DEFAULT_HIDDEN = 128
@@ -254,7 +255,7 @@ def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[checkpoint.Checkpoin
 
 def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConfig:
     """Refuse changes that alter the trajectory; report the ones that may change."""
-    old = ckpt.config
+    old = checked_config(ckpt)
     layers = cfg.layers or tuple(ckpt.layers)
     checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
                                 output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
@@ -274,6 +275,16 @@ def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConf
     if changed:
         notes.append("resuming with changed settings: " + "; ".join(changed))
     return dataclasses.replace(cfg, layers=tuple(layers))
+
+
+def checked_config(ckpt: checkpoint.Checkpoint) -> dict:
+    """The checkpoint's configuration, every key an option and every value of its type (a
+    forged file's `{"batch_size": "x"}` is a CheckpointError, not a TypeError later)."""
+    try:
+        parse_options(ckpt.config, f"checkpoint '{ckpt.path}'", text=False)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{ckpt.path}': its configuration: {e}") from None
+    return ckpt.config
 
 
 def stored_config(cfg: TrainConfig) -> dict:
@@ -299,7 +310,16 @@ def _restore(s: Session, ckpt) -> None:
     for key, value in ckpt.optimizer_state.items():
         if key not in s.opt_state:
             raise CheckpointError(f"checkpoint '{ckpt.path}': unexpected optimizer state {key!r}")
-        np.copyto(s.opt_state[key], value)
+        want = s.opt_state[key]
+        if value.shape != want.shape or not np.can_cast(value.dtype, want.dtype, "same_kind"):
+            raise CheckpointError(f"checkpoint '{ckpt.path}': optimizer state {key!r} is "
+                                  f"{value.dtype} {value.shape}, {s.optimizer.name} needs "
+                                  f"{want.dtype} {want.shape}")
+        np.copyto(want, value)
+    try:
+        preprocess.check(ckpt.preprocess, s.net.n_inputs)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint '{ckpt.path}': {e}") from None
     missing = set(s.opt_state) - set(ckpt.optimizer_state) - {"_scratch"}
     if missing:
         raise CheckpointError(f"checkpoint '{ckpt.path}': optimizer state lacks {sorted(missing)}")
