@@ -1,16 +1,15 @@
-"""Training rows from the data source to the step: this rank's shard of every global batch,
-read one step ahead by a background thread, and the `--in-memory` choice.
+"""Training rows from the data source to the step: this rank's shard of every global batch (from
+memory, or read one step ahead from a file by a background thread), and the `--in-memory` choice.
 
     plan = BatchPlan(seed, steps_per_epoch, batch_size, rank, size)
-    with ShardLoader(train_ds, plan, start_step, total_steps) as loader:
+    with open_loader(train_ds, plan, start_step, total_steps) as loader:
         for step in range(start_step, total_steps):
-            x, y = loader.get(step)        # rows read while step - 1 computed
+            x, y = loader.get(step)        # from a file: read while step - 1 computed
 
-Contract: the rows of a step are exactly data.shard_indices(epoch_permutation(seed, epoch, n),
-step_in_epoch, batch_size, rank, size), increasing; prefetching changes when rows are read, never
-which. The thread only reads (no MPI, no preprocessing). Memory is depth + 2 batch buffers, reused
-all run long, so a step allocates no rows; the arrays `get` returns are valid until the next
-`get` (copy what you keep).
+Contract: a step's rows are exactly data.shard_indices(epoch_permutation(seed, epoch, n),
+step_in_epoch, batch_size, rank, size), increasing. The thread only reads (no MPI, no
+preprocessing). Buffers are reused all run long, so a step allocates no rows; the arrays `get`
+returns are valid until the next `get` (copy what you keep).
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ import numpy as np
 from distbp import data
 from distbp.errors import DataError, UsageError
 
-__all__ = ["IN_MEMORY_MAX_BYTES", "BatchPlan", "ReaderError", "ShardLoader", "in_memory_budget",
-           "place_in_memory"]
+__all__ = ["IN_MEMORY_MAX_BYTES", "BatchPlan", "in_memory_budget", "MemoryLoader", "open_loader",
+           "place_in_memory", "ReaderError", "ShardLoader"]
 
 IN_MEMORY_MAX_BYTES = 1 << 30  # auto: never load more than this (x and y) into one rank
 _BUDGET_SHARE = 4              # auto: and at most 1/4 of the memory a rank may use
@@ -57,9 +56,8 @@ class BatchPlan:
     size: int
 
     def shard_rows(self, n: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, rows) for start <= step < stop: rows (k,) int64, increasing: views of the
-        epoch's permutation, in which this rank's shard of every step is sorted once when the
-        epoch begins (so a step allocates nothing)."""
+        """(step, rows) for start <= step < stop: rows (k,) int64, increasing, views of the
+        epoch's permutation whose shards are sorted when the epoch begins (no per-step array)."""
         perm_epoch, perm = -1, np.empty(0, np.int64)
         for step in range(start, stop):
             epoch, in_epoch = data.step_cursor(step, self.steps_per_epoch)
@@ -75,9 +73,8 @@ class BatchPlan:
         return lo + a, lo + b
 
     def _sorted_shards(self, n: int, epoch: int) -> np.ndarray:
-        """The epoch's permutation with each of this rank's shards sorted in place (HDF5 reads
-        want increasing rows; the gradient SUM does not depend on their order): the rows are
-        data.shard_indices's."""
+        """The epoch's permutation, this rank's shards sorted in place (HDF5 wants increasing
+        rows; the SUM ignores order): the rows of data.shard_indices."""
         perm = data.epoch_permutation(self.seed, epoch, n)
         for in_epoch in range(self.steps_per_epoch):
             lo, hi = self._shard_span(n, in_epoch)
@@ -92,18 +89,11 @@ class BatchPlan:
 
 
 class _BatchRing:
-    """`slots` (x, y) buffer pairs of `rows` rows each; step t is read into slot t % slots, the
-    first k rows (k <= rows: the last batch of an epoch may be smaller, a prefix is still
-    C-contiguous). A slot is made at its first use, so a short run makes only what it uses.
-
-    Why depth + 2 slots never overwrite a batch in use (one producer, one consumer, steps in
-    order, the consumer done with step s when it calls get(s + 1)): the thread starts filling
-    step t only after queueing t - 1, so the queue (at most depth batches) then holds a suffix
-    of t - depth .. t - 1 and the consumer has taken every step before it: the batch it may
-    still use is t - depth - 1 or later. Live batches are t - depth - 1 .. t - 1, depth + 1
-    slots, none of them t % (depth + 2). With depth + 1 slots step t would overwrite step
-    t - depth - 1 while the consumer still holds it.
-    """
+    """`slots` (x, y) buffer pairs of `rows` rows each, made at first use; step t is read into
+    the first k rows (k <= rows, a C-contiguous prefix) of slot t % slots. A reader queueing up
+    to `depth` batches needs depth + 2 slots: it fills t only after queueing t - 1, when the
+    consumer (done with step s once it asks for s + 1) may still hold t - depth - 1, so the
+    live batches t - depth - 1 .. t - 1 never include slot t % (depth + 2)."""
 
     def __init__(self, ds: data.Dataset, rows: int, slots: int):
         self.ds, self.rows = ds, rows
@@ -219,6 +209,46 @@ class ShardLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MemoryLoader:
+    """ShardLoader's interface for rows in memory: `get` gathers the step's rows into one reused
+    buffer pair itself (a thread's hand-off cost a third of a small network's step, in locks)."""
+
+    def __init__(self, ds: data.Dataset, plan: BatchPlan, start: int, stop: int):
+        self.ds, self.next_step, self.stop = ds, start, stop
+        self._rows = plan.shard_rows(ds.n, start, stop)
+        self._ring = _BatchRing(ds, plan.most_rows(ds.n), 1)
+
+    def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of global `step`, as ShardLoader.get gives them (valid until the next)."""
+        if step != self.next_step or step >= self.stop:
+            raise RuntimeError(f"MemoryLoader.get({step}): steps run {self.next_step}.."
+                               f"{self.stop - 1} in order")
+        _, rows = next(self._rows)
+        x, y = self._ring.buffers(step, len(rows))
+        self.ds.read_into(rows, x, y)
+        self.next_step += 1
+        return x, y
+
+    def close(self) -> None:  # nothing to stop: ShardLoader's interface
+        pass
+
+    def __enter__(self) -> MemoryLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_loader(ds: data.Dataset, plan: BatchPlan, start: int, stop: int
+                ) -> ShardLoader | MemoryLoader:
+    """The loader for `ds`: MemoryLoader for rows in memory (arrays, --in-memory, subsets of
+    them), else ShardLoader, whose thread reads the next step's rows from the file."""
+    base = getattr(ds, "base", ds)  # a validation split's rows come from its base
+    if isinstance(base, data.ArrayDataset):
+        return MemoryLoader(ds, plan, start, stop)
+    return ShardLoader(ds, plan, start, stop)
 
 
 @atexit.register

@@ -38,7 +38,8 @@ class _Workspace:
     """Everything one forward + backward pass over B rows needs, allocated once per B."""
 
     def __init__(self, layers: Sequence[int], batch: int, dtype: np.dtype):
-        self.a = [np.empty((batch, n), dtype) for n in layers]  # a[0] is x
+        self.x = np.empty((batch, layers[0]), dtype)  # x cast to the network's dtype, if needed
+        self.a = [self.x] + [np.empty((batch, n), dtype) for n in layers[1:]]  # a[0]: x
         self.z = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
         self.delta = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
@@ -188,7 +189,11 @@ class Network:
 
     def _forward(self, x: np.ndarray, ws: _Workspace | None = None) -> np.ndarray:
         ws = ws or self._workspace(len(x))
-        np.copyto(ws.a[0], x, casting="unsafe")  # a_0 = x, in the network's dtype
+        if x.dtype == self.dtype and x.flags.c_contiguous:
+            ws.a[0] = x  # a_0 = x, read where it lies (valid until the pass ends)
+        else:
+            ws.a[0] = ws.x  # a_0 = x, in the network's dtype
+            np.copyto(ws.x, x, casting="unsafe")
         L = len(self.layers) - 1
         for j in range(1, L + 1):
             k = j - 1

@@ -26,7 +26,7 @@ from distbp import checkpoint, data, preprocess
 from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
 from distbp.evaluation import batch_share, loss_sums
-from distbp.loader import BatchPlan, ShardLoader
+from distbp.loader import BatchPlan, MemoryLoader, ShardLoader, open_loader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
 from distbp.overlap import Buckets
@@ -57,7 +57,7 @@ class Trainer:
         self._grad_norm: float | None = None  # the last step's, before clipping
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
         self.stop = stop or catch_stop_signals()
-        self.loader: ShardLoader | None = None  # open while train() runs
+        self.loader: ShardLoader | MemoryLoader | None = None  # open while train() runs
         self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
         self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
         self.last_checkpoint: Path | None = session.resumed_from
@@ -265,13 +265,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def open_loader(self) -> ShardLoader:
-        """This rank's shards of steps start..total, read one step ahead by a background thread
-        (no MPI in it); closed by train() on every way out."""
+    def open_loader(self) -> ShardLoader | MemoryLoader:
+        """This rank's shards of steps start..total: from memory, or read one step ahead by a
+        background thread (no MPI in it); closed by train() on every way out."""
         s, cfg = self.s, self.s.cfg
         plan = BatchPlan(cfg.seed, s.steps_per_epoch, cfg.batch_size, self.comm.rank,
                          self.comm.size)
-        self.loader = ShardLoader(s.train, plan, s.start_step, max(s.start_step, s.total_steps))
+        self.loader = open_loader(s.train, plan, s.start_step, max(s.start_step, s.total_steps))
         return self.loader
 
     def _setup_preprocess(self) -> None:
