@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from distbp.ckpt_integrity import INTERVAL_KEYS
+from distbp.errors import UsageError, one_line
 
 __all__ = ["Interval", "MetricsLog", "Progress", "RunLog", "format_train"]
 
@@ -41,7 +42,10 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.history.append(record)
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: one line (exit 2), not a traceback
+            raise UsageError(f"cannot write metrics file '{self.path}': {one_line(e)}") from None
 
     def close(self) -> None:
         self._file.close()

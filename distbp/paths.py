@@ -156,11 +156,30 @@ class RunLock:
             if e.errno in _NO_FLOCK:
                 return cls(None, path, f"{label}: '{directory}' cannot be locked "
                                        f"({e.strerror}); another run there would not be noticed")
-            raise error(f"{label}: '{directory}' is in use by another run ({holder}); wait for "
-                        "it to end or give another directory") from None
+            raise error(_in_use(label, directory, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
         return cls(fd, path)
+
+    @staticmethod
+    def check_free(directory: str | Path, label: str, error: type[UsageError] = UsageError
+                   ) -> None:
+        """`error` naming the holder if a run holds `directory`'s lock now; creates nothing
+        (setup calls it before reading checkpoints that a running run may rotate away)."""
+        path = Path(directory) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return  # no lock file (or none that can be opened): nobody holds it
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+                raise error(_in_use(label, directory, holder)) from None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (closing the descriptor). Removing it first
@@ -171,6 +190,11 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+
+
+def _in_use(label: str, directory: str | Path, holder: str) -> str:
+    return (f"{label}: '{directory}' is in use by another run ({holder}); wait for it to end "
+            "or give another directory")
 
 
 def _inode(path: Path) -> int | None:

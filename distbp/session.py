@@ -77,6 +77,11 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
+    metrics_path = Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl")
+    for option, value, directory in (("--checkpoint-dir", cfg.checkpoint_dir, ckpt_dir),
+                                     ("--metrics", cfg.metrics, metrics_path.parent)):
+        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+        paths.RunLock.check_free(directory, named, ConfigError)  # before reading checkpoints
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
         cfg = _merge_resumed_config(cfg, resume, notes)
@@ -103,8 +108,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     schedule = Schedule(lr, cfg.schedule, cfg.warmup_steps, total, cfg.lr_step_size,
                         cfg.lr_gamma, min(cfg.min_lr, lr))
     s = Session(cfg, train, val, net, optimizer, optimizer.init(net.params), schedule, spe, total,
-                checkpoint_dir=ckpt_dir, notes=notes,
-                metrics_path=Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl"))
+                checkpoint_dir=ckpt_dir, notes=notes, metrics_path=metrics_path)
     if resume is not None:
         _restore(s, resume)
     if rank == 0:  # the rank that writes them

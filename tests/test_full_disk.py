@@ -1,0 +1,85 @@
+"""A disk that fills during a run, on 1 and 2 ranks: one line, exit 2 (bad input found mid-run,
+docs/exit-codes.md), no temporary file left, every checkpoint that exists still verifies. The
+disk is a small tmpfs mounted for the test (root only) and unmounted in a finalizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import child_env, mpiexec_path
+
+from distbp import checkpoint
+from distbp.data import synthetic_teacher
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs at tmp_path/disk, gone after the test."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def data_file(d: Path) -> Path:
+    ds = synthetic_teacher(256, 8, 3, seed=1)
+    path = d / "data.h5"
+    with h5py.File(path, "w") as f:
+        f.update(x=ds.x, y=ds.y)
+    return path
+
+
+def run(ranks: int, args: list) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "distbp", "train", *map(str, args)]
+    if ranks > 1:
+        exe = mpiexec_path()
+        if exe is None:
+            pytest.skip("no mpiexec")
+        cmd = [exe, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+
+
+def assert_one_line_exit_2(proc: subprocess.CompletedProcess, phrase: str) -> None:
+    shown = f"exit {proc.returncode}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, shown
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("Abort(")]
+    assert len(lines) == 1 and phrase in lines[0], shown  # (hydra may add its Abort note)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, shown
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_checkpoints_filling_the_disk_end_with_one_line_and_leave_only_valid_files(
+        small_disk, tmp_path, ranks):
+    # ~570 KB a checkpoint (float64): the fourth does not fit beside three
+    proc = run(ranks, ["--data", data_file(tmp_path), "--run-dir", small_disk / "run",
+                       "--layers", "8,256,256,3", "--dtype", "float64", "--steps", "40",
+                       "--checkpoint-every", "5", "--keep", "3", "--collective-timeout", "30"])
+    assert_one_line_exit_2(proc, "No space left on device")
+    ckpts = small_disk / "run" / "checkpoints"
+    assert checkpoint.list_checkpoints(ckpts), "the first checkpoints fitted"
+    for path in checkpoint.list_checkpoints(ckpts):
+        checkpoint.load(path)
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_metrics_on_a_full_disk_end_with_one_line(small_disk, tmp_path, ranks):
+    (small_disk / "filler").write_bytes(bytes(2 * 1024 * 1024 - 8192))  # leave ~8 KiB
+    proc = run(ranks, ["--data", data_file(tmp_path), "--run-dir", small_disk / "run",
+                       "--checkpoint-dir", tmp_path / "ckpts", "--layers", "8,16,3",
+                       "--steps", "400", "--record-every", "1", "--collective-timeout", "30"])
+    assert_one_line_exit_2(proc, "cannot write metrics file")
