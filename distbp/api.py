@@ -34,7 +34,7 @@ from distbp.errors import ConfigError, NonFiniteError, SetupRefused
 from distbp.evaluation import loss_sums, network_from_checkpoint, predict_rows
 from distbp.launch import Job, agree, exit_code, ranks_may_diverge
 from distbp.network import Network
-from distbp.session import ARRAYS_LABEL, Session, build_session
+from distbp.session import ARRAYS_LABEL, Session, build_session, claim_outputs, release_outputs
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
 from distbp.trainer import Trainer
 from distbp.version import __version__
@@ -130,6 +130,7 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
     s = agree(comm, lambda: build_session(cfg, local_size=comm.local_size, rank=comm.rank,
                                           size=comm.size, datasets=datasets))
     _agree_on_start(comm, s)
+    agree(comm, lambda: claim_outputs(s, comm.rank))  # rank 0 locks its outputs
     if network is not None:  # train the caller's network, from rank 0's initial values
         if s.resumed_from is None:
             np.copyto(s.net.params, network.params)
@@ -138,7 +139,10 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
     if comm.rank == 0:
         print("\n".join(start_report(s, comm, job.threads, hosts)), flush=True)
     trainer = Trainer(s, comm, stop=stop)
-    code = trainer.train()
+    try:
+        code = trainer.train()
+    finally:
+        release_outputs(s)
     if network is not None:
         np.copyto(network.params, s.net.params)
         network.preprocess = dict(s.preprocess)
