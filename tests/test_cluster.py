@@ -18,6 +18,7 @@ evaluation and prediction: tests/test_cluster_faults.py. Needs root (skipped oth
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from helpers.cluster import (
     write_data,
 )
 from helpers.slurmlab import assert_same_state, final_checkpoint
+
+from distbp.api import placement
+from distbp.comm import SerialComm, host_names
 
 pytestmark = pytest.mark.slurm
 
@@ -191,3 +195,15 @@ def test_mpich_hash_names_the_segments_the_prolog_removes(tmp_path):
     env = {"SLURM_JOB_ID": "41", "DISTBP_SHM_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     subprocess.run(["bash", str(ROOT / "scripts" / "mpich-shm-clean.sh")], check=True, env=env)
     assert sorted(p.name for p in tmp_path.iterdir()) == [names[3]]
+
+
+def test_placement_names_each_hosts_ranks_in_spans():
+    assert placement(["node1", "node1", "node2", "node2"]) == \
+        "hosts: 2: node1 ranks 0-1, node2 ranks 2-3"
+    assert placement(["a", "b", "a", "b", "a"]) == "hosts: 2: a ranks 0,2,4, b ranks 1,3"
+    assert placement(["n1", "n1", "n1", "n2", "n1"]) == "hosts: 2: n1 ranks 0-2,4, n2 rank 3"
+
+
+def test_host_names_of_one_process_is_its_own_host_name():
+    comm = SerialComm()
+    assert host_names(comm) == [socket.gethostname()] == [comm.hostname]
