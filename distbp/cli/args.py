@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distbp.activations import HIDDEN
 from distbp.errors import UsageError, env_rank
 
-__all__ = ["EPILOG", "Parser", "add_checkpoint_data_arguments", "positive_int"]
+__all__ = ["EPILOG", "Parser", "add_checkpoint_data_arguments", "add_network_arguments",
+           "positive_int"]
 
 EPILOG = """exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the
 problem); 75 preempted (SIGTERM/SIGUSR1/Ctrl-C): a checkpoint was written, run the same command
@@ -51,3 +53,10 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per forward pass and rank (default: the training batch size)")
     p.add_argument("--threads", type=positive_int,
                    help="BLAS threads per rank (default: as for train --threads)")
+
+
+def add_network_arguments(p: argparse.ArgumentParser, layers: str, activation: str) -> None:
+    """--layers and --activation of the commands that build a network of their own."""
+    p.add_argument("--layers", default=layers, help=f"layer widths (default {layers})")
+    p.add_argument("--activation", default=activation, choices=tuple(HIDDEN),
+                   help=f"hidden-layer activation (default {activation})")

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from distbp import bench
-from distbp.activations import HIDDEN
 from distbp.bare_loop import BareLoop
-from distbp.cli.args import positive_int
+from distbp.cli.args import add_network_arguments, positive_int
 from distbp.cli.plot import picture_format
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
@@ -30,16 +29,15 @@ from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
 
+DESCRIPTION = """Measure, in one run, each rank's GEMM peak and the trainer's own step on random
+data split into forward+backward, allreduce and update; print FLOPs utilisation against the peak
+and the allreduce's bandwidth (times: the slowest rank's median over --steps)."""
+
 
 def add_command(sub) -> None:
     p = sub.add_parser("bench", help="measure step time, allreduce and FLOPs utilisation",
-                       description="Measure, in one run, each rank's GEMM peak and the "
-                       "trainer's own step on random data split into forward+backward, allreduce "
-                       "and update; print FLOPs utilisation against the peak and the allreduce's "
-                       "bandwidth (times: the slowest rank's median over --steps).")
-    p.add_argument("--layers", default="784,256,10", help="layer widths (default 784,256,10)")
-    p.add_argument("--activation", default="relu", choices=tuple(HIDDEN),
-                   help="hidden-layer activation (default relu)")
+                       description=DESCRIPTION)
+    add_network_arguments(p, layers="784,256,10", activation="relu")
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="GLOBAL batch (default 256)")
     p.add_argument("--steps", type=positive_int, default=30, help="timed steps (default 30)")

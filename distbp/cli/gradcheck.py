@@ -9,7 +9,8 @@ import argparse
 
 import numpy as np
 
-from distbp.activations import HIDDEN, OUTPUTS
+from distbp.activations import OUTPUTS
+from distbp.cli.args import add_network_arguments
 from distbp.config_values import parse_layers
 from distbp.errors import EXIT_ERROR, EXIT_OK, UsageError
 from distbp.gradcheck import gradcheck
@@ -17,18 +18,16 @@ from distbp.losses import LOSSES
 
 __all__ = ["add_command"]
 
+DESCRIPTION = """Build a network, compare backpropagation with central finite differences on random
+data, print per block (W_j, b_j) the normwise relative error |g_bp - g_fd| / (|g_bp| + |g_fd|)
+(2-norms), the max absolute error and, for information, the worst elementwise relative error
+(floor 1e-8); exit 1 when the worst normwise error is above --tolerance."""
+
 
 def add_command(sub) -> None:
     p = sub.add_parser("gradcheck", help="compare backprop with finite differences (float64)",
-                       description="Build a network, compare backpropagation with central finite "
-                       "differences on random data, print per block (W_j, b_j) the normwise "
-                       "relative error |g_bp - g_fd| / (|g_bp| + |g_fd|) (2-norms), the max "
-                       "absolute error and, for information, the worst elementwise relative "
-                       "error (floor 1e-8); exit 1 when the worst normwise error is above "
-                       "--tolerance.")
-    p.add_argument("--layers", default="784,30,10", help="layer widths (default 784,30,10)")
-    p.add_argument("--activation", default="sigmoid", choices=tuple(HIDDEN),
-                   help="hidden-layer activation (default sigmoid)")
+                       description=DESCRIPTION)
+    add_network_arguments(p, layers="784,30,10", activation="sigmoid")
     p.add_argument("--output", default="softmax", choices=OUTPUTS,
                    help="output-layer activation (default softmax)")
     p.add_argument("--loss", default="cross_entropy", choices=LOSSES,

@@ -29,6 +29,13 @@ from distbp.plot import FORMATS, METRICS, display_name, figure, read_run, save
 
 __all__ = ["DEFAULT_NAME", "add_command", "picture_format", "plot", "run_names"]
 
+DESCRIPTION = """Draw metrics of one or more runs against the step from their JSON-lines metrics
+files: one panel per metric, train solid, validation dashed, every run in its own colour, named
+after the file's directory. Writes a PNG, SVG or PDF (by the output's extension) and prints its
+path. Needs matplotlib: pip install 'distbp[plot]'. Bad input (a missing file, a line that is
+not JSON, no record with a metric, an unwritable output, another extension, an output that is an
+input or an existing file other than a picture of its format) exits with code 2 and one line."""
+
 DEFAULT_NAME = "metrics.png"
 # How each format's files begin (an SVG after an optional BOM and white space).
 SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xml", b"<svg")}
@@ -37,15 +44,7 @@ SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xm
 def add_command(sub) -> None:
     """Register `plot` on the `distbp` subparsers."""
     p = sub.add_parser("plot", help="draw the metric curves of runs as a PNG, SVG or PDF",
-                       description="Draw metrics of one or more runs against the step from "
-                       "their JSON-lines metrics files: one panel per metric, train solid, "
-                       "validation dashed, every run in its own colour, named after the file's "
-                       "directory. Writes a PNG, SVG or PDF (by the output's extension) and "
-                       "prints its path. Needs matplotlib: pip install 'distbp[plot]'. Bad input "
-                       "(a missing file, a line that is not JSON, no record with a metric, an "
-                       "unwritable output, another extension, an output that is an input or an "
-                       "existing file other than a picture of its format) exits with code 2 and "
-                       "one line.")
+                       description=DESCRIPTION)
     p.add_argument("inputs", nargs="+", metavar="METRICS",
                    help="a metrics.jsonl file, or a run directory holding one")
     p.add_argument("-o", "--out", metavar="FILE",

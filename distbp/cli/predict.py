@@ -19,13 +19,14 @@ from distbp.launch import agree
 
 __all__ = ["add_command"]
 
+DESCRIPTION = """Write dataset `prediction` (N, n_out) of output activations in the model's dtype
+and, for softmax/sigmoid models, `label` (N,) (argmax; a > 0.5 for one output), rows in the
+input order. Only x is read: the data file need hold no labels."""
+
 
 def add_command(sub) -> None:
     p = sub.add_parser("predict", help="write a checkpoint's predictions to an HDF5 file",
-                       description="Write dataset `prediction` (N, n_out) of output "
-                       "activations in the model's dtype and, for softmax/sigmoid models, `label` "
-                       "(N,) (argmax; a > 0.5 for one output), rows in the input order. Only x "
-                       "is read: the data file need hold no labels (--y-name is not used).")
+                       description=DESCRIPTION)
     add_checkpoint_data_arguments(p)
     p.add_argument("--out", required=True, help="output HDF5 file (written atomically by rank 0)")
     p.set_defaults(run=run)
