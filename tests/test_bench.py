@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import error_lines, run_mpi, run_py
+from helpers.memory import peak_growth
 
 KEYS = {"step_ms", "compute_ms", "allreduce_ms", "update_ms", "gemm_peak_gflops", "mfu",
         "params", "samples_per_s"}
@@ -100,8 +101,6 @@ def test_bench_baseline_times_a_bare_loop_of_the_same_shapes_and_gives_the_ratio
 def test_the_trainers_step_allocates_no_array_after_warm_up(tmp_path, layers, activation, batch):
     # every thread (the loader's too) is traced: a per-step copy of the batch, a temporary of
     # a layer's activations or of the gradient would show as tens of KiB or more
-    import tracemalloc
-
     from distbp import bench
     from distbp.comm import SerialComm
 
@@ -109,17 +108,12 @@ def test_the_trainers_step_allocates_no_array_after_warm_up(tmp_path, layers, ac
     # NumPy's own iterator buffer (8192 elements, for broadcasting such as z += b) is no array
     # of ours: shrink it, so what remains is what distbp allocates
     old = np.setbufsize(64)
-    with trainer.open_loader():
-        for i in range(10):
-            trainer.step(i)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            for i in range(10, 60):
+    try:
+        with trainer.open_loader():
+            for i in range(10):
                 trainer.step(i)
-            grown = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
-            np.setbufsize(old)
+            grown = peak_growth(trainer.step, range(10, 60))
+    finally:
+        np.setbufsize(old)
     assert 4 * batch * min(layers) >= 8192
     assert grown < 4096, grown  # a few Python objects (the loader's queue, step scalars)

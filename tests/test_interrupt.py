@@ -17,19 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from helpers.mpijob import (
-    MODEL,
-    TAG,
-    command,
-    finish,
-    job_env,
-    rank_codes,
-    rank_pids,
-    run,
-    shown,
-    teacher_file,
-    wrapped,
-)
+from helpers import mpijob as job
 
 from distbp import checkpoint
 
@@ -41,15 +29,15 @@ SLOW_SAVE = ROOT / "tests" / "helpers" / "slow_save.py"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return teacher_file(tmp_path_factory.mktemp("data") / "d.h5")
+    return job.teacher_file(tmp_path_factory.mktemp("data") / "d.h5")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(mpiexec, data, tmp_path_factory) -> bytes:
     """The final parameters of the run, not interrupted."""
     run_dir = tmp_path_factory.mktemp("reference")
-    proc, _ = run(command(mpiexec, data, run_dir, *OPTS))
-    assert proc.returncode == 0, shown(proc)
+    proc, _ = job.run(job.command(mpiexec, data, run_dir, *OPTS))
+    assert proc.returncode == 0, job.shown(proc)
     return checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", N_STEPS)).params \
         .tobytes()
 
@@ -59,24 +47,24 @@ def test_first_ctrl_c_checkpoints_exits_75_on_every_rank_and_resumes_bitwise(
         mpiexec, data, tmp_path, uninterrupted, target):
     # "terminal": SIGINT to mpiexec's process group, as Ctrl-C in a shell sends it (hydra's
     # proxy runs the ranks in a session of their own, so each rank gets it once, forwarded)
-    run_dir, stderr, env = tmp_path / "run", tmp_path / "stderr", job_env()
-    cmd = wrapped(mpiexec, data, run_dir, *OPTS)  # each rank prints its own exit code
+    run_dir, stderr, env = tmp_path / "run", tmp_path / "stderr", job.job_env()
+    cmd = job.wrapped(mpiexec, data, run_dir, *OPTS)  # each rank prints its own exit code
     with open(stderr, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                 start_new_session=True)
     try:
-        pids = rank_pids(env[TAG])  # before the first step: a tiny run is soon over
+        pids = job.rank_pids(env[job.TAG])  # before the first step: a tiny run is soon over
         wait_for_line(proc, "step ")
         if target == "terminal":
             os.killpg(proc.pid, signal.SIGINT)
         else:
             os.kill(proc.pid if target == "mpiexec" else pids[int(target[-1])], signal.SIGINT)
-        code, out = finish(proc)
+        code, out = job.finish(proc)
     finally:
         proc.kill()  # a no-op once it has ended; reaped either way
         proc.wait()
     assert code == 75, out[-2000:] + stderr.read_text()
-    assert rank_codes(stderr.read_text()) == {0: 75, 1: 75}, stderr.read_text()
+    assert job.rank_codes(stderr.read_text()) == {0: 75, 1: 75}, stderr.read_text()
     assert "interrupted" not in stderr.read_text()
     saved = checkpoint.list_checkpoints(run_dir / "checkpoints")
     assert len(saved) == 1, saved
@@ -89,8 +77,8 @@ def test_first_ctrl_c_checkpoints_exits_75_on_every_rank_and_resumes_bitwise(
         assert "(no signal on rank 0: another rank got it)" in out
     else:
         assert "(INT received 1 time(s) on rank 0)" in out
-    resumed, _ = run(cmd, env)
-    assert rank_codes(resumed.stderr) == {0: 0, 1: 0}, shown(resumed)
+    resumed, _ = job.run(cmd, env)
+    assert job.rank_codes(resumed.stderr) == {0: 0, 1: 0}, job.shown(resumed)
     assert f"resumed from {saved[0]} at step {step}" in resumed.stdout
     final = checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", N_STEPS))
     assert final.params.tobytes() == uninterrupted
@@ -101,9 +89,9 @@ def test_second_ctrl_c_aborts_at_once_without_the_checkpoint(data, tmp_path):
     # first SIGINT asks for a checkpoint; the second, sent once that write has begun, must end
     # the run at once, not after the write, with exit 1 and no checkpoint.
     run_dir = tmp_path / "run"
-    env = job_env(DISTBP_SLOW_SAVE="60")
+    env = job.job_env(DISTBP_SLOW_SAVE="60")
     cmd = [sys.executable, str(SLOW_SAVE), "train", "--data", str(data), "--run-dir",
-           str(run_dir), *MODEL, "--steps", "1000000", "--checkpoint-every", "1000000",
+           str(run_dir), *job.MODEL, "--steps", "1000000", "--checkpoint-every", "1000000",
            "--log-every", "1"]
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)

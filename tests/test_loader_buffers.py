@@ -6,12 +6,12 @@ step allocates no rows."""
 from __future__ import annotations
 
 import time
-import tracemalloc
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from helpers.memory import peak_growth
 
 from distbp import data, loader
 from distbp.data import ArrayDataset, HDF5Dataset
@@ -174,12 +174,5 @@ def test_a_loader_in_steady_state_allocates_no_rows(tmp_path, kind):
     with ShardLoader(ds, plan, 0, 60) as shards:
         for step in range(12):                           # 3 epochs: ring and span readers made
             shards.get(step)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            for step in range(12, 60):
-                shards.get(step)
-            grew = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        grew = peak_growth(shards.get, range(12, 60))
     assert grew < (batch // 2) * width * 4 // 4, f"peak grew by {grew} bytes"
