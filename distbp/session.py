@@ -78,9 +78,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
     metrics_path = Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl")
-    for option, value, directory in (("--checkpoint-dir", cfg.checkpoint_dir, ckpt_dir),
-                                     ("--metrics", cfg.metrics, metrics_path.parent)):
-        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+    for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
         paths.RunLock.check_free(directory, named, ConfigError)  # before reading checkpoints
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
@@ -97,10 +95,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)
     spe = data.steps_per_epoch(train.n, cfg.batch_size, cfg.drop_last)
-    total = cfg.steps or spe * (cfg.epochs or default_epochs)
-    if total > MAX_STEPS:
-        raise ConfigError(f"--epochs {cfg.epochs or default_epochs} of {spe} steps make {total} "
-                          f"steps; a run may have at most {MAX_STEPS} (checkpoint names)")
+    total = _total_steps(cfg, spe)
     lr = peak_lr(cfg)
     if lr != cfg.lr:
         notes.append(f"--lr {cfg.lr:g} is for a global batch of {cfg.lr_reference_batch}: "
@@ -116,15 +111,29 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     return s
 
 
+def _total_steps(cfg: TrainConfig, spe: int) -> int:
+    """--steps, else epochs x steps per epoch, within what checkpoint names can number."""
+    total = cfg.steps or spe * (cfg.epochs or default_epochs)
+    if total > MAX_STEPS:
+        raise ConfigError(f"--epochs {cfg.epochs or default_epochs} of {spe} steps make {total} "
+                          f"steps; a run may have at most {MAX_STEPS} (checkpoint names)")
+    return total
+
+
+def _output_dirs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> list[tuple[str, Path]]:
+    """(the option that names it, directory) for the checkpoint and metrics directories."""
+    return [(f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}", d)
+            for option, value, d in (("--checkpoint-dir", cfg.checkpoint_dir, ckpt_dir),
+                                     ("--metrics", cfg.metrics, metrics_path.parent))]
+
+
 def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None:
     """Refuse now (exit 2, naming the option) what would fail or do harm later, creating
     nothing: a --run-dir, --checkpoint-dir or --metrics that cannot be created or written, a
     directory others may write into (paths.check_private_directory), a metrics file that is not
     a regular file or is one of the run's inputs. `claim_outputs` creates them after every
     rank agreed, so a run refused at setup leaves no trace."""
-    for option, value, directory in (("--checkpoint-dir", cfg.checkpoint_dir, ckpt_dir),
-                                     ("--metrics", cfg.metrics, metrics_path.parent)):
-        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+    for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
         _probe_directory(directory, named)
         paths.check_private_directory(directory, named, ConfigError)
     named = (f"--metrics {cfg.metrics!r}" if cfg.metrics is not None
@@ -168,11 +177,7 @@ def claim_outputs(s: Session, rank: int) -> list[paths.RunLock]:
     locks back with `release_outputs` (or exit: the kernel drops them)."""
     if rank != 0:
         return []
-    cfg = s.cfg
-    options = (("--checkpoint-dir", cfg.checkpoint_dir, s.checkpoint_dir),
-               ("--metrics", cfg.metrics, s.metrics_path.parent))
-    for option, value, directory in options:
-        named = f"{option} {value!r}" if value is not None else f"--run-dir {cfg.run_dir!r}"
+    for named, directory in _output_dirs(s.cfg, s.checkpoint_dir, s.metrics_path):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -43,12 +43,8 @@ def write_h5(path: Path, build) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("hostile")
-    ds = synthetic_teacher(N, 8, 3, seed=1)
-    x, y = ds.x, ds.y
-    good = write_h5(d / "good.h5", lambda f: f.update(x=x, y=y))
+def storage_builders(d: Path, x: np.ndarray, y: np.ndarray) -> dict:
+    """name -> a function writing an HDF5 file whose x is not plain data of its own."""
 
     def external_link(f):
         f["x"] = h5py.ExternalLink(str(d / "missing.h5"), "x")
@@ -78,10 +74,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f.create_dataset("x", (2**40, 8), np.float32, chunks=(1024, 8))
         f.create_dataset("y", (2**40,), np.int64, chunks=(1024,))
 
-    made = {"good": good}
-    for name, build in (("external_link", external_link), ("cycle_a", cycle),
-                        ("soft_link", soft_link), ("virtual", virtual),
-                        ("external_raw", external_raw), ("claims_2_40_rows", claims_2_40_rows)):
+    return {"external_link": external_link, "cycle_a": cycle, "soft_link": soft_link,
+            "virtual": virtual, "external_raw": external_raw,
+            "claims_2_40_rows": claims_2_40_rows}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hostile")
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    x, y = ds.x, ds.y
+    made = {"good": write_h5(d / "good.h5", lambda f: f.update(x=x, y=y))}
+    for name, build in storage_builders(d, x, y).items():
         made[name] = write_h5(d / f"{name}.h5", build)
     write_h5(d / "cycle_b.h5", lambda f: f.update(
         x=h5py.ExternalLink(str(d / "cycle_a.h5"), "x"), y=y))
