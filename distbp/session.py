@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data, loader, paths, preprocess
+from distbp import checkpoint, data, in_memory, paths, preprocess
 from distbp.config_schema import MAX_STEPS, TrainConfig, parse_options
 from distbp.errors import CheckpointError, ConfigError
 from distbp.network import Network
@@ -216,7 +216,7 @@ def peak_lr(cfg: TrainConfig) -> float:
 def _open_data(cfg: TrainConfig, local_size: int,
                notes: list[str]) -> tuple[data.Dataset, data.Dataset | None]:
     def place(ds: data.Dataset) -> data.Dataset:  # --in-memory: load whole or read on demand
-        ds, note = loader.place_in_memory(ds, cfg.in_memory, local_size)
+        ds, note = in_memory.place_in_memory(ds, cfg.in_memory, local_size)
         if note:
             notes.append(note)
         return ds

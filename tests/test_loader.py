@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import run_mpi, run_py
 
-from distbp import checkpoint, data, loader
+from distbp import checkpoint, data, in_memory
 from distbp.data import ArrayDataset, HDF5Dataset
 from distbp.errors import DataError
-from distbp.loader import BatchPlan, ReaderError, ShardLoader, place_in_memory
+from distbp.in_memory import place_in_memory
+from distbp.loader import BatchPlan, ReaderError, ShardLoader
 
 N_ROWS, N_FEATURES, BATCH, SEED = 600, 12, 37, 3
 STEPS_PER_EPOCH = -(-N_ROWS // BATCH)          # 17: the last batch holds 8 rows
@@ -157,7 +158,7 @@ def test_in_memory_yes_auto_and_no_choose_the_source_and_auto_says_why(tmp_path,
     auto, note = place_in_memory(HDF5Dataset(path), "auto", local_size=2)
     assert isinstance(auto, ArrayDataset)
     assert note.startswith(f"--in-memory auto: '{path}' (x+y ") and "loaded into memory" in note
-    monkeypatch.setattr(loader, "IN_MEMORY_MAX_BYTES", x.nbytes)   # x+y no longer fits
+    monkeypatch.setattr(in_memory, "IN_MEMORY_MAX_BYTES", x.nbytes)   # x+y no longer fits
     on_disk, note = place_in_memory(HDF5Dataset(path), "auto")
     assert isinstance(on_disk, HDF5Dataset) and "read from disk batch by batch" in note
     np.testing.assert_array_equal(on_disk.read(rows)[1], y[rows])
