@@ -23,9 +23,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from distbp.config_rules import OPTIMIZER_OPTIONS
 from distbp.config_schema import (
     CLI_SOURCE,
-    OPTIMIZER_OPTIONS,
     OPTIONS,
     TrainConfig,
     build_config,

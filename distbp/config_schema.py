@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from distbp.config_rules import cross_problems
 from distbp.config_values import (
     BETAS,
     BOOL,
@@ -33,22 +34,19 @@ from distbp.config_values import (
     Kind,
     describe_value,
     format_value,
+    option_name,
 )
 from distbp.errors import ConfigError
 
 __all__ = ["CLI_SOURCE", "DEFAULT_COLLECTIVE_TIMEOUT_S", "MAX_SEED", "MAX_STEPS",
-           "OPTIMIZER_OPTIONS",
-           "OPTIONS", "OptionSpec", "TrainConfig", "build_config", "option_name", "parse_options",
+           "OPTIONS", "OptionSpec", "TrainConfig", "build_config", "parse_options",
            "validate"]
 
 CLI_SOURCE = "command line"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds before a stuck collective aborts the job
-# Options of one optimizer, refused with another unless left at their defaults.
 # What the code can serve: steps fit a checkpoint's 8-digit name, a seed NumPy and an int64
 # (/rng/seed), rows an int64 index, a deadline a thread's timeout (TIMEOUT_MAX: ~292 years).
 MAX_STEPS, MAX_SEED, MAX_ROWS, MAX_TIMEOUT_S, MAX_THREADS = 10**8 - 1, 2**63 - 1, 2**62, 1e9, 4096
-OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"),
-                     "adamw": ("betas", "eps")}
 
 
 
@@ -193,11 +191,6 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def option_name(name: str) -> str:
-    """The command-line spelling of a field: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
-
-
 @dataclass(frozen=True)
 class OptionSpec:
     """How one TrainConfig field appears on the command line (what `add_train_arguments` needs)."""
@@ -291,46 +284,13 @@ def _field_problem(name: str, v: Any) -> str | None:
     return None
 
 
-def _optimizer_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
-    """Options set away from their defaults that the chosen optimizer does not have."""
-    if c.nesterov and c.optimizer != "sgd":
-        yield "nesterov", f"--nesterov needs --optimizer sgd, got --optimizer {c.optimizer}"
-    for name in ("momentum", "betas", "eps"):
-        if name not in OPTIMIZER_OPTIONS.get(c.optimizer, ()) \
-                and getattr(c, name) != _FIELDS[name].default:
-            users = [k for k, names in OPTIMIZER_OPTIONS.items() if name in names]
-            yield name, (f"{option_name(name)} applies to --optimizer {' and '.join(users)} "
-                         f"only, got --optimizer {c.optimizer}")
-    if c.nesterov and c.momentum == 0:
-        yield "nesterov", f"--nesterov needs --momentum > 0, got --momentum {c.momentum}"
-
-
-def _cross_problems(c: TrainConfig) -> Iterator[tuple[str, str]]:
-    """Checks that involve more than one option."""
-    if c.epochs is not None and c.steps is not None:
-        yield "steps", (f"--epochs and --steps are mutually exclusive, got --epochs {c.epochs} "
-                        f"and --steps {c.steps}")
-    if c.val_data is not None and c.val_fraction is not None:
-        yield "val_fraction", (f"--val-data and --val-fraction are mutually exclusive, got "
-                               f"--val-data {c.val_data!r} and --val-fraction {c.val_fraction}")
-    yield from _optimizer_problems(c)
-    if c.schedule == "step" and c.lr_step_size is None:
-        yield "schedule", "--schedule step needs --lr-step-size N (steps between decays)"
-    if c.early_stop is not None and c.data is not None and c.val_data is None \
-            and c.val_fraction is None:
-        yield "early_stop", (f"--early-stop needs validation data: add --val-data FILE or "
-                             f"--val-fraction F (--data {c.data!r} alone has none)")
-    if c.min_lr > c.lr:
-        yield "min_lr", f"--min-lr must not exceed --lr, got --min-lr {c.min_lr} > --lr {c.lr}"
-
-
 def _problems(cfg: TrainConfig) -> Iterator[tuple[str, str]]:
     """(field, one-line message) for every violated rule, single-field rules first."""
     for name in _FIELDS:
         message = _field_problem(name, getattr(cfg, name))
         if message is not None:
             yield name, message
-    yield from _cross_problems(cfg)
+    yield from cross_problems(cfg)
 
 
 def validate(cfg: TrainConfig) -> None:

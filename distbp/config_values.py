@@ -18,7 +18,7 @@ from typing import Any
 from distbp.errors import ConfigError
 
 __all__ = ["BETAS", "BOOL", "CHOICE", "FLOAT", "INT", "KEY_ALIASES", "LAYERS", "NAME", "PATH",
-           "Kind", "describe_value", "format_value", "parse_layers"]
+           "Kind", "describe_value", "format_value", "option_name", "parse_layers"]
 
 
 def describe_value(v: Any) -> str:
@@ -141,3 +141,8 @@ KEY_ALIASES = {
     "val_split": "val_fraction", "validation_split": "val_fraction", "train_data": "data",
     "valid_data": "val_data", "validation_data": "val_data", "hidden_layers": "layers",
 }
+
+
+def option_name(name: str) -> str:
+    """The command-line spelling of a configuration key: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")

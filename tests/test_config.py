@@ -298,7 +298,8 @@ def test_nesterov_flag_and_its_negation_override_a_file(tmp_path):
     assert resolve("--config", path, "--no-nesterov").nesterov is False
 
 
-@pytest.mark.parametrize("module", ["config.py", "config_schema.py", "config_values.py"])
+@pytest.mark.parametrize("module", ["config.py", "config_schema.py", "config_values.py",
+                                    "config_rules.py"])
 def test_config_modules_import_only_the_standard_library_and_errors(module):
     source = Path(__file__).resolve().parents[1] / "distbp" / module
     imported = set()
@@ -310,7 +311,7 @@ def test_config_modules_import_only_the_standard_library_and_errors(module):
     assert imported <= {"__future__", "argparse", "dataclasses", "difflib", "math", "os", "re",
                         "sys", "collections.abc", "pathlib", "typing", "tomllib", "tomli",
                         "distbp.errors", "distbp.paths", "distbp.config_schema",
-                        "distbp.config_values"}
+                        "distbp.config_values", "distbp.config_rules"}
 
 
 def test_config_modules_import_no_private_name_of_each_other():
