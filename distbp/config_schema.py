@@ -171,6 +171,11 @@ class TrainConfig:
                                             most=MAX_TIMEOUT_S)
     in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)", CHOICE,
                           choices=("auto", "yes", "no"))
+    overlap: str = _opt("auto", "allreduce the gradient in buckets while backward runs (auto: "
+                                "when the ranks span several nodes)", CHOICE,
+                        choices=("auto", "on", "off"))
+    bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut at layer "
+                                 "boundaries)", FLOAT, check="positive", most=1e6)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields by name, JSON-able (tuples as lists); `from_dict` inverts it."""

@@ -26,7 +26,16 @@ import numpy as np
 
 from distbp.network import n_params
 
-__all__ = ["Buckets", "bucket_bounds"]
+__all__ = ["Buckets", "bucket_bounds", "bucket_bytes"]
+
+
+def bucket_bytes(cfg, comm) -> int | None:
+    """The smallest bucket for a run (--bucket-mb), or None: one allreduce after backward.
+    --overlap auto overlaps when the ranks span several nodes, where links are slower than
+    shared memory; on one node MPICH progresses a nonblocking allreduce only inside our Test
+    calls between layers, so one blocking allreduce is as fast."""
+    on = cfg.overlap == "on" or (cfg.overlap == "auto" and comm.size > comm.local_size)
+    return max(1, int(cfg.bucket_mb * (1 << 20))) if on else None
 
 
 def bucket_bounds(layers, itemsize: int, bucket_bytes: int, size: int) -> dict[int, slice]:

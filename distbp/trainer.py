@@ -29,7 +29,7 @@ from distbp.evaluation import batch_share, loss_sums
 from distbp.loader import BatchPlan, MemoryLoader, ShardLoader, open_loader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.optim import clip_grad_norm
-from distbp.overlap import Buckets
+from distbp.overlap import Buckets, bucket_bytes
 from distbp.session import Session, peak_lr, stored_config
 from distbp.stopflag import StopFlag, catch_stop_signals
 
@@ -43,16 +43,15 @@ MIN_JUDGED_EPOCH = 20  # steps an epoch needs before its loss says whether the n
 class Trainer:
     """Runs a Session on a communicator. Only rank 0 writes checkpoints, metrics and progress."""
 
-    def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None,
-                 bucket_bytes: int | None = None):
+    def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None):
         self.s, self.comm, self.log = session, comm, log
         self.rank0 = comm.rank == 0
         net = session.net
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
         self.buf = np.zeros(net.params.size + TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
-        # reduced in buckets while backward runs (distbp.overlap), or all at once (None)
-        self.buckets = Buckets(self.buf, net.layers, bucket_bytes, comm)
+        # reduced in buckets while backward runs (distbp.overlap), or all at once
+        self.buckets = Buckets(self.buf, net.layers, bucket_bytes(session.cfg, comm), comm)
         self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
         self._grad_norm: float | None = None  # the last step's, before clipping
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import ROOT, run_mpi
-from helpers.trainruns import clean_env, rel_diff, write_data
+from helpers.trainruns import clean_env, final, ok, rel_diff, train, write_data
 
 from distbp.overlap import bucket_bounds
 
@@ -39,3 +39,15 @@ def test_training_with_buckets_equals_one_allreduce_per_step(tmp_path, ranks):
     if ranks == 2:  # a + b whatever the message: bitwise
         np.testing.assert_array_equal(whole, buckets)
     assert rel_diff(whole, buckets) <= 1e-10
+
+
+def test_the_overlap_options_of_distbp_train_keep_two_rank_runs_bitwise(tmp_path):
+    # --overlap on with buckets smaller than a layer: every layer's allreduce starts during
+    # backward; the result is the one-allreduce run's, bit for bit, on 2 ranks
+    data = write_data(tmp_path / "d.h5", 66)
+    opts = ("--dtype", "float32", "--batch-size", "16", "--steps", "10", "--momentum", "0.9")
+    ok(train(2, data, tmp_path / "off", *opts, "--overlap", "off"))
+    ok(train(2, data, tmp_path / "on", *opts, "--overlap", "on", "--bucket-mb", "0.0001"))
+    a, b = final(tmp_path / "off", 10), final(tmp_path / "on", 10)
+    assert a.params.tobytes() == b.params.tobytes()
+    assert (a.config["overlap"], b.config["overlap"]) == ("off", "on")

@@ -18,22 +18,23 @@ from distbp.session import build_session
 from distbp.trainer import Trainer
 
 
-def run(data: str, out: Path, bucket_bytes: int | None, comm) -> np.ndarray:
+def run(data: str, out: Path, overlap: str, comm) -> np.ndarray:
     cfg = TrainConfig.from_dict({
         "data": data, "layers": [8, 32, 16, 3], "activation": "tanh", "dtype": "float64",
         "batch_size": 16, "steps": 12, "momentum": 0.9, "seed": 5, "check_every": 4,
-        "run_dir": str(out), "progress": "lines"}, "overlap_prog")
+        "run_dir": str(out), "progress": "lines", "overlap": overlap,
+        "bucket_mb": 1e-6}, "overlap_prog")  # 1 byte: every layer is a bucket of its own
     s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size)
-    trainer = Trainer(s, comm, log=lambda *_: None, bucket_bytes=bucket_bytes)
-    assert trainer.buckets.overlap == (bucket_bytes is not None)
+    trainer = Trainer(s, comm, log=lambda *_: None)
+    assert trainer.buckets.overlap == (overlap == "on")
     assert trainer.train() == 0
     return s.net.params.copy()
 
 
 def main(data: str, out: Path) -> None:
     comm = get_comm(timeout=60)
-    whole = run(data, out / "whole", None, comm)
-    layered = run(data, out / "buckets", 1, comm)  # 1 byte: every layer is a bucket of its own
+    whole = run(data, out / "whole", "auto", comm)  # one node: auto is one allreduce
+    layered = run(data, out / "buckets", "on", comm)
     if comm.rank == 0:
         np.save(out / "whole.npy", whole)
         np.save(out / "buckets.npy", layered)
