@@ -31,10 +31,17 @@ from distbp.comm import host_names
 from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
 from distbp.errors import ConfigError, NonFiniteError, SetupRefused
-from distbp.evaluation import loss_sums, network_from_checkpoint, predict_rows
+from distbp.evaluation import batch_share, loss_sums, network_from_checkpoint, predict_rows
 from distbp.launch import Job, agree, exit_code, ranks_may_diverge
 from distbp.network import Network
-from distbp.session import ARRAYS_LABEL, Session, build_session, claim_outputs, release_outputs
+from distbp.session import (
+    ARRAYS_LABEL,
+    Session,
+    build_session,
+    claim_outputs,
+    release_outputs,
+    stored_config,
+)
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
 from distbp.trainer import Trainer
 from distbp.version import __version__
@@ -78,6 +85,7 @@ def fit(model: Network | Sequence[int] | None = None, x=None, y=None, *, x_val=N
         raise
     finally:
         restore_signals(stop)
+        job.end()
 
 
 def _fit_config(model, x, y, x_val, y_val, options: dict) -> tuple[TrainConfig, tuple | None]:
@@ -151,14 +159,23 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
 
 
 def _agree_on_start(comm, s: Session) -> None:
-    """Every rank must resume from the same step: nodes that list a checkpoint directory
-    differently (a stale NFS cache, a node-local path) would otherwise train apart."""
+    """Every rank must run the same configuration (fit: the same arrays, by digest; a Horovod
+    habit is to pass each rank its own part) and resume from the same step (nodes that list a
+    checkpoint directory differently, a stale NFS cache, would otherwise train apart)."""
     span = np.array([s.start_step, -s.start_step], np.int64)
     comm.allreduce_max(span)  # [latest start, −earliest start]
     if span[0] != -span[1]:
         raise SetupRefused(f"ranks found different checkpoints to resume from (steps {-span[1]} "
                            f"to {span[0]}): --checkpoint-dir must be the same shared directory "
                            f"on every node", carrier=comm.rank == 0)
+    text = json.dumps(stored_config(s.cfg), sort_keys=True).encode()
+    digest = int.from_bytes(hashlib.sha256(text).digest()[:8], "little", signed=True) >> 1
+    same = np.array([digest, -digest], np.int64)
+    comm.allreduce_max(same)  # [max, −min]: equal when every rank has the same digest
+    if same[0] != -same[1]:
+        raise SetupRefused("ranks were given different settings or data: every rank must pass "
+                           "the same options and the same full arrays (fit shards the rows "
+                           "itself)", carrier=comm.rank == 0)
 
 
 def start_report(s: Session, comm, threads: str, hosts: Sequence[str] = ()) -> list[str]:
@@ -228,11 +245,15 @@ def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
     batch = _batch(batch_size)
     job = Job()
     comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    lo, hi = _share(ds.n, batch, comm.rank, comm.size)
-    sums = loss_sums(net, ds, _inputs(net), lo, hi, batch)
-    comm.allreduce_sum(sums)
-    n = max(sums[2], 1.0)
-    return {"loss": sums[0] / n, "accuracy": sums[1] / n, "samples": int(sums[2])}
+    try:
+        lo, hi = batch_share(ds.n, batch, comm.rank, comm.size)
+        sums = loss_sums(net, ds, _inputs(net), lo, hi, batch)
+        comm.allreduce_sum(sums)
+    finally:
+        job.end()
+    n = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
+            "samples": int(sums[2])}
 
 
 def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
@@ -244,23 +265,16 @@ def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
     batch = _batch(batch_size)
     job = Job()
     comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    counts = [hi - lo for lo, hi in (_share(ds.n, batch, r, comm.size)
-                                     for r in range(comm.size))]
-    lo, hi = _share(ds.n, batch, comm.rank, comm.size)
-    mine = np.empty((hi - lo, net.n_outputs), net.dtype)
-    predict_rows(net, ds, _inputs(net), lo, hi, batch, mine)
-    out = np.empty((ds.n, net.n_outputs), net.dtype)
-    comm.gather(mine, out, counts, root=None)
+    try:
+        shares = [batch_share(ds.n, batch, r, comm.size) for r in range(comm.size)]
+        lo, hi = shares[comm.rank]
+        mine = np.empty((hi - lo, net.n_outputs), net.dtype)
+        predict_rows(net, ds, _inputs(net), lo, hi, batch, mine)
+        out = np.empty((ds.n, net.n_outputs), net.dtype)
+        comm.gather(mine, out, [b - a for a, b in shares], root=None)
+    finally:
+        job.end()
     return out
-
-
-def _share(n: int, batch: int, rank: int, size: int) -> tuple[int, int]:
-    """[lo, hi) of this rank's rows: whole batches of the one-process split (rows
-    k·batch..(k+1)·batch − 1), contiguous per rank. Every row meets the same other rows in its
-    forward pass on any number of ranks, so BLAS computes it alike: `predict` is bitwise
-    independent of the rank count (a row alone in a batch of 1 can round differently)."""
-    first, last = data.shard_bounds(-(-n // batch), rank, size)  # this rank's batches
-    return min(first * batch, n), min(last * batch, n)
 
 
 def _inputs(net: Network) -> preprocess.Inputs:

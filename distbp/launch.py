@@ -56,10 +56,17 @@ class Job:
         return self.comm.rank if self.comm is not None else env_rank()
 
     def start(self, timeout: float | None, threads: int | None = None):
-        """The communicator (MPI under a launcher, else serial), with BLAS threads set."""
+        """The communicator (MPI under a launcher, else serial), with BLAS threads set (`end`
+        puts back what they were: a library call must not change its caller's process)."""
         self.comm = get_comm(timeout=timeout)
+        self._blas = threadpool_limits(limits=None)  # remembers the limits in force
         self.threads = set_threads(threads, self.comm.local_size)
         return self.comm
+
+    def end(self) -> None:
+        """BLAS threads as they were before `start`."""
+        if getattr(self, "_blas", None) is not None:
+            self._blas.restore_original_limits()
 
 
 def agree(comm, build: Callable):

@@ -1,9 +1,8 @@
 """Everything a run needs, built from its configuration on every rank alike, with no collective.
 
 `build_session` opens and validates the data, derives the layer sizes, builds the network and the
-optimizer, and loads the checkpoint to resume from. Every check that can fail on bad input happens
-here, identically on every rank, so a bad run stops before the first collective (exit code 2).
-"""
+optimizer, and loads the checkpoint to resume from: every check that can fail on bad input, alike
+on every rank, so a bad run stops before the first collective (exit code 2)."""
 
 from __future__ import annotations
 
@@ -39,9 +38,9 @@ default_epochs = 10
 # whole run (a run that stopped can go on with more patience). `clip_grad_norm` is fixed.
 _MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
                       "checkpoint_every", "keep", "resume", "metrics", "check_every", "log_every",
-                      "record_every", "overlap", "bucket_mb",
-                      "progress", "threads", "collective_timeout", "in_memory", "early_stop",
-                      "early_stop_metric", "early_stop_min_delta")
+                      "record_every", "overlap", "bucket_mb", "progress", "threads",
+                      "collective_timeout", "in_memory", "early_stop", "early_stop_metric",
+                      "early_stop_min_delta")
 
 
 @dataclass
@@ -73,7 +72,8 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     `local_size`: ranks on this node, which share its memory (`--in-memory auto`). `rank` of
     `size`: the data's values (labels, NaN/inf) are checked on this rank's contiguous share of
     the rows only, so the caller must stop every rank if any rank raises (`launch.agree`).
-    `datasets`: (train, validation or None) in memory instead of the files `cfg` names (fit)."""
+    `datasets`: (train, validation or None) in memory instead of the files `cfg` names (fit;
+    --val-fraction still splits the training rows)."""
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
@@ -83,7 +83,9 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
         cfg = _merge_resumed_config(cfg, resume, notes)
-    train, val = datasets if datasets is not None else _open_data(cfg, local_size, notes)
+    train, val = _open_data(cfg, local_size, notes) if datasets is None else datasets
+    if datasets is not None and cfg.val_fraction is not None:
+        train, val = data.split_validation(train, cfg.val_fraction, cfg.seed)
     layers = cfg.layers or _derive_layers(cfg, train)
     cfg = dataclasses.replace(cfg, layers=tuple(layers))  # checkpoints name the derived widths
     for ds in (train, val):
@@ -128,11 +130,9 @@ def _output_dirs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> list[t
 
 
 def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None:
-    """Refuse now (exit 2, naming the option) what would fail or do harm later, creating
-    nothing: a --run-dir, --checkpoint-dir or --metrics that cannot be created or written, a
-    directory others may write into (paths.check_private_directory), a metrics file that is not
-    a regular file or is one of the run's inputs. `claim_outputs` creates them after every
-    rank agreed, so a run refused at setup leaves no trace."""
+    """Refuse now (exit 2, naming the option), creating nothing, outputs that cannot be created
+    or written, directories others may write into, a metrics file that is no regular file or is
+    an input. `claim_outputs` creates them once every rank agreed: a refused run leaves none."""
     for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
         _probe_directory(directory, named)
         paths.check_private_directory(directory, named, ConfigError)

@@ -7,7 +7,9 @@ to compare across ranks and launches.
 
 Modes: records (fit on arrays: the FitResult), inplace (a Network passed to fit, rank 1's
 parameters perturbed first), preempt (fit until a signal, then fit again with resume="auto"),
-evalpredict (load, evaluate, predict), bad (fit with an unknown and an invalid option).
+evalpredict (load, evaluate, predict), bad (fit with an unknown and an invalid option), split
+(arrays with val_fraction), apart (each rank passes other arrays), threads (BLAS threads before
+and after the API's calls).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import h5py
 import numpy as np
 
 import distbp
-from distbp.errors import SetupRefused, UsageError
-from distbp.launch import env_rank
+from distbp.errors import SetupRefused, UsageError, env_rank
 
 RANK = env_rank()
 # The tiny model of tests/helpers/trainruns.py (TINY), as fit's keyword options.
@@ -91,6 +92,39 @@ def bad(out: Path, data: str) -> None:
             got.append({"type": type(e).__name__, "setup_refused": isinstance(e, SetupRefused),
                         "message": str(e)})
     dump(out, "bad", errors=got)
+
+
+def split(out: Path, data: str) -> None:
+    x, y = rows(data)
+    result = distbp.fit(None, x, y, steps=8, run_dir=str(out / "run"), val_fraction=0.25,
+                        **OPTIONS)
+    dump(out, "split", records=result.records)
+
+
+def apart(out: Path, data: str) -> None:
+    x, y = rows(data)
+    mine = slice(0, 32) if RANK == 0 else slice(32, 64)  # a Horovod habit: each its own part
+    try:
+        distbp.fit(None, x[mine], y[mine], steps=4, run_dir=str(out / "run"), **OPTIONS)
+        got = None
+    except UsageError as e:
+        got = {"setup_refused": isinstance(e, SetupRefused), "message": str(e)}
+    dump(out, "apart", error=got)
+
+
+def threads(out: Path, data: str) -> None:
+    from threadpoolctl import threadpool_info
+
+    def now() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info()]
+
+    x, y = rows(data)
+    before = now()
+    result = distbp.fit(None, x, y, steps=2, run_dir=str(out / "run"), **{**OPTIONS,
+                                                                        "threads": 1})
+    after_fit = now()
+    distbp.evaluate(result.network, x, y)
+    dump(out, "threads", before=before, after_fit=after_fit, after_evaluate=now())
 
 
 if __name__ == "__main__":
