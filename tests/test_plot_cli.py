@@ -13,8 +13,8 @@ from conftest import error_lines, run_mpi, run_py
 from helpers.plotruns import SIGNATURE, plot_ok, train_two_runs
 from helpers.trainruns import clean_env, ok, train_args, write_data
 
+from distbp import plot_files
 from distbp.cli import main
-from distbp.cli import plot as cli_plot
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def test_default_output_is_metrics_png_beside_the_first_input(runs, capsys):
 def test_runs_in_same_named_directories_get_distinct_names(tmp_path):
     files = [tmp_path / "x" / "run" / "metrics.jsonl", tmp_path / "y" / "run" / "metrics.jsonl",
              tmp_path / "z" / "metrics.jsonl"]
-    assert cli_plot.run_names(files) == [str(files[0].parent), str(files[1].parent), "z"]
-    assert cli_plot.run_names([files[2], files[2]]) == ["z", "z #2"]
+    assert plot_files.run_names(files) == [str(files[0].parent), str(files[1].parent), "z"]
+    assert plot_files.run_names([files[2], files[2]]) == ["z", "z #2"]
 
 
 TRAIN = '{"kind": "train", "step": 1, "loss": 0.5, "accuracy": 0.5, "lr": 0.1}\n'
@@ -129,7 +129,7 @@ def test_a_failed_write_keeps_the_old_picture_and_leaves_no_temporary_file(runs,
     def refuse(tmp, final):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(cli_plot, "replace_durably", refuse)
+    monkeypatch.setattr(plot_files, "replace_durably", refuse)
     _fails(capsys, ["plot", str(runs[0]), "-o", str(out)], f"-o '{out}': cannot write there "
            "(Read-only file system)")
     assert out.read_text() == "<svg>old</svg>" and [p.name for p in tmp_path.iterdir()] == [

@@ -20,11 +20,11 @@ import numpy as np
 from distbp import bench
 from distbp.bare_loop import BareLoop
 from distbp.cli.args import add_network_arguments, positive_int
-from distbp.cli.plot import picture_format
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
 from distbp.plot import require_matplotlib
+from distbp.plot_files import picture_format
 from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
