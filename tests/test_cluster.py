@@ -54,11 +54,11 @@ def host_shm():
 
 
 @pytest.fixture(scope="module")
-def cluster(host_shm):
+def cluster(host_shm, tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    with node_cluster(4, SLURM_CRED_EXPIRE="5") as c:
+    with node_cluster(4, tmp_path_factory.mktemp("cluster-logs"), SLURM_CRED_EXPIRE="5") as c:
         yield c
 
 
@@ -112,6 +112,7 @@ def test_ranks_per_node_threads_and_hosts_come_from_the_node(cluster, work, per_
     """Plain srun without OMP_NUM_THREADS: each rank's threads are its node's CPUs divided by
     the ranks on that node (at least one), the node's rank count is the node's, and the
     report names the host of every rank."""
+    cluster.wait_idle()
     proc = cluster.run("srun", "-N", "2", "-n", str(2 * per_node), "--overcommit", PAIR,
                        "env", "-u", "OMP_NUM_THREADS", "distbp", "train",
                        "--data", str(work / "data.h5"), "--run-dir",

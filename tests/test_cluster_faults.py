@@ -39,12 +39,13 @@ TINY = ("--layers", "32,8,4", "--dtype", "float64", "--batch-size", "64", "--see
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
     # SLURMD_TIMEOUT: how soon slurmctld declares the killed node down and requeues its job
-    with node_cluster(4, SLURM_CRED_EXPIRE="5", SLURMD_TIMEOUT="15") as c:
+    with node_cluster(4, tmp_path_factory.mktemp("cluster-logs"), SLURM_CRED_EXPIRE="5",
+                      SLURMD_TIMEOUT="15") as c:
         yield c
 
 
@@ -169,6 +170,7 @@ def test_four_nodes_time_limit_requeue_resume_then_evaluate_and_predict_across_n
 def _evaluate_and_predict_across_nodes(cluster, work: Path, ckpt: Path) -> None:
     """`srun -N 4 -n 4 distbp evaluate|predict` against one process on the host."""
     data = str(work / "data.h5")
+    cluster.wait_idle()
     spread = cluster.run("srun", "-N", "4", "-n", "4", "distbp", "evaluate", str(ckpt),
                          "--data", data, "--json", cwd=work).stdout
     alone = subprocess.run([sys.executable, "-m", "distbp", "evaluate", str(ckpt), "--data",
@@ -177,6 +179,7 @@ def _evaluate_and_predict_across_nodes(cluster, work: Path, ckpt: Path) -> None:
     got, want = json.loads(spread.strip().splitlines()[-1]), json.loads(alone.strip())
     assert got["samples"] == want["samples"] == 512 and got["accuracy"] == want["accuracy"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    cluster.wait_idle()
     cluster.run("srun", "-N", "4", "-n", "4", "distbp", "predict", str(ckpt), "--data", data,
                 "--out", str(work / "pred-4nodes.h5"), cwd=work)
     subprocess.run([sys.executable, "-m", "distbp", "predict", str(ckpt), "--data", data,

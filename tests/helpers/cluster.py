@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,13 @@ class NodeCluster(Cluster):
     def __init__(self, lab: Path, name: str, nodes: int):
         super().__init__(lab)
         self.name, self.nodes = name, [f"node{i}" for i in range(1, nodes + 1)]
-        self.env = {**self.env, "CLUSTERLAB_DIR": str(lab), "CLUSTER_NAME": name}
+        # MPICH 5.0.2's PMI2 wire-up under srun --mpi=pmi2 now and then sends Slurm a request
+        # with bytes from beyond its buffer ("mpi/pmi2: value not properly terminated in client
+        # request"), and MPI_Init fails or hangs; which steps it hits depends on the process's
+        # memory (the same srun failed twice in a row here): its PMI-1 wire protocol, which
+        # Slurm's pmi2 plugin speaks as well, does not.
+        self.env = {**self.env, "CLUSTERLAB_DIR": str(lab), "CLUSTER_NAME": name,
+                    "MPIR_CVAR_PMI_VERSION": "1"}
 
     def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         """A Slurm client command (sbatch, squeue, ...) on the head node."""
@@ -116,6 +123,16 @@ class NodeCluster(Cluster):
 
     def shape(self, rate: str) -> None:
         self.script("shape", rate)
+
+    def wait_idle(self, timeout: float = 90) -> None:
+        """Until every node is idle (a job's nodes stay 'completing' while its Epilog runs)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.query("sinfo", "-h", "-N", "-o", "%N %T", deadline=deadline)
+            if all(line.split()[1] == "idle" for line in states.splitlines()):
+                return
+            assert time.monotonic() < deadline, f"nodes not idle after {timeout} s:\n{states}"
+            time.sleep(0.3)
 
     def kill_node(self, node: str) -> None:
         """SIGKILL every process of `node`: its slurmd, slurmstepds and ranks."""
@@ -151,11 +168,11 @@ class NodeCluster(Cluster):
 
 
 @contextlib.contextmanager
-def node_cluster(nodes: int, **settings: str) -> Iterator[NodeCluster]:
+def node_cluster(nodes: int, logs: Path | None = None, **settings: str) -> Iterator[NodeCluster]:
     """An emulated cluster of `nodes` nodes for the duration of the block, torn down however
-    the block ends (cluster-local.sh down is idempotent). `settings`: the script's environment
-    (SLURM_CRED_EXPIRE, SLURMD_TIMEOUT, ...). A name of its own, so that clusters of test
-    sessions running side by side do not meet."""
+    the block ends (cluster-local.sh down is idempotent), its daemons' logs copied to `logs`.
+    `settings`: the script's environment (SLURM_CRED_EXPIRE, SLURMD_TIMEOUT, ...). A name of
+    its own, so that clusters of test sessions running side by side do not meet."""
     # world-searchable and short: munged runs as the munge user; socket paths < 108 bytes
     lab = Path(tempfile.mkdtemp(prefix="distbp-nodes-", dir="/tmp"))
     lab.chmod(0o755)
@@ -169,4 +186,6 @@ def node_cluster(nodes: int, **settings: str) -> Iterator[NodeCluster]:
         yield NodeCluster(lab, name, nodes)
     finally:
         subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, timeout=180, env=env)
+        if logs is not None and (lab / "logs").is_dir():
+            shutil.copytree(lab / "logs", logs, dirs_exist_ok=True)
         shutil.rmtree(lab, ignore_errors=True)
