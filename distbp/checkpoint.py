@@ -6,33 +6,12 @@
 
 Checkpoint files are written, renamed and removed only from here: save() (atomically, through
 distbp.durable), _rotate() and set_aside_newer(). distbp.ckpt_integrity computes and checks the
-hashes and reads the fields, but writes nothing. This docstring is the format's specification.
-
-Format (format_version 1): an HDF5 file behind a 512-byte userblock, readable with plain h5py
-(HDF5 skips the userblock). The userblock holds one ASCII line, NUL-padded to 512 bytes:
-    distbp-checkpoint sha256 <64 lowercase hex> size <file size in bytes>\\n
-The SHA-256 covers bytes 512..end, everything HDF5 parses, except that the 4 bytes at offsets
-532..535 (the version-0 superblock's file consistency flags) are hashed as zeros and must be 0
-or 1: HDF5 sets them to 1 while a process holds the file open for writing, without changing any
-content. load() checks the line, the size and the hash before the HDF5 library reads a byte (a
-damaged superblock can crash libhdf5; a flipped attribute would load with a wrong value); a file
-edited with h5py keeps the userblock but fails the hash. The HDF5 part:
-  /            attrs format="distbp-checkpoint", format_version=1, step, epoch, distbp_version,
-               world_size (informational), created (ISO 8601, UTC)
-  /model       W1..WL (n_out, n_in), b1..bL (n_out,) in the params dtype; attrs layers (int64),
-               activation, output, loss, dtype ("float32"/"float64")
-  /optimizer   attr name; one dataset per state buffer (0-d for scalars such as Adam's t)
-  /config      json: the resolved run configuration (UTF-8 text)
-  /rng         seed, epoch, step_in_epoch (0-d int64): the batch plan is a pure function of
-               (seed, epoch), so with the cursor they are all an exact resume needs
-  /preprocess  optional arrays (mean, std, ...)
-  /metrics     jsonl: the metrics history, one JSON object per line; group interval: the sums
-               behind the next train record (metrics.Interval.state()), 0-d datasets steps
-               (int64), loss_sum, correct, samples (float64)
-Every dataset also has attr sha256, the SHA-256 of its bytes (C order, stored dtype; UTF-8 bytes
-for text). Every group and dataset above is required, but /preprocess may be absent or empty.
-Nothing is pickled; load reads numbers and strings only. Every rank loads (load, latest_valid:
-resume, evaluate, inspect); only rank 0 calls save, _rotate and set_aside_newer.
+hashes and reads the fields, but writes nothing. The format (format_version 1) is specified in
+docs/checkpoint-format.md: an HDF5 file behind a 512-byte userblock holding the SHA-256 of the
+rest, checked before the HDF5 library reads a byte; groups /model (W_j, b_j), /optimizer,
+/config, /rng, /preprocess (may be empty) and /metrics (with /metrics/interval), every dataset
+with its own sha256 attribute. Nothing is pickled; load reads numbers and strings only. Every
+rank loads (resume, evaluate, inspect); only rank 0 calls save, _rotate and set_aside_newer.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def read_fields(f: h5py.File, path: Path) -> dict:
     epoch = int_value(attr(f, "epoch", path), "/epoch", path)
     if int_value(verified_array(rng, "epoch", path), "/rng/epoch", path) != epoch:
         raise error(path, "/rng/epoch disagrees with the root attribute epoch (file corrupt)")
-    prep = member(f, "preprocess", path, h5py.Group) if "preprocess" in f else {}
+    prep = member(f, "preprocess", path, h5py.Group)
     metrics_group = member(f, "metrics", path, h5py.Group)
     metrics = verified_text(metrics_group, "jsonl", path)
     params = _read_params(model, layers, dtype, path)

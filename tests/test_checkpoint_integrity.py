@@ -141,14 +141,15 @@ def test_damage_behind_a_recomputed_file_hash_is_still_caught(tmp_path, kind, ex
     assert str(info.value).startswith(f"checkpoint '{path}': {expected}")
 
 
-def test_a_checkpoint_without_the_open_records_sums_is_refused_like_any_missing_group(tmp_path):
+@pytest.mark.parametrize("group", ["metrics/interval", "preprocess"])
+def test_a_checkpoint_without_a_group_of_the_format_is_refused(tmp_path, group):
     older = ck.save(tmp_path, keep=None, **run_state(step=1))
     path = ck.save(tmp_path, keep=None, **run_state(step=2))
-    _delete(path, "metrics/interval")   # /metrics/interval is part of every checkpoint
+    _delete(path, group)   # both are part of every checkpoint (/preprocess may be empty)
     reseal(path)
     with pytest.raises(CheckpointError) as info:
         ck.load(path)
-    assert str(info.value) == f"checkpoint '{path}': missing group /metrics/interval"
+    assert str(info.value) == f"checkpoint '{path}': missing group /{group}"
     assert ck.latest_valid(tmp_path) == (older, [(path, str(info.value))])
 
 
