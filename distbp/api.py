@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,19 +239,13 @@ def load(path: str | Path) -> Network:
 
 
 def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
-    """Mean loss and accuracy of `net` on arrays x, y (with `net.preprocess`): each rank takes a
-    contiguous share of the rows, one allreduce; the same dict on every rank."""
-    ds = data.ArrayDataset(x, y, source="arrays x, y")
-    _check_features(net, ds)
-    batch = _batch(batch_size)
-    job = Job()
-    comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    try:
+    """Mean loss and accuracy of `net` on arrays x, y (with `net.preprocess`): each rank takes
+    whole batches of the rows, one allreduce; the same dict on every rank."""
+    ds, batch = _arrays(net, x, y), _batch(batch_size)
+    with _job() as comm:
         lo, hi = batch_share(ds.n, batch, comm.rank, comm.size)
         sums = loss_sums(net, ds, _inputs(net), lo, hi, batch)
         comm.allreduce_sum(sums)
-    finally:
-        job.end()
     n = max(float(sums[2]), 1.0)
     return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
             "samples": int(sums[2])}
@@ -259,22 +254,33 @@ def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
 def predict(net: Network, x, batch_size: int = 256) -> np.ndarray:
     """Output activations (N, n_out) of `net` on array x (with `net.preprocess`), computed in
     shares across the ranks and gathered: the whole array on every rank."""
-    x = np.asarray(x)
-    ds = data.ArrayDataset(x, None, source="array x")
-    _check_features(net, ds)
-    batch = _batch(batch_size)
-    job = Job()
-    comm = job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
-    try:
+    ds, batch = _arrays(net, x, None), _batch(batch_size)
+    out = np.empty((ds.n, net.n_outputs), net.dtype)
+    with _job() as comm:
         shares = [batch_share(ds.n, batch, r, comm.size) for r in range(comm.size)]
         lo, hi = shares[comm.rank]
         mine = np.empty((hi - lo, net.n_outputs), net.dtype)
         predict_rows(net, ds, _inputs(net), lo, hi, batch, mine)
-        out = np.empty((ds.n, net.n_outputs), net.dtype)
         comm.gather(mine, out, [b - a for a, b in shares], root=None)
+    return out
+
+
+@contextmanager
+def _job():
+    """The communicator of one evaluate/predict call; BLAS threads given back at the end."""
+    job = Job()
+    try:
+        yield job.start(timeout=DEFAULT_COLLECTIVE_TIMEOUT_S)
     finally:
         job.end()
-    return out
+
+
+def _arrays(net: Network, x, y) -> data.ArrayDataset:
+    ds = data.ArrayDataset(x, y, source="arrays x, y" if y is not None else "array x")
+    if ds.n_features != net.n_inputs:
+        raise ConfigError(f"x has {ds.n_features} features but the network's input layer has "
+                          f"{net.n_inputs}")
+    return ds
 
 
 def _inputs(net: Network) -> preprocess.Inputs:
@@ -286,9 +292,4 @@ def _batch(batch_size: int) -> int:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
 
-
-def _check_features(net: Network, ds: data.ArrayDataset) -> None:
-    if ds.n_features != net.n_inputs:
-        raise ConfigError(f"x has {ds.n_features} features but the network's input layer has "
-                          f"{net.n_inputs}")
 
