@@ -293,7 +293,7 @@ start_daemons() {
 daemon_names() { echo slurmctld; for i in $(seq "$(nodes)"); do echo "slurmd-node$i"; done; }
 
 wait_idle() {  # wait_idle NODES...: every named node idle (after resuming it if it is down)
-  local deadline=$((SECONDS + UP_TIMEOUT)) states d
+  local deadline=$((SECONDS + UP_TIMEOUT)) states="" d
   while [ "$SECONDS" -lt "$deadline" ]; do
     for d in slurmctld "${@/#/slurmd-}"; do
       alive "$d" || { say "$d exited:"; tail -n 20 "$DIR/logs/$d.out" >&2 || true; return 1; }
