@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data, preprocess
+from distbp import checkpoint, data, paths, preprocess
 from distbp.comm import host_names
 from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
@@ -136,8 +136,7 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
     stops all through `agree`), print the start report on rank 0, train, share the records."""
     comm = job.comm
     comm.set_timeout(cfg.collective_timeout)  # the file may have set it
-    s = agree(comm, lambda: build_session(cfg, local_size=comm.local_size, rank=comm.rank,
-                                          size=comm.size, datasets=datasets))
+    s = agree(comm, lambda: _session(cfg, comm, datasets))
     _agree_on_start(comm, s)
     agree(comm, lambda: claim_outputs(s, comm.rank))  # rank 0 locks its outputs
     if network is not None:  # train the caller's network, from rank 0's initial values
@@ -157,6 +156,21 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
         network.preprocess = dict(s.preprocess)
     records = _share_records(comm, trainer.records() if comm.rank == 0 else None)
     return FitResult(network or s.net, records, trainer.last_checkpoint, code)
+
+
+def _session(cfg: TrainConfig, comm, datasets: tuple | None) -> Session:
+    """build_session on this rank, and on rank 0 (which writes it) the --trace file checked."""
+    s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size,
+                      datasets=datasets)
+    if cfg.trace is not None and comm.rank == 0:
+        label = f"--trace '{cfg.trace}'"
+        if not Path(cfg.trace).parent.is_dir():
+            raise ConfigError(f"{label}: directory '{Path(cfg.trace).parent}' does not exist")
+        if paths.check_regular_or_absent(cfg.trace, label, ConfigError):
+            paths.check_not_input(cfg.trace, (("--data", cfg.data), ("--val-data", cfg.val_data),
+                                              ("--metrics", str(s.metrics_path))), label,
+                                  ConfigError)
+    return s
 
 
 def _agree_on_start(comm, s: Session) -> None:

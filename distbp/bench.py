@@ -68,7 +68,7 @@ def time_steps(trainer: Trainer, comm, warmup: int, steps: int) -> np.ndarray:
         t0 = time.perf_counter()
         trainer.step(i)
         if i >= warmup:
-            times[i - warmup] = (*trainer.phase_s, time.perf_counter() - t0)
+            times[i - warmup] = (*trainer.stepper.phase_s, time.perf_counter() - t0)
     return times
 
 

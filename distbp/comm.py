@@ -57,7 +57,7 @@ class Comm(Protocol):
 
     def allreduce_sum(self, buf: np.ndarray) -> None: ...
     def start_allreduce_sum(self, buf: np.ndarray) -> Any: ...
-    def progress(self, pending: Sequence[Any]) -> None: ...
+    def test(self, request: Any) -> bool: ...
     def wait_all(self, pending: Sequence[Any]) -> None: ...
     def allreduce_max(self, buf: np.ndarray) -> None: ...
     def allreduce_min(self, buf: np.ndarray) -> None: ...
@@ -123,8 +123,8 @@ class SerialComm:
     def start_allreduce_sum(self, buf: np.ndarray) -> None:
         _check_buffer(buf)
 
-    def progress(self, pending: Sequence[Any]) -> None:
-        pass
+    def test(self, request: Any) -> bool:
+        return True
 
     def wait_all(self, pending: Sequence[Any]) -> None:
         pass
@@ -195,11 +195,10 @@ class MPIComm:
         _check_buffer(buf)
         return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
-    def progress(self, pending: Sequence[Any]) -> None:
-        """Let MPI move `pending` requests on (MPICH advances nonblocking collectives only
-        inside MPI calls): one Test each, nothing waited for."""
-        for req in pending:
-            req.Test()
+    def test(self, request: Any) -> bool:
+        """Whether `request` is complete; lets MPI move it on meanwhile (MPICH advances a
+        nonblocking collective only inside MPI calls). Nothing is waited for."""
+        return request.Test()
 
     def wait_all(self, pending: Sequence[Any]) -> None:
         """Until every request of `pending` is complete (deadline: as for any collective)."""

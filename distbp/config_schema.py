@@ -149,6 +149,8 @@ class TrainConfig:
                                "checkpoint path", PATH, check="nonempty")
     metrics: str | None = _opt(None, "metrics JSON-lines file; none: <run-dir>/metrics.jsonl",
                                PATH, True)
+    trace: str | None = _opt(None, "write a timeline of every rank's steps to this file (Chrome "
+                                   "trace events, for Perfetto); none: no timeline", PATH, True)
     check_every: int | None = _opt(100, "compare parameter checksums across ranks every N steps; "
                                         "none: only at checkpoints", INT, True, check="positive",
                                   most=MAX_STEPS)

@@ -22,9 +22,12 @@ algorithm for another message size).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from distbp.network import n_params
+from distbp.trace import ALLREDUCE, Tracer
 
 __all__ = ["Buckets", "bucket_bounds", "bucket_bytes"]
 
@@ -55,13 +58,19 @@ def bucket_bounds(layers, itemsize: int, bucket_bytes: int, size: int) -> dict[i
 class Buckets:
     """The pending bucket allreduces of one step over `buf` (C-contiguous, 1-D). With one bucket
     (`bucket_bytes` None: no overlap) nothing starts early and `wait` is one blocking allreduce
-    of the whole buffer, the step's one collective as without buckets."""
+    of the whole buffer, the step's one collective as without buckets. Each bucket's allreduce
+    goes into `tracer` from its start to when this rank saw it complete."""
 
-    def __init__(self, buf: np.ndarray, layers, bucket_bytes: int | None, comm):
-        self.buf, self.comm = buf, comm
+    def __init__(self, buf: np.ndarray, layers, bucket_bytes: int | None, comm,
+                 tracer: Tracer | None = None):
+        self.buf, self.comm, self.trace = buf, comm, tracer or Tracer(False)
         self.bounds = bucket_bounds(layers, buf.itemsize, bucket_bytes or buf.nbytes, buf.size)
         self.overlap = len(self.bounds) > 1
-        self.pending: list = []
+        lows = sorted(self.bounds, reverse=True)  # each bucket's lowest layer, last first
+        tops = [len(layers) - 1] + [j - 1 for j in lows[:-1]]
+        self.names = {j: f"allreduce of layer {j}" if j == top else
+                      f"allreduce of layers {j}-{top}" for j, top in zip(lows, tops)}
+        self.pending: list = []  # [request, name, started, completed or None]
 
     def layer_done(self, j: int) -> None:
         """Backward has written layer j: start the bucket it completes, progress the others."""
@@ -69,13 +78,22 @@ class Buckets:
             return
         bucket = self.bounds.get(j)
         if bucket is not None:
-            self.pending.append(self.comm.start_allreduce_sum(self.buf[bucket]))
-        self.comm.progress(self.pending)
+            request = self.comm.start_allreduce_sum(self.buf[bucket])
+            self.pending.append([request, self.names[j], time.perf_counter(), None])
+        for p in self.pending:
+            if p[3] is None and self.comm.test(p[0]):
+                p[3] = time.perf_counter()
 
     def wait(self) -> None:
         """Until every bucket of the step is summed across the ranks."""
+        start = time.perf_counter()
         if not self.overlap:
             self.comm.allreduce_sum(self.buf)  # the step's one collective
+            self.trace.span("allreduce", start, time.perf_counter(), ALLREDUCE)
             return
-        self.comm.wait_all(self.pending)
+        for p in self.pending:
+            if p[3] is None:
+                self.comm.wait_all([p[0]])
+                p[3] = time.perf_counter()
+            self.trace.span(p[1], p[2], p[3], ALLREDUCE)
         self.pending.clear()

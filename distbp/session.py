@@ -38,7 +38,7 @@ default_epochs = 10
 # whole run (a run that stopped can go on with more patience). `clip_grad_norm` is fixed.
 _MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
                       "checkpoint_every", "keep", "resume", "metrics", "check_every", "log_every",
-                      "record_every", "overlap", "bucket_mb", "progress", "threads",
+                      "record_every", "overlap", "bucket_mb", "trace", "progress", "threads",
                       "collective_timeout", "in_memory", "early_stop", "early_stop_metric",
                       "early_stop_min_delta")
 

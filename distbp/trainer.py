@@ -14,7 +14,6 @@ the step's own allreduce: all ranks see it at the same step, rank 0 writes a che
 from __future__ import annotations
 
 import hashlib
-import math
 import signal
 import sys
 import time
@@ -28,15 +27,13 @@ from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteE
 from distbp.evaluation import batch_share, loss_sums
 from distbp.loader import BatchPlan, MemoryLoader, ShardLoader, open_loader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
-from distbp.optim import clip_grad_norm
-from distbp.overlap import Buckets, bucket_bytes
 from distbp.session import Session, peak_lr, stored_config
+from distbp.step import CORRECT, LOSS_SUM, ROWS, STOP, Step
 from distbp.stopflag import StopFlag, catch_stop_signals
+from distbp.trace import RUN, Tracer
 
 __all__ = ["Trainer"]
 
-TAIL = 4
-LOSS_SUM, ROWS, CORRECT, STOP = range(TAIL)  # the step's scalars, after the gradient
 MIN_JUDGED_EPOCH = 20  # steps an epoch needs before its loss says whether the network learns
 
 
@@ -46,19 +43,11 @@ class Trainer:
     def __init__(self, session: Session, comm, log=print, stop: StopFlag | None = None):
         self.s, self.comm, self.log = session, comm, log
         self.rank0 = comm.rank == 0
-        net = session.net
-        # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
-        self.buf = np.zeros(net.params.size + TAIL, net.dtype)
-        self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
-        # reduced in buckets while backward runs (distbp.overlap), or all at once
-        self.buckets = Buckets(self.buf, net.layers, bucket_bytes(session.cfg, comm), comm)
-        self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
-        self._grad_norm: float | None = None  # the last step's, before clipping
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
         self.stop = stop or catch_stop_signals()
+        self.trace = Tracer(session.cfg.trace is not None, session.net.depth)
+        self.stepper = Step(session, comm, self.stop, self.trace)  # buffers, buckets, the step
         self.loader: ShardLoader | MemoryLoader | None = None  # open while train() runs
-        self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
-        self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
         self.last_checkpoint: Path | None = session.resumed_from
         self._log: RunLog | None = None
         # the loss of predicting the class frequencies; loss and rows of epoch 0's first half
@@ -74,7 +63,10 @@ class Trainer:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                     self.open_loader():
-                return self._train()
+                code = self._train()
+            if self.trace.on:  # a collective, on normal ends only: every rank is there
+                self.trace.write(self.comm, self.s.cfg.trace, self.comm.hostname)
+            return code
         except CollectiveTimeout:
             raise CollectiveTimeout(
                 f"collective at step {self._at_step} did not complete within "
@@ -97,60 +89,41 @@ class Trainer:
             epoch = data.step_cursor(step, s.steps_per_epoch)[0]
             lr = self.step(step)
             step += 1
-            tail = self.tail
+            tail, st = self.stepper.tail, self.stepper
             log.after_step(step, epoch, lr, (float(tail[LOSS_SUM]), float(tail[CORRECT]),
-                                             float(tail[ROWS])), self.phase_s[:2], self._grad_norm)
+                                             float(tail[ROWS])), st.phase_s[:2], st.grad_norm)
             end_of_epoch = step % s.steps_per_epoch == 0
             if self._baseline is not None and step in (s.steps_per_epoch // 2, s.steps_per_epoch):
                 self._warn_if_not_learning(log, step)
             if end_of_epoch and s.val is not None:
+                t = time.perf_counter()
                 self._validate(step, epoch, log)
+                self.trace.span("validation", t, time.perf_counter(), RUN)
                 if step < s.total_steps and self._early_stop_reason() is not None:
                     return self._finish_early(step, log)
             if tail[STOP] > 0 and step < s.total_steps:  # at the last step: just finish
                 return self._preempt(step, log)
             if self._checkpoint_due(step, end_of_epoch):
+                t = time.perf_counter()
                 self._save(step, log)  # checks the replicas first: a check step checks once
+                self.trace.span("checkpoint", t, time.perf_counter(), RUN)
             elif s.cfg.check_every and step % s.cfg.check_every == 0:
                 self.check_replicas(step)
         self._finish(log)
         return EXIT_OK
 
     def step(self, step: int) -> float:
-        """Optimizer step `step` (0-based, global): this rank's shard, forward/backward, the ONE
-        allreduce, the exact mean, clipping, the update. Returns its learning rate; `phase_s`
-        holds its forward+backward, allreduce and update seconds (what `distbp bench` times)."""
-        s = self.s
+        """Optimizer step `step` (0-based, global): this rank's rows, then distbp.step.Step
+        (forward, backward, the allreduce, the mean, the update). Returns its learning rate;
+        `stepper.phase_s` holds its phases' seconds (what `distbp bench` times)."""
         self._at_step = step + 1
+        t = time.perf_counter()
         x, y = self.loader.get(step)
-        t0 = time.perf_counter()
-        self._forward_backward(self.inputs(x), y)  # buckets' allreduces start as layers finish
-        t1 = time.perf_counter()
-        self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
-        t2 = time.perf_counter()
-        self._check_finite(step)
-        count = float(self.tail[ROWS])
-        self.grad /= count  # the exact mean over the global batch
-        if self._sq is not None:  # the same bits on every rank: the mean is the same
-            self._grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
-        lr = s.schedule.lr_at(step)
-        s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
-        self.phase_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        self.trace.span("data", t, time.perf_counter())
+        lr = self.stepper(x, y, step)
+        if self.trace.on:  # the step's span holds its phases (nested by time, as Perfetto draws)
+            self.trace.span(f"step {step + 1}", t, time.perf_counter())
         return lr
-
-    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
-        """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
-        loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce),
-        each layer handed to the buckets as soon as backward has produced it."""
-        net = self.s.net
-        loss_sum = net.forward_loss(x, y, self.grad)
-        correct = net.count_correct(net.last_output, y) if len(y) else 0
-        tail = self.tail  # element by element: no temporary array per step
-        tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
-        tail[STOP] = self.stop.signum is not None
-        for j in range(net.depth, 0, -1):
-            net.backward_layer(j, self.grad)
-            self.buckets.layer_done(j)
 
     def _begin(self) -> RunLog:
         """Before the first step: the preprocessing statistics and, for a fresh classification
@@ -159,6 +132,8 @@ class Trainer:
         metrics; the record in progress continues from the resumed checkpoint's sums."""
         s, cfg = self.s, self.s.cfg
         self._setup_preprocess()
+        if self.trace.on:
+            self.trace.begin(self.comm)  # the ranks' clocks start together
         fresh = s.resumed_from is None
         # judged on the second half of epoch 0: enough steps to tell learning from noise
         if fresh and s.steps_per_epoch >= MIN_JUDGED_EPOCH and s.net.output == "softmax" \
@@ -226,7 +201,7 @@ class Trainer:
         resumed checkpoint carried), the final checkpoint (again if `saved` before it), EXIT_OK."""
         if (carried := log.interval.steps) and self.rank0:  # the loop's epoch, lr of `step`
             log.record(step, data.step_cursor(step - 1, self.s.steps_per_epoch)[0],
-                       self.s.schedule.lr_at(step - 1), self._grad_norm)
+                       self.s.schedule.lr_at(step - 1), self.stepper.grad_norm)
         if not saved or carried:  # the file at `step` lacks that record: replace it (all ranks)
             self._save(step, log)
         if self.rank0:
@@ -287,13 +262,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checks and events
 
-    def _check_finite(self, step: int) -> None:
-        # All ranks hold the same reduced buffer, so they all agree to stop at this step.
-        loss, grad_sum = float(self.tail[LOSS_SUM]), float(self.grad.sum())
-        if not (math.isfinite(loss) and math.isfinite(grad_sum)):
-            raise NonFiniteError(f"non-finite loss or gradient at step {step + 1}: the run "
-                                 f"diverged (try a smaller --lr); the last good checkpoint is kept")
-
     def check_replicas(self, step: int) -> bool:
         """Compare every rank's parameters with rank 0's by checksum; re-broadcast on mismatch."""
         digest = hashlib.blake2b(self.s.net.params.data, digest_size=8).digest()
@@ -316,7 +284,7 @@ class Trainer:
         whole batches, one allreduce), recorded by rank 0 and kept for early stopping."""
         s, comm = self.s, self.comm
         lo, hi = batch_share(s.val.n, s.cfg.batch_size, comm.rank, comm.size)
-        totals = loss_sums(s.net, s.val, self.inputs, lo, hi, s.cfg.batch_size)
+        totals = loss_sums(s.net, s.val, self.stepper.inputs, lo, hi, s.cfg.batch_size)
         comm.allreduce_sum(totals)  # the same totals on every rank
         n = max(totals[2], 1.0)
         record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,

@@ -27,7 +27,7 @@ LAYERS = [
              "distbp.trainer", "distbp.evaluation", "distbp.metrics", "distbp.early_stop",
              "distbp.stopflag", "distbp.plot", "distbp.plot_files", "distbp.bench",
              "distbp.scaling",
-             "distbp.bare_loop", "distbp.overlap"]),
+             "distbp.bare_loop", "distbp.overlap", "distbp.step", "distbp.trace"]),
     ("launch", ["distbp.launch"]),
     ("API", ["distbp.api", "distbp"]),
     ("CLI", ["distbp.cli", "distbp.cli.*"]),

@@ -26,7 +26,7 @@ def run(data: str, out: Path, overlap: str, comm) -> np.ndarray:
         "bucket_mb": 1e-6}, "overlap_prog")  # 1 byte: every layer is a bucket of its own
     s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size)
     trainer = Trainer(s, comm, log=lambda *_: None)
-    assert trainer.buckets.overlap == (overlap == "on")
+    assert trainer.stepper.buckets.overlap == (overlap == "on")
     assert trainer.train() == 0
     return s.net.params.copy()
 

@@ -1,0 +1,98 @@
+"""One optimizer step over this rank's shard of the global batch, as data flows through it:
+
+    rows -> inputs (preprocessing) -> forward -> δ_L -> backward, layer by layer, each layer's
+    gradient SUMS into one flat buffer [gradient | loss sum, rows, correct, stop], its bucket's
+    allreduce started as soon as the layer is done (distbp.overlap; without overlap: ONE
+    Allreduce(SUM) after backward) -> divide by the global count -> clip -> update
+
+    step = Step(session, comm, stop, tracer)
+    lr = step(x, y, 41)       # optimizer step 41 (0-based) on this rank's rows x, y
+    step.tail[LOSS_SUM]       # the global loss sum of the step, identical on every rank
+
+Every rank holds the same reduced buffer afterwards, so every decision taken from it (a
+non-finite loss, the stop flag) is the same on every rank, at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from distbp import preprocess
+from distbp.errors import NonFiniteError
+from distbp.optim import clip_grad_norm
+from distbp.overlap import Buckets, bucket_bytes
+from distbp.session import Session
+from distbp.stopflag import StopFlag
+from distbp.trace import Tracer
+
+__all__ = ["CORRECT", "LOSS_SUM", "ROWS", "STOP", "TAIL", "Step"]
+
+TAIL = 4
+LOSS_SUM, ROWS, CORRECT, STOP = range(TAIL)  # the step's scalars, after the gradient
+
+
+class Step:
+    """The buffers of a run's steps (allocated once) and the step itself."""
+
+    def __init__(self, session: Session, comm, stop: StopFlag, tracer: Tracer):
+        self.s, self.comm, self.stop, self.trace = session, comm, stop, tracer
+        net = session.net
+        # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
+        self.buf = np.zeros(net.params.size + TAIL, net.dtype)
+        self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
+        # reduced in buckets while backward runs (distbp.overlap), or all at once
+        self.buckets = Buckets(self.buf, net.layers, bucket_bytes(session.cfg, comm), comm,
+                               tracer)
+        self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
+        self.grad_norm: float | None = None  # the last step's, before clipping
+        self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
+        self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, step: int) -> float:
+        """Optimizer step `step` (0-based, global) on this rank's rows: returns its learning
+        rate; `phase_s` holds its forward+backward, allreduce and update seconds."""
+        s = self.s
+        t0 = time.perf_counter()
+        self._forward_backward(self.inputs(x), y)  # buckets' allreduces start as layers finish
+        t1 = time.perf_counter()
+        self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
+        t2 = time.perf_counter()
+        self._check_finite(step)
+        count = float(self.tail[ROWS])
+        self.grad /= count  # the exact mean over the global batch
+        if self._sq is not None:  # the same bits on every rank: the mean is the same
+            self.grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
+        lr = s.schedule.lr_at(step)
+        s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
+        t3 = time.perf_counter()
+        self.phase_s = (t1 - t0, t2 - t1, t3 - t2)
+        self.trace.span("wait for the allreduce", t1, t2)
+        self.trace.span("update", t2, t3)
+        return lr
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
+        loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce),
+        each layer handed to the buckets as soon as backward has produced it."""
+        net, trace = self.s.net, self.trace
+        t = time.perf_counter()
+        loss_sum = net.forward_loss(x, y, self.grad)
+        correct = net.count_correct(net.last_output, y) if len(y) else 0
+        tail = self.tail  # element by element: no temporary array per step
+        tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
+        tail[STOP] = self.stop.signum is not None
+        t = trace.span("forward", t, time.perf_counter())
+        for j in range(net.depth, 0, -1):
+            net.backward_layer(j, self.grad)
+            t = trace.span(trace.layer_names[j], t, time.perf_counter())
+            self.buckets.layer_done(j)
+
+    def _check_finite(self, step: int) -> None:
+        # All ranks hold the same reduced buffer, so they all agree to stop at this step.
+        loss, grad_sum = float(self.tail[LOSS_SUM]), float(self.grad.sum())
+        if not (math.isfinite(loss) and math.isfinite(grad_sum)):
+            raise NonFiniteError(f"non-finite loss or gradient at step {step + 1}: the run "
+                                 f"diverged (try a smaller --lr); the last good checkpoint is kept")
