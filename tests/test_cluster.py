@@ -28,11 +28,10 @@ from helpers.cluster import (
     MODEL,
     host_train,
     node_cluster,
-    shm_segments,
     unavailable,
     write_data,
 )
-from helpers.slurmlab import assert_same_state, final_checkpoint
+from helpers.slurmlab import assert_same_state, final_checkpoint, job_segments, mpich_hash
 
 from distbp.api import placement
 from distbp.comm import SerialComm, host_names
@@ -48,13 +47,7 @@ PAIR = "--nodelist=node1,node2"
 
 
 @pytest.fixture(scope="module")
-def host_shm():
-    """The host's MPI segments before this module's cluster existed."""
-    return shm_segments()
-
-
-@pytest.fixture(scope="module")
-def cluster(host_shm, tmp_path_factory):
+def cluster(tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
@@ -151,7 +144,7 @@ def test_only_rank_0_writes_and_every_node_reads_the_data_file(cluster, work):
     assert len(records) == len(set(records)) > 0  # one writer: no record twice
 
 
-def test_the_cluster_leaves_no_namespace_mount_daemon_or_segment(cluster, host_shm):
+def test_the_cluster_leaves_no_namespace_mount_daemon_or_segment(cluster):
     """Every job so far: no MPI segment left in any node's /dev/shm (the Prolog/Epilog removes
     a job's); then `down`, twice (idempotent): nothing of the cluster is left on the host."""
     for node in cluster.nodes:
@@ -169,20 +162,7 @@ def test_the_cluster_leaves_no_namespace_mount_daemon_or_segment(cluster, host_s
             b"slurm" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     # The host's /dev/shm never saw this cluster's jobs (each node has its own): no segment
     # named after any of their job ids there (other MPI jobs of the host are not ours to judge).
-    jobs = re.findall(r"JobId=(\d+)", _log(cluster.lab / "logs" / "jobcomp.txt"))
-    assert jobs
-    ours = {name for name in shm_segments() - host_shm
-            if any(mpich_hash(f"{job}.{step}") in name for job in jobs for step in range(64))}
-    assert ours == set()
-
-
-def mpich_hash(kvsname: str) -> str:
-    """MPICH's name for a PMI key space's shared memory: 32-bit FNV-1a, hex (as
-    scripts/mpich-shm-clean.sh computes it)."""
-    h = 2166136261
-    for byte in kvsname.encode():
-        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
-    return f"_{h:x}_"
+    assert job_segments(cluster.lab) == set()
 
 
 def test_mpich_hash_names_the_segments_the_prolog_removes(tmp_path):

@@ -48,6 +48,7 @@ from helpers.slurmlab import (
     final_checkpoint,
     free_ports,
     job_env,
+    job_segments,
     unavailable,
 )
 
@@ -341,3 +342,10 @@ def test_open_mpi_ranks_under_srun_pmix_train_like_mpich_bitwise(slurm, work, re
     assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
     assert "help-pmix" not in log and "Sorry!" not in log, log
     assert_same_state(final_checkpoint(run_dir, STEPS), reference)
+
+
+def test_no_job_left_its_mpich_segments_in_dev_shm(slurm):
+    """Last in this file: the jobs above were killed, preempted, requeued and cancelled, and
+    MPICH leaves the shared memory of killed ranks in /dev/shm; the cluster's Prolog/Epilog
+    (scripts/mpich-shm-clean.sh) removed every segment named after one of its jobs."""
+    assert job_segments(slurm.lab) == set()

@@ -28,7 +28,8 @@ from conftest import BIN, ROOT, OpenMPILauncher, child_env, mpiexec_path
 from distbp import checkpoint
 
 __all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "assert_same_state",
-           "final_checkpoint", "free_ports", "job_env", "unavailable"]
+           "final_checkpoint", "free_ports", "job_env", "job_segments", "mpich_hash",
+           "unavailable"]
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 
@@ -71,6 +72,24 @@ def job_env(conf: Path, **extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def mpich_hash(kvsname: str) -> str:
+    """MPICH's name for a PMI key space's shared memory: '_<32-bit FNV-1a, hex>_', as in
+    /dev/shm/mpich_shm_<hash>_<node> (scripts/mpich-shm-clean.sh computes it alike)."""
+    h = 2166136261
+    for byte in kvsname.encode():
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return f"_{h:x}_"
+
+
+def job_segments(lab: Path, shm: Path = Path("/dev/shm")) -> set[str]:
+    """MPICH's segments in `shm` named after a step (0-63) of a job that the cluster in `lab`
+    ran (its logs/jobcomp.txt): what the Prolog/Epilog must have removed."""
+    jobs = set(re.findall(r"JobId=(\d+)", (lab / "logs" / "jobcomp.txt").read_text()))
+    names = {mpich_hash(f"{job}.{step}") for job in jobs for step in range(64)}
+    return {n for n in os.listdir(shm) if n.startswith("mpich_")
+            and any(h in n for h in names)}
 
 
 def final_checkpoint(run_dir: Path, step: int) -> checkpoint.Checkpoint:
