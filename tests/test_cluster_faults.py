@@ -99,8 +99,12 @@ def test_a_dead_node_ends_the_job_and_the_requeued_job_resumes_bitwise(cluster, 
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
         _shown(log)
     run1, run2 = log.split(f"job {job} run 2 ")
-    assert f"did not complete within {TIMEOUT} s" in run1, f"ended after {ended:.1f} s\n" + \
-        _shown(run1)
+    # node1's rank ends by the collective deadline, or earlier: MPICH sometimes crashes
+    # (SIGSEGV inside Iallreduce) when it starts a collective over a connection whose node
+    # is gone. Either way within the deadline + 10 s (waited for above), never a hang.
+    timed_out = f"did not complete within {TIMEOUT} s" in run1
+    crashed = "node1: task 0: Segmentation fault" in run1
+    assert timed_out or crashed, f"ended after {ended:.1f} s\n" + _shown(run1)
     assert re.search(rf"resumed from \S+ckpt-{newest:08d}\.h5 at step {newest}\n", run2), \
         _shown(run2)
     assert "distbp exited with 0" in run2
