@@ -115,7 +115,10 @@ def _threads_from_env() -> tuple[int | None, str]:
 
 
 def _threads_from_cpus(local_size: int) -> tuple[int, str]:
-    total = os.cpu_count() or 1
+    total = os.cpu_count() or 1  # the host's; Slurm knows what this node's job may use
+    on_node = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if on_node.isdigit() and int(on_node) > 0:
+        total = min(total, int(on_node))
     mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
     cpt = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if cpt.isdigit() and int(cpt) > 0:

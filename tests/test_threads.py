@@ -9,7 +9,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from distbp.launch import set_threads
 
-VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK")
+VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK",
+        "SLURM_CPUS_ON_NODE")
 
 
 @pytest.fixture
@@ -45,6 +46,15 @@ def test_default_threads_divide_the_cpus_without_oversubscribing(clean_env, tota
     assert text.startswith(f"{expected} BLAS thread(s) per rank")
     if _blas_threads():
         assert _blas_threads() == {expected}
+
+
+def test_a_node_smaller_than_its_host_counts_its_own_cpus(clean_env):
+    # an emulated (or container) node of 2 CPUs on a 4-CPU host, its 2 ranks both on those 2:
+    # they are not bound to shares of their own, each gets one thread
+    _fake_cpus(clean_env, 4, 2)
+    assert set_threads(None, 2).startswith("2 BLAS thread(s) per rank")  # the host's view
+    clean_env.setenv("SLURM_CPUS_ON_NODE", "2")
+    assert set_threads(None, 2).startswith("1 BLAS thread(s) per rank (2 CPUs / 2 rank(s)")
 
 
 def test_threads_option_and_environment_variables_win(clean_env):
