@@ -39,7 +39,7 @@ DATA_BYTES = 64 << 20  # random inputs the bench trains on, at most
 
 
 def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir: Path,
-                  steps: int) -> Trainer:
+                  steps: int, overlap: str = "auto", bucket_mb: float = 1.0) -> Trainer:
     """A Trainer of `steps` steps on random rows in memory (labels from the network's
     classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so
     the epoch's shuffle, done once per epoch, stays out of most steps; plain SGD (the default) at
@@ -52,7 +52,7 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
         "data": f"{ARRAYS_LABEL}random>", "layers": list(layers), "activation": activation,
         "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": "sgd",
         "momentum": 0.0, "lr": 0.01, "run_dir": str(run_dir), "check_every": None,
-        "progress": "lines"}, "distbp bench")
+        "progress": "lines", "overlap": overlap, "bucket_mb": bucket_mb}, "distbp bench")
     s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size,
                       datasets=(data.ArrayDataset(x, y, source="random rows"), None))
     return Trainer(s, comm)
@@ -159,7 +159,9 @@ def text(r: dict) -> str:
         f"GEMM peak per rank (slowest rank; best of square and the step's own shapes): "
         f"{r['gemm_peak_gflops']:.1f} GFLOP/s",
         f"step {r['step_ms']:.3f} ms = forward+backward {r['compute_ms']:.3f} + allreduce "
-        f"{r['allreduce_ms']:.3f} + update {r['update_ms']:.3f} (Trainer.step, the trainer's own)",
+        f"{r['allreduce_ms']:.3f} + update {r['update_ms']:.3f} (Trainer.step, the trainer's own"
+        + (f"; {r['buckets']} buckets allreduced during backward)" if r.get("buckets", 1) > 1
+           else ")"),
         f"FLOPs utilisation: {r['gflops_per_rank']:.1f} GFLOP/s per rank in forward+backward = "
         f"{100 * r['mfu']:.0f}% of GEMM peak ({100 * r['mfu_step']:.0f}% over the whole step; "
         f"the matmuls' 2·m·k·n, no input gradient in layer 1)",

@@ -49,6 +49,10 @@ def add_command(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank, >= 1 (default: as for train --threads)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    p.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                   help="allreduce in buckets during backward, as train --overlap (default auto)")
+    p.add_argument("--bucket-mb", type=float, default=1.0,
+                   help="smallest bucket with --overlap, MiB (default 1)")
     p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
                    "same shapes (forward, backward, one allreduce, plain SGD; random rows in "
                    "memory) and print distbp's step as a ratio of it")
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace, job) -> int:
     comm = job.start(timeout=None, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir:
         trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
-                                      comm, run_dir, args.warmup + args.steps)
+                                      comm, run_dir, args.warmup + args.steps, args.overlap,
+                                      args.bucket_mb)
         comm.barrier()
         lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
         peak = bench.gemm_peak(trainer.s.net, hi - lo, args.gemm_size)
@@ -98,6 +103,7 @@ def run(args: argparse.Namespace, job) -> int:
     comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
     med = np.median(slowest, axis=0)
     r = bench.report(trainer.s.net, args.batch_size, comm, job.threads, med, -peaks[1])
+    r["buckets"] = len(trainer.stepper.buckets.bounds)  # 1: no overlap
     if args.baseline:
         r["baseline"] = _baseline(args, layers, comm, hi - lo, float(med[3]))
     if args.model:
