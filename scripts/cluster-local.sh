@@ -64,6 +64,8 @@ NS=$DIR/ns
 SOCK=$DIR/munge/sock
 SW=$NAME-sw
 SHM_CLEAN=$(cd "$(dirname "$0")" && pwd)/mpich-shm-clean.sh
+# shellcheck source=scripts/slurm-common.sh
+. "$(dirname "$0")/slurm-common.sh"
 
 say() { printf '[cluster-local] %s\n' "$*" >&2; }
 fail() { say "error: $*"; exit 1; }
@@ -195,41 +197,13 @@ write_config() {
 ClusterName=$NAME
 FirstJobId=$first
 SlurmctldHost=head($NET.254)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$SOCK,cred_expire=$CRED_EXPIRE
-StateSaveLocation=$DIR/state/ctld
 SlurmdSpoolDir=$DIR/state/%n
-SlurmctldPidFile=$DIR/state/slurmctld.pid
 SlurmdPidFile=$DIR/state/slurmd-%n.pid
-SlurmctldLogFile=$DIR/logs/slurmctld.log
 SlurmdLogFile=$DIR/logs/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
 MessageTimeout=30
 SlurmdTimeout=$SLURMD_TIMEOUT
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/logs/jobcomp.txt
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-MpiDefault=pmi2
-ReturnToService=2
-KillWait=30
-SlurmdParameters=config_overrides
-# a killed job leaves MPICH's segments in the node's /dev/shm; its requeued run (same job id)
-# would attach to them: both remove this job's segments
-Prolog=$SHM_CLEAN
-Epilog=$SHM_CLEAN
 EOF
+  slurm_conf_common "$DIR" 1 "$SHM_CLEAN" "$SOCK" "$CRED_EXPIRE" >>"$CONF"
   for i in $(seq "$n"); do
     share=$(cpu_share "$i" "$n")
     echo "$share" >"$DIR/state/cpus-node$i"
@@ -246,31 +220,8 @@ count_list() { tr ',' '\n' <<<"$1" | grep -c .; }
 
 # ------------------------------------------------------------------------------------ daemons
 
-pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 
-start_munged() {
-  local key=/etc/munge/munge.key _
-  if [ ! -s "$key" ]; then
-    install -d -o munge -g munge -m 0700 /etc/munge
-    dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
-    chmod 0400 "$key"
-  fi
-  chown munge:munge "$key"
-  install -d -o munge -g munge -m 0755 "$DIR/munge"
-  # one munged serves every node: a UNIX socket by path is reachable from any network namespace
-  setpriv --reuid=munge --regid=munge --clear-groups /usr/sbin/munged --foreground \
-    --socket="$SOCK" --pid-file="$DIR/munge/munged.pid" --seed-file="$DIR/munge/seed" \
-    >"$DIR/logs/munged.log" 2>&1 &
-  echo $! >"$PIDS/munged.pid"
-  for _ in $(seq 100); do
-    if munge -n -S "$SOCK" 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; then return 0; fi
-    alive munged || break
-    sleep 0.1
-  done
-  cat "$DIR/logs/munged.log" >&2
-  return 1
-}
 
 start_slurmd() {  # start_slurmd NODE: pinned to its CPUs; nsenter and taskset exec: $! is slurmd
   local node=$1
@@ -309,21 +260,6 @@ wait_idle() {  # wait_idle NODES...: every named node idle (after resuming it if
   return 1
 }
 
-stop() {  # stop NAMES...: TERM, up to 10 s, then KILL
-  local n pid waiting=() _ any
-  for n in "$@"; do
-    pid=$(pid_of "$n")
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; waiting+=("$pid"); fi
-  done
-  for _ in $(seq 100); do
-    any=0
-    for pid in "${waiting[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
-    [ "$any" = 1 ] || break
-    sleep 0.1
-  done
-  for pid in "${waiting[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  for n in "$@"; do rm -f "$PIDS/$n.pid"; done
-}
 
 kill_namespace() {  # SIGKILL every process whose network namespace is NS (a node's, or the head's)
   local ns=$1 pid

@@ -47,6 +47,8 @@ UP_TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 MESSAGE_TIMEOUT=${SLURM_MESSAGE_TIMEOUT:-30}
 FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-$(( (RANDOM * 32768 + RANDOM) % 50000000 + 1000 ))}
 SHM_CLEAN=$(cd "$(dirname "$0")" && pwd)/mpich-shm-clean.sh
+# shellcheck source=scripts/slurm-common.sh
+. "$(dirname "$0")/slurm-common.sh"
 CONF=$DIR/etc/slurm.conf
 PIDS=$DIR/pids
 SOCK=$DIR/munge/sock
@@ -85,7 +87,6 @@ install_packages() {
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
 
 alive() {
   local pid; pid=$(pid_of "$1")
@@ -101,78 +102,18 @@ FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$D_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# Our own munged socket. cred_expire is also how long a requeued job waits before it may run.
-AuthInfo=socket=$SOCK,cred_expire=$CRED_EXPIRE
-StateSaveLocation=$DIR/state/ctld
 SlurmdSpoolDir=$DIR/state/d
-SlurmctldPidFile=$DIR/state/slurmctld.pid
 SlurmdPidFile=$DIR/state/slurmd.pid
-SlurmctldLogFile=$DIR/logs/slurmctld.log
 SlurmdLogFile=$DIR/logs/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
 # how long a client waits for slurmctld: the node's cores are all the jobs', so it may be slow
 MessageTimeout=$MESSAGE_TIMEOUT
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-# one line per finished job (state, exit code): sacct needs a database we do not run
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/logs/jobcomp.txt
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=$SCHED_INTERVAL,bf_interval=$SCHED_INTERVAL
-# plain srun wires MPICH ranks with PMI2 (Open MPI needs srun --mpi=pmix)
-MpiDefault=pmi2
-ReturnToService=2
-KillWait=30
-# killed ranks leave MPICH's shared memory in /dev/shm; a requeued job (same id) would attach to
-# its killed run's: remove the job's segments before and after it runs
-Prolog=$SHM_CLEAN
-Epilog=$SHM_CLEAN
-# the node may claim more CPUs than the machine has, so -n 4 runs on 2 cores
-SlurmdParameters=config_overrides
-NodeName=localhost CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
+  slurm_conf_common "$DIR" "$SCHED_INTERVAL" "$SHM_CLEAN" "$SOCK" "$CRED_EXPIRE" >>"$CONF"
+  printf '%s\n' "NodeName=localhost CPUs=$CPUS State=UNKNOWN" \
+    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
   printf 'export SLURM_CONF=%q\n' "$CONF" >"$DIR/env.sh"
 }
 
-start_munged() {
-  local key=/etc/munge/munge.key
-  if [ ! -s "$key" ]; then
-    say "creating $key"
-    install -d -o munge -g munge -m 0700 /etc/munge
-    dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
-    chmod 0400 "$key"
-  fi
-  chown munge:munge "$key"   # munged refuses a key that is not its own
-  install -d -o munge -g munge -m 0755 "$DIR/munge"
-  if ! setpriv --reuid=munge --regid=munge --clear-groups test -w "$DIR/munge"; then
-    say "the munge user cannot reach $DIR/munge: make $DIR and its parents world-searchable"
-    return 1
-  fi
-  # setpriv execs munged, so $! is munged's own PID (runuser would leave a wrapper in between)
-  setpriv --reuid=munge --regid=munge --clear-groups /usr/sbin/munged --foreground \
-    --socket="$SOCK" --pid-file="$DIR/munge/munged.pid" --seed-file="$DIR/munge/seed" \
-    >"$DIR/logs/munged.log" 2>&1 &
-  echo $! >"$PIDS/munged.pid"
-  local _
-  for _ in $(seq 100); do
-    if munge -n -S "$SOCK" 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; then return 0; fi
-    alive munged || break
-    sleep 0.1
-  done
-  cat "$DIR/logs/munged.log" >&2
-  return 1
-}
 
 start_slurm() {
   # -D: foreground, so the saved PID is the daemon itself; -c: start with no old jobs
@@ -223,26 +164,6 @@ up() {
   say "up: node localhost idle with $CPUS CPUs; export SLURM_CONF=$CONF"
 }
 
-stop() { # stop NAMES...: TERM, wait up to 10 s, then KILL
-  local n pid i any waiting=()
-  for n in "$@"; do
-    pid=$(pid_of "$n")
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      waiting+=("$pid")
-    fi
-  done
-  for i in $(seq 100); do
-    any=0
-    for pid in "${waiting[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
-    [ "$any" = 1 ] || break
-    sleep 0.1
-  done
-  for pid in "${waiting[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then say "pid $pid ignored TERM: KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
-  done
-  for n in "$@"; do rm -f "$PIDS/$n.pid"; done
-}
 
 cancel_jobs() {
   alive slurmctld || return 0

@@ -23,23 +23,29 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from helpers.cluster import (
     GRADIENT_BYTES,
     MODEL,
     host_train,
     node_cluster,
     unavailable,
-    write_data,
+    work_dir,
 )
-from helpers.slurmlab import assert_same_state, final_checkpoint, job_segments, mpich_hash
+from helpers.slurmlab import (
+    TRAIN,
+    assert_same_state,
+    final_checkpoint,
+    job_segments,
+    mpich_hash,
+    read_log,
+)
 
 from distbp.api import placement
 from distbp.comm import SerialComm, host_names
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"
 STEPS = 300
 # Jobs of two nodes run on these (each pinned to its own CPU where the host has two): a node
 # still completing the previous job would otherwise send the job elsewhere.
@@ -57,14 +63,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("cluster-work")
-    d.chmod(0o755)
-    write_data(d / "data.h5")
-    return d
-
-
-def _log(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
+    return work_dir(tmp_path_factory, "cluster-work")
 
 
 def _submit(cluster, work: Path, name: str, *sbatch: str, steps: int = STEPS) -> str:
@@ -74,7 +73,7 @@ def _submit(cluster, work: Path, name: str, *sbatch: str, steps: int = STEPS) ->
                          "--data", str(work / "data.h5"), "--run-dir", str(work / name),
                          *MODEL, "--steps", str(steps), "--checkpoint-every", "100")
     info = cluster.wait(job, timeout=240)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
     return log
 

@@ -26,13 +26,18 @@ import h5py
 import numpy as np
 import pytest
 from conftest import BIN
-from helpers.cluster import MODEL, host_train, node_cluster, unavailable, write_data
-from helpers.slurmlab import assert_same_state, final_checkpoint
+from helpers.cluster import MODEL, host_train, node_cluster, unavailable, work_dir
+from helpers.slurmlab import (
+    TRAIN,
+    assert_same_state,
+    final_checkpoint,
+    finish_requeued,
+    read_log,
+    shown,
+)
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"
 TIMEOUT = 10  # --collective-timeout of the node-failure run
 TINY = ("--layers", "32,8,4", "--dtype", "float64", "--batch-size", "64", "--seed", "1",
         "--collective-timeout", "60")
@@ -51,18 +56,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("cluster-faults")
-    d.chmod(0o755)
-    write_data(d / "data.h5")
-    return d
-
-
-def _log(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-def _shown(log: str) -> str:
-    return "\n".join(ln for ln in log.splitlines() if not ln.startswith("checkpoint /"))[-6000:]
+    return work_dir(tmp_path_factory, "cluster-faults")
 
 
 def _wait_until(what: str, ok, timeout: float) -> None:
@@ -95,18 +89,18 @@ def test_a_dead_node_ends_the_job_and_the_requeued_job_resumes_bitwise(cluster, 
     cluster.control("scontrol", "release", job,
                     took_effect=lambda: cluster.show(job).get("Priority") != "0")
     info = cluster.wait(job, timeout=240)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
-        _shown(log)
+        shown(log)
     run1, run2 = log.split(f"job {job} run 2 ")
     # node1's rank ends by the collective deadline, or earlier: MPICH sometimes crashes
     # (SIGSEGV inside Iallreduce) when it starts a collective over a connection whose node
     # is gone. Either way within the deadline + 10 s (waited for above), never a hang.
     timed_out = f"did not complete within {TIMEOUT} s" in run1
     crashed = "node1: task 0: Segmentation fault" in run1
-    assert timed_out or crashed, f"ended after {ended:.1f} s\n" + _shown(run1)
+    assert timed_out or crashed, f"ended after {ended:.1f} s\n" + shown(run1)
     assert re.search(rf"resumed from \S+ckpt-{newest:08d}\.h5 at step {newest}\n", run2), \
-        _shown(run2)
+        shown(run2)
     assert "distbp exited with 0" in run2
     reference = host_train(2, work / "data.h5", work / "nodefail-host", steps, *options)
     assert_same_state(final_checkpoint(run_dir, steps), reference)
@@ -148,22 +142,17 @@ def test_four_nodes_time_limit_requeue_resume_then_evaluate_and_predict_across_n
                          "--steps", "10000000", "--checkpoint-every", "1", "--log-every", "1000",
                          env={**cluster.env, "DISTBP": str(wrapper)})
     cluster.wait_for_output(job, out, r"^\[train\.sbatch [\d:]+\] requeueing job", 150)
-    cluster.control("scontrol", "update", f"JobId={job}", "TimeLimit=10",
-                    took_effect=lambda: cluster.show(job).get("TimeLimit") == "00:10:00")
-    info = cluster.wait(job, timeout=180)
-    log = _log(out)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
-        _shown(log)
-    run1, run2 = log.split(f"job {job} run 2 ")
+    run1, run2 = finish_requeued(cluster, job, out, timeout=180)
+    log = read_log(out)
     assert "hosts: 4: node1 rank 0, node2 rank 1, node3 rank 2, node4 rank 3" in run1
-    assert run1.count("got USR1: forwarding it to the ranks") == 1, _shown(run1)
-    assert sorted(_log(marks).splitlines()) == [f"node{i} task {i - 1}" for i in (1, 2, 3, 4)]
+    assert run1.count("got USR1: forwarding it to the ranks") == 1, shown(run1)
+    assert sorted(read_log(marks).splitlines()) == [f"node{i} task {i - 1}" for i in (1, 2, 3, 4)]
     k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written; run again "
                       r"with --resume auto to continue \(USR1 received 1 time\(s\) on rank 0\)$",
                       run1, re.M)[1])
-    assert "received the stop signal" not in log, _shown(log)
-    assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", run2), _shown(run2)
-    assert "distbp exited with 0" in run2 and "got USR1" not in run2, _shown(run2)
+    assert "received the stop signal" not in log, shown(log)
+    assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", run2), shown(run2)
+    assert "distbp exited with 0" in run2 and "got USR1" not in run2, shown(run2)
     final = run_dir / "checkpoints" / f"ckpt-{k + EXTRA:08d}.h5"
     reference = host_train(4, work / "data.h5", work / "four-host", k + EXTRA, *TINY,
                            "--checkpoint-every", "10000000")

@@ -46,9 +46,12 @@ from helpers.slurmlab import (
     Cluster,
     assert_same_state,
     final_checkpoint,
+    finish_requeued,
     free_ports,
     job_env,
     job_segments,
+    read_log,
+    shown,
     unavailable,
 )
 
@@ -134,23 +137,14 @@ def _mpiexec_train(slurm: Cluster, work: Path, run_dir: Path, steps: int, *optio
 
 
 
-def _log(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-def _shown(log: str) -> str:
-    """The log for an assertion message: without the per-step checkpoint lines, its end."""
-    return "\n".join(ln for ln in log.splitlines() if not ln.startswith("checkpoint /"))[-6000:]
-
-
 def assert_signal_reached_each_rank_once(log: str, name: str) -> None:
     """Rank 0's preemption line counts what it received; other ranks warn when they got the
     stop signal more than once. A script that forwards a signal the ranks also get directly
     would show here."""
     counts = re.findall(r"^preempted by a signal: checkpoint at step \d+ written; run again "
                         r"with --resume auto to continue \((.*)\)$", log, re.M)
-    assert counts == [f"{name} received 1 time(s) on rank 0"], _shown(log)
-    assert "received the stop signal" not in log, _shown(log)
+    assert counts == [f"{name} received 1 time(s) on rank 0"], shown(log)
+    assert "received the stop signal" not in log, shown(log)
 
 
 def test_sbatch_template_with_two_tasks_equals_mpiexec_bitwise(slurm, work, reference):
@@ -158,7 +152,7 @@ def test_sbatch_template_with_two_tasks_equals_mpiexec_bitwise(slurm, work, refe
     job = slurm.sbatch("--ntasks=2", f"--output={out}", f"--chdir={work}", str(TRAIN),
                        *_train_args(work, run_dir, *MODEL, "--steps", str(STEPS)))
     info = slurm.wait(job)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
     assert "--resume auto: no checkpoint in" in log  # the template always resumes
@@ -173,9 +167,9 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_state(slurm, 
     # A progress line means both ranks passed step 1: their handlers are installed.
     slurm.wait_for_output(job, out, r"step \d+/\d+ epoch", 60)
     slurm.control("scancel", "--signal=USR1", job,
-                  took_effect=lambda: "preempted" in _log(out) or slurm.state(job) != "RUNNING")
+                  took_effect=lambda: "preempted" in read_log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=180)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     stopped = re.search(r"checkpoint at step (\d+) written", log)
     assert stopped, f"the run ended before the signal arrived (make it longer):\n{log}"
@@ -220,21 +214,15 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_ends_like_mpiexec(
                                     "--checkpoint-every", "1", "--log-every", "1000"),
                        env={**slurm.env, "DISTBP": str(wrapper)})
     slurm.wait_for_output(job, out, r"^\[train\.sbatch [\d:]+\] requeueing job", 120)
-    # The next run gets a 10-minute limit, so its warning is not due while this test runs.
-    slurm.control("scontrol", "update", f"JobId={job}", "TimeLimit=10",
-                  took_effect=lambda: slurm.show(job).get("TimeLimit") == "00:10:00")
-    info = slurm.wait(job, timeout=120)
-    log = _log(out)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
-        _shown(log)
-    run1, run2 = log.split(f"job {job} run 2 ")
-    assert run1.count("got USR1: forwarding it to the ranks") == 1, _shown(log)
-    assert "got TERM" not in run1 and "preempted: checkpoint written (exit 75)" in run1, _shown(log)
+    run1, run2 = finish_requeued(slurm, job, out, timeout=120)
+    log = read_log(out)
+    assert run1.count("got USR1: forwarding it to the ranks") == 1, shown(log)
+    assert "got TERM" not in run1 and "preempted: checkpoint written (exit 75)" in run1, shown(log)
     k = int(re.search(r"^preempted by a signal: checkpoint at step (\d+) written", run1, re.M)[1])
     assert_signal_reached_each_rank_once(log, "USR1")
-    assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", run2), _shown(run2)
-    assert f"steps {k} -> {k + EXTRA}" in run2 and "distbp exited with 0" in run2, _shown(run2)
-    assert "got USR1" not in run2 and " run 3 " not in run2, _shown(run2)
+    assert re.search(rf"resumed from \S+ckpt-{k:08d}\.h5 at step {k}\n", run2), shown(run2)
+    assert f"steps {k} -> {k + EXTRA}" in run2 and "distbp exited with 0" in run2, shown(run2)
+    assert "got USR1" not in run2 and " run 3 " not in run2, shown(run2)
     reference = _mpiexec_train(slurm, work, work / "timelimit-reference", k + EXTRA, *TINY,
                                "--checkpoint-every", "10000000")
     assert_same_state(final_checkpoint(run_dir, k + EXTRA), reference)
@@ -249,9 +237,9 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm, work):
                                     "--checkpoint-every", "10000000", "--log-every", "100"))
     slurm.wait_for_output(job, out, r"step \d+/\d+ epoch", 60)
     slurm.control("scancel", job,
-                  took_effect=lambda: "got TERM" in _log(out) or slurm.state(job) != "RUNNING")
+                  took_effect=lambda: "got TERM" in read_log(out) or slurm.state(job) != "RUNNING")
     info = slurm.wait(job, timeout=90)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
     assert "got TERM: the ranks got it too" in log and "got USR1" not in log, log
     assert "stopped by TERM (scancel or preemption): checkpoint written, not requeueing" in log
@@ -276,13 +264,13 @@ def test_warning_during_rank_start_up_requeues_without_losing_a_step(slurm, work
                        *_train_args(work, run_dir, *TINY, "--steps", "20"),
                        env={**slurm.env, "DISTBP": str(wrapper)})
     deadline = time.monotonic() + 60
-    while _log(out).count("wrapper: starting") < 2:  # both tasks are in their start-up
-        assert time.monotonic() < deadline and slurm.state(job, deadline), _log(out)
+    while read_log(out).count("wrapper: starting") < 2:  # both tasks are in their start-up
+        assert time.monotonic() < deadline and slurm.state(job, deadline), read_log(out)
         time.sleep(0.05)
     slurm.control("scancel", "--batch", "--signal=USR1", job,
-                  took_effect=lambda: "got USR1" in _log(out))
+                  took_effect=lambda: "got USR1" in read_log(out))
     info = slurm.wait(job, timeout=120)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     run1, run2 = log.split(f"job {job} run 2 ")
     assert run1.count("got USR1: forwarding it to the ranks") == 1, log
@@ -313,7 +301,7 @@ def test_sweep_array_trains_one_run_per_learning_rate(slurm, work):
     slurm.wait(job)
     finals = {}
     for task, lr in enumerate(("0.3", "0.1")):
-        log = _log(work / f"sweep-{task}.out")
+        log = read_log(work / f"sweep-{task}.out")
         assert "distbp exited with 0" in log, log
         final = final_checkpoint(sweep / f"lr-{lr}", 10)
         assert final.config["lr"] == float(lr) and final.config["steps"] == 10
@@ -337,7 +325,7 @@ def test_open_mpi_ranks_under_srun_pmix_train_like_mpich_bitwise(slurm, work, re
                        *_train_args(work, run_dir, *MODEL, "--steps", str(STEPS)),
                        env=slurm.openmpi_env(openmpi_launcher, tmp_path))
     info = slurm.wait(job, timeout=180)
-    log = _log(out)
+    log = read_log(out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     assert re.search(r"^distbp \S+: 2 rank\(s\), mpi", log, re.M), log
     assert "help-pmix" not in log and "Sorry!" not in log, log

@@ -33,7 +33,7 @@ from helpers.slurmlab import unavailable as slurm_unavailable
 from distbp import checkpoint
 
 __all__ = ["MODEL", "SCRIPT", "NodeCluster", "host_train", "node_cluster", "mpi_files",
-           "unavailable", "write_data"]
+           "unavailable", "work_dir", "write_data"]
 
 SCRIPT = ROOT / "scripts" / "cluster-local.sh"
 TOOLS = ("ip", "tc", "nsenter", "unshare", "taskset")
@@ -186,3 +186,11 @@ def node_cluster(nodes: int, logs: Path | None = None, **settings: str) -> Itera
         if logs is not None and (lab / "logs").is_dir():
             shutil.copytree(lab / "logs", logs, dirs_exist_ok=True)
         shutil.rmtree(lab, ignore_errors=True)
+
+
+def work_dir(tmp_path_factory, name: str) -> Path:
+    """A directory every node's jobs may enter (mode 755), holding data.h5."""
+    d = tmp_path_factory.mktemp(name)
+    d.chmod(0o755)
+    write_data(d / "data.h5")
+    return d

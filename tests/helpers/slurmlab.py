@@ -27,11 +27,12 @@ from conftest import BIN, ROOT, OpenMPILauncher, child_env, mpiexec_path
 
 from distbp import checkpoint
 
-__all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRANSIENT", "Cluster", "assert_same_state",
-           "final_checkpoint", "free_ports", "job_env", "job_segments", "mpich_hash",
-           "unavailable"]
+__all__ = ["DAEMONS", "LAUNCHER_PREFIXES", "SCRIPT", "TRAIN", "TRANSIENT", "Cluster",
+           "assert_same_state", "final_checkpoint", "finish_requeued", "free_ports", "job_env",
+           "job_segments", "mpich_hash", "read_log", "shown", "unavailable"]
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+TRAIN = ROOT / "hpc" / "slurm" / "train.sbatch"  # the job script users submit
 
 DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged")
 # What a Slurm client prints when slurmctld did not answer in time: the request may have been
@@ -244,3 +245,27 @@ class Cluster:
     def show(self, job: str) -> dict[str, str]:
         out = self.query("scontrol", "-o", "show", "job", job).splitlines()[0]
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def read_log(path: Path) -> str:
+    """A job's output file so far ("" before it exists)."""
+    return path.read_text() if path.exists() else ""
+
+
+def shown(log: str) -> str:
+    """A job log for an assertion message: without the per-step checkpoint lines, its end."""
+    return "\n".join(ln for ln in log.splitlines() if not ln.startswith("checkpoint /"))[-6000:]
+
+
+def finish_requeued(cluster: Cluster, job: str, out: Path, timeout: float) -> tuple[str, str]:
+    """After a time-limit requeue: give the next run a 10-minute limit (its warning is not due
+    while a test runs), wait for it, check the job completed after one requeue; the log's two
+    runs."""
+    cluster.control("scontrol", "update", f"JobId={job}", "TimeLimit=10",
+                    took_effect=lambda: cluster.show(job).get("TimeLimit") == "00:10:00")
+    info = cluster.wait(job, timeout=timeout)
+    log = read_log(out)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        shown(log)
+    run1, run2 = log.split(f"job {job} run 2 ")
+    return run1, run2
