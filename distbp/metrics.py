@@ -17,6 +17,7 @@ gradient before clipping.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -35,10 +36,14 @@ class MetricsLog:
     def __init__(self, path: Path, history: list[dict]):
         self.path = path
         self.history = list(history)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:  # rewrite up to the resumed step
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        self._file = open(path, "a", encoding="utf-8", buffering=1)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Rewritten up to the resumed step; O_NOFOLLOW: never written through a symlink.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+            self._file = open(fd, "w", encoding="utf-8", buffering=1)
+            self._file.writelines(json.dumps(r) + "\n" for r in self.history)
+        except OSError as e:  # a full disk, or a symlink planted since setup: one line
+            raise UsageError(f"cannot write metrics file '{self.path}': {one_line(e)}") from None
 
     def write(self, record: dict) -> None:
         self.history.append(record)

@@ -141,6 +141,9 @@ def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None
     if metrics_path.is_dir():
         raise ConfigError(f"{named}: metrics file '{metrics_path}' is a directory")
     label = f"{named}: metrics file '{metrics_path}'"
+    if metrics_path.is_symlink():
+        raise ConfigError(f"{label}: is a symbolic link; distbp never writes through one: "
+                          "give the file's own name or another")
     if not paths.check_regular_or_absent(metrics_path, label, ConfigError):
         return
     resume = cfg.resume if cfg.resume not in ("none", "auto") else None

@@ -210,6 +210,17 @@ def test_a_symlink_planted_in_the_checkpoint_directory_is_never_followed(files, 
     assert not newest.is_symlink() and checkpoint.load(newest).step == 3
 
 
+def test_a_metrics_file_that_is_a_symlink_is_refused_and_its_target_kept(files, tmp_path):
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("precious\n")
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    proc = distbp("train", "--data", files["good"], "--layers", "8,16,3", "--steps", "2",
+                  "--run-dir", run)
+    refused(proc, "is a symbolic link; distbp never writes through one")
+    assert victim.read_text() == "precious\n"
+
+
 def test_a_checkpoint_directory_writable_by_all_needs_the_sticky_bit(files, tmp_path):
     shared = tmp_path / "scratch"
     shared.mkdir()
