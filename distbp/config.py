@@ -33,7 +33,7 @@ from distbp.config_schema import (
 )
 from distbp.config_values import format_value
 from distbp.errors import ConfigError
-from distbp.paths import check_regular
+from distbp.paths import check_not_input, check_regular
 
 __all__ = ["DEFAULT_PRESET", "PRESET_DIR", "add_train_arguments", "list_presets", "load_toml",
            "preset_path", "resolve_config", "resolve_options"]
@@ -175,4 +175,10 @@ def _resolve(preset: str | None, config: str | None, given: dict[str, Any], sour
         _apply(merged, merged_origins, values, "")
         merged_origins.update(origins)
         values, origins = merged, merged_origins
-    return build_config(values, origins)
+    cfg = build_config(values, origins)
+    if config is not None:  # read already, but the run must not overwrite it
+        for option, output in (("--metrics", cfg.metrics_file), ("--trace", cfg.trace)):
+            if output is not None:
+                check_not_input(output, (("--config file", config),), f"{option} '{output}'",
+                                ConfigError)
+    return cfg

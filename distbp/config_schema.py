@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,11 @@ class TrainConfig:
                         choices=("auto", "on", "off"))
     bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut at layer "
                                  "boundaries)", FLOAT, check="positive", most=1e6)
+
+    @property
+    def metrics_file(self) -> str:
+        """The metrics file this run writes: --metrics, else metrics.jsonl in --run-dir."""
+        return self.metrics or os.path.join(self.run_dir, "metrics.jsonl")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields by name, JSON-able (tuples as lists); `from_dict` inverts it."""

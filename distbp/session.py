@@ -77,7 +77,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     ckpt_dir = Path(cfg.checkpoint_dir or Path(cfg.run_dir) / "checkpoints")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
-    metrics_path = Path(cfg.metrics or Path(cfg.run_dir) / "metrics.jsonl")
+    metrics_path = Path(cfg.metrics_file)
     for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
         paths.RunLock.check_free(directory, named, ConfigError)  # before reading checkpoints
     resume, notes = _find_resume(cfg, ckpt_dir)

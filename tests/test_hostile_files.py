@@ -194,6 +194,22 @@ def test_an_output_that_is_an_input_is_refused_and_left_intact(files, tmp_path):
     assert good.read_bytes() == before and ckpt.read_bytes() == ckpt_bytes
 
 
+def test_a_config_file_is_never_an_output_of_its_run(files, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = 2\n")
+    common = ("train", "--config", toml, "--data", files["good"], "--layers", "8,16,3",
+              "--run-dir", tmp_path / "run")
+    refused(distbp(*common, "--metrics", toml), "is the --config file")
+    refused(distbp(*common, "--trace", tmp_path / "." / "run.toml"), "is the --config file")
+    toml_in_run = tmp_path / "run" / "metrics.jsonl"  # the metrics file --run-dir implies
+    toml_in_run.parent.mkdir()
+    toml_in_run.write_text("steps = 2\n")
+    refused(distbp("train", "--config", toml_in_run, "--data", files["good"], "--layers",
+                   "8,16,3", "--run-dir", tmp_path / "run"), "is the --config file")
+    assert toml.read_text() == toml_in_run.read_text() == "steps = 2\n"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_symlink_planted_in_the_checkpoint_directory_is_never_followed(files, tmp_path):
     ckpts, victim = tmp_path / "run" / "checkpoints", tmp_path / "victim.txt"
     ckpts.mkdir(parents=True)
