@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from distbp.data.files import check_npy_size
-from distbp.data.hdf5 import check_storage
+from distbp.data.hdf5 import check_links, check_storage
 from distbp.data.sources import check_file
 from distbp.errors import DataError, one_line
 
@@ -75,10 +75,18 @@ def _describe_hdf5(path: str, y_name: str) -> dict:
     info: dict = {"file": path, "format": "hdf5", "bytes": os.path.getsize(path),
                   "datasets": {}}
     with h5py.File(path, "r", locking=False) as f:
+        # Every link, none followed: a soft or external one is refused as training refuses it
+        # (after the visit: h5py turns an exception raised inside it into a SystemError).
+        links: list[str] = []
+        f.visititems_links(lambda name, link: None if isinstance(link, h5py.HardLink)
+                           else links.append(name))
+        for name in links:
+            check_links(f, name, path)
         info["attributes"] = {k: _attr(v) for k, v in f.attrs.items()}
 
-        def visit(name, obj):
+        def visit(name, obj):  # reached by hard links only; storage refused as training does
             if isinstance(obj, h5py.Dataset):
+                check_storage(obj, info["bytes"], path)
                 info["datasets"][name] = {
                     "shape": list(obj.shape), "dtype": str(obj.dtype),
                     "chunks": list(obj.chunks) if obj.chunks else None,
@@ -86,7 +94,7 @@ def _describe_hdf5(path: str, y_name: str) -> dict:
                     "attributes": {k: _attr(v) for k, v in obj.attrs.items()}}
         f.visititems(visit)
         if isinstance(f.get(y_name), h5py.Dataset):
-            check_storage(f[y_name], os.path.getsize(path), path)  # before reading every row
+            check_storage(f[y_name], info["bytes"], path)  # before reading every row
             counts = _class_counts(f[y_name])
             if counts is not None:
                 info["class_counts"] = {str(k): v for k, v in counts.items()}
@@ -105,29 +113,25 @@ def _describe_npz(path: str, y_name: str) -> dict:
             for member in archive.infolist():
                 if member.filename.endswith(".npy"):  # np.savez stores key k as k.npy
                     name = member.filename[:-4]
-                    info["datasets"][name], kinds[name] = _npy_entry(archive, member)
+                    info["datasets"][name], kinds[name] = _npy_entry(archive, member, path)
         if kinds.get(y_name, "O") in "iuf":  # not object arrays: they would need pickle
-            with zipfile.ZipFile(path) as archive:  # its size, before NumPy allocates it
-                check_npy_size(archive, f"{y_name}.npy", path)
             with np.load(path, allow_pickle=False) as arrays:
                 counts = _class_counts(arrays[y_name])
             if counts is not None:
                 info["class_counts"] = {str(k): v for k, v in counts.items()}
+    except DataError:
+        raise  # already one line naming the file
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"data file {path!r}: not a valid NPZ archive ({one_line(err)})"
                         ) from None
     return info
 
 
-def _npy_entry(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[dict, str]:
-    """An archive member's description and dtype kind, read from its .npy header alone."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
-    with archive.open(member) as fh:
-        version = np.lib.format.read_magic(fh)
-        if version not in readers:
-            raise ValueError(f"{member.filename}: .npy format version {version} not supported")
-        shape, _, dtype = readers[version](fh)
+def _npy_entry(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: str
+               ) -> tuple[dict, str]:
+    """An archive member's description and dtype kind, from its .npy header alone (its size
+    refused as training refuses it)."""
+    shape, dtype = check_npy_size(archive, member.filename, path)
     compressed = member.compress_type != zipfile.ZIP_STORED
     return {"shape": list(shape), "dtype": str(dtype), "chunks": None,
             "filters": "zip deflate" if compressed else "uncompressed", "attributes": {}

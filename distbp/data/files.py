@@ -51,9 +51,11 @@ def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
     return ArrayDataset(x, y, source=path)
 
 
-def check_npy_size(archive: zipfile.ZipFile, member: str, path: str) -> None:
-    """Refuse an array whose .npy header claims more bytes than its zip member can hold (deflate
-    expands at most ~1032-fold) or than this machine's memory, before NumPy allocates it."""
+def check_npy_size(archive: zipfile.ZipFile, member: str, path: str
+                   ) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in a member's .npy header, read before NumPy allocates the array;
+    refused if it claims more bytes than the zip member can hold (deflate expands at most
+    ~1032-fold) or than this machine's memory."""
     info = archive.getinfo(member)
     with archive.open(info) as fh:
         version = np.lib.format.read_magic(fh)
@@ -70,6 +72,7 @@ def check_npy_size(archive: zipfile.ZipFile, member: str, path: str) -> None:
     if need > memory:
         raise data_error(path, f"array {member[:-4]!r} needs {need} bytes, more than this "
                                f"machine's memory ({memory}); store large data as HDF5")
+    return shape, dtype
 
 
 def _bundled_digits(split: str, labels: bool) -> ArrayDataset:

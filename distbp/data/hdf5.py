@@ -44,7 +44,7 @@ def _selection(indices: np.ndarray) -> slice | np.ndarray:
     return idx
 
 
-def _check_links(file: h5py.File, name: str, source: str) -> None:
+def check_links(file: h5py.File, name: str, source: str) -> None:
     """Refuse a soft or external link on the way to `name`, before following any: an external
     link may name a missing file or form a cycle, and either makes the data another file's."""
     parts = [p for p in name.split("/") if p]
@@ -85,7 +85,7 @@ def check_storage(ds: h5py.Dataset, file_bytes: int, source: str) -> None:
 def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
     """`name` opened with a CHUNK_CACHE_BYTES chunk cache. The cache is set per dataset at its
     first open (a file-wide setting would need h5py.File arguments), so open it low-level."""
-    _check_links(file, name, source)
+    check_links(file, name, source)
     if file.get(name, getclass=True) is h5py.Dataset:   # class only: nothing opened yet
         dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
         dapl.set_chunk_cache(_CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, _CHUNK_CACHE_W0)
