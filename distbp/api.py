@@ -33,7 +33,8 @@ from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
 from distbp.errors import ConfigError, NonFiniteError, SetupRefused
 from distbp.evaluation import batch_share, loss_sums, network_from_checkpoint, predict_rows
-from distbp.launch import Job, agree, exit_code, ranks_may_diverge
+from distbp.launch import (Job, agree, exit_code, ranks_may_diverge, set_threads,
+                           setup_timeout)
 from distbp.network import Network
 from distbp.session import (
     ARRAYS_LABEL,
@@ -75,8 +76,7 @@ def fit(model: Network | Sequence[int] | None = None, x=None, y=None, *, x_val=N
     job = Job()
     stop = catch_stop_signals()
     try:
-        comm = job.start(timeout=options.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S),
-                         threads=options.get("threads"))
+        comm = job.start(timeout=setup_timeout(options.get("collective_timeout")))
         cfg, datasets = agree(comm, lambda: _fit_config(model, x, y, x_val, y_val, options))
         return train(cfg, job, stop, datasets=datasets,
                      network=model if isinstance(model, Network) else None)
@@ -136,6 +136,7 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
     stops all through `agree`), print the start report on rank 0, train, share the records."""
     comm = job.comm
     comm.set_timeout(cfg.collective_timeout)  # the file may have set it
+    job.threads = set_threads(cfg.threads, comm.local_size)  # and --threads / threads =
     s = agree(comm, lambda: _session(cfg, comm, datasets))
     _agree_on_start(comm, s)
     agree(comm, lambda: claim_outputs(s, comm.rank))  # rank 0 locks its outputs

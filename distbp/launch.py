@@ -29,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from distbp.comm import get_comm
+from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S
 from distbp.errors import (
     EXIT_ERROR,
     EXIT_STDOUT_CLOSED,
@@ -41,7 +42,7 @@ from distbp.errors import (
 )
 
 __all__ = ["Job", "agree", "exit_code", "guarded", "ranks_may_diverge",
-           "set_threads"]
+           "set_threads", "setup_timeout"]
 
 
 class Job:
@@ -89,6 +90,19 @@ def agree(comm, build: Callable):
         raise SetupRefused(str(failure), carrier=True)
     raise SetupRefused(f"rank {int(first[0])} refused the setup (its message is printed there)",
                        carrier=False)
+
+
+def setup_timeout(raw) -> float | None:
+    """--collective-timeout as typed, read leniently for the collectives that check the
+    configuration: a value that will not validate gives the default, and resolve_config
+    reports it (once, through agree)."""
+    if isinstance(raw, str) and raw.strip().lower() == "none":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    return value if 0 < value < float("inf") else DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 def set_threads(requested: int | None, local_size: int) -> str:

@@ -7,6 +7,8 @@ import os
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from conftest import child_env, run_py
+
 from distbp.launch import set_threads
 
 VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK",
@@ -67,3 +69,26 @@ def test_threads_option_and_environment_variables_win(clean_env):
     clean_env.setenv("SLURM_CPUS_PER_TASK", "5")
     clean_env.delenv("MKL_NUM_THREADS")
     assert set_threads(None, 2).startswith("5 BLAS thread(s) per rank (SLURM_CPUS_PER_TASK)")
+
+
+def test_train_and_fit_apply_the_threads_setting(tmp_path):
+    """--threads on the command line, `threads` in a config file and in fit() reach the BLAS
+    limit: the start report says so, and fit gives the caller's limit back afterwards."""
+    toml = tmp_path / "run.toml"
+    toml.write_text("threads = 1\n")
+    for args in (["--threads", "1"], ["--config", str(toml)]):
+        proc = run_py(["-m", "distbp", "train", "--epochs", "1", "--run-dir",
+                       str(tmp_path / args[0].strip("-")), *args])
+        assert proc.returncode == 0, proc.stderr
+        assert "1 BLAS thread(s) per rank (--threads)" in proc.stdout, proc.stdout
+    script = ("import io, contextlib, distbp; from threadpoolctl import threadpool_info\n"
+              "out = io.StringIO()\n"
+              "with contextlib.redirect_stdout(out):\n"
+              f"    distbp.fit(epochs=1, threads=1, run_dir={str(tmp_path / 'fit')!r})\n"
+              "print('(--threads)' in out.getvalue())\n"
+              "print({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'})\n")
+    env = child_env()
+    env["OMP_NUM_THREADS"] = "2"
+    proc = run_py(["-c", script], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-3:] == ["True", "{2}", ""], proc.stdout

@@ -13,11 +13,10 @@ import signal
 from distbp.api import train
 from distbp.cli.args import EPILOG
 from distbp.config import add_train_arguments, resolve_config
-from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S
-from distbp.launch import agree
+from distbp.launch import agree, setup_timeout
 from distbp.stopflag import STOP_SIGNALS, catch_stop_signals
 
-__all__ = ["add_command", "setup_timeout"]
+__all__ = ["add_command"]
 
 
 def add_command(sub) -> None:
@@ -46,15 +45,3 @@ def run(args: argparse.Namespace, job) -> int:
         signal.signal(sig, signal.SIG_IGN)
     return code
 
-
-def setup_timeout(raw) -> float | None:
-    """--collective-timeout as typed, read leniently for the collectives that check the
-    configuration: a value that will not validate gives the default, and resolve_config
-    reports it (once, through agree)."""
-    if isinstance(raw, str) and raw.strip().lower() == "none":
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        return DEFAULT_COLLECTIVE_TIMEOUT_S
-    return value if 0 < value < float("inf") else DEFAULT_COLLECTIVE_TIMEOUT_S
