@@ -73,7 +73,7 @@ def test_second_run_into_a_running_directory_is_refused_naming_the_holder(tmp_pa
                 f"distbp: error: --run-dir '{run_dir}': '{run_dir / 'checkpoints'}' is in use "
                 f"by another run (host {socket.gethostname()} pid {first.pid}); wait for it "
                 "to end or give another directory"], err
-        assert not list(run_dir.glob("superseded-*")), "the second run moved nothing aside"
+        assert not list(run_dir.rglob("superseded-*")), "the second run moved nothing aside"
     finally:
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=60)

@@ -55,8 +55,10 @@ def test_each_progress_line_shows_its_records_numbers(tmp_path, data):
     proc = ok(train(0, data, tmp_path / "run", "--steps", "40", "--record-every", "2",
                     "--log-every", "10"))
     by_step = {r["step"]: r for r in metrics(tmp_path / "run") if r["kind"] == "train"}
-    for m in re.finditer(r"^step (\d+)/40 epoch (\d+) loss (\S+) acc (\S+) lr (\S+)",
-                         proc.stdout, re.M):
+    shown = list(re.finditer(r"^step (\d+)/40 epoch (\d+) loss (\S+) acc (\S+) lr (\S+)",
+                             proc.stdout, re.M))
+    assert [int(m[1]) for m in shown] == [10, 20, 30, 40], proc.stdout
+    for m in shown:
         r = by_step[int(m[1])]
         assert (int(m[2]), m[3], m[4]) == (r["epoch"], f"{r['loss']:.4f}",
                                            f"{r['accuracy']:.4f}")
