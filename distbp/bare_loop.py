@@ -32,7 +32,6 @@ class BareLoop:
         rng = np.random.default_rng(1)
         self.params = (rng.standard_normal(n_params(layers)) * 0.05).astype(dtype)
         self.grad = np.zeros_like(self.params)
-        self.scratch = np.zeros_like(self.params)
         self.W, self.b = param_views(self.params, layers)
         self.gW, self.gb = param_views(self.grad, layers)
         for b in self.b:
@@ -48,9 +47,8 @@ class BareLoop:
     def step(self) -> None:
         self.forward_backward()
         self.comm.allreduce_sum(self.grad)  # the one collective
-        self.grad /= len(self.rows) * self.comm.size
-        np.multiply(self.grad, self.lr, out=self.scratch)
-        self.params -= self.scratch
+        self.grad *= self.lr / (len(self.rows) * self.comm.size)  # one pass: α·mean
+        self.params -= self.grad
 
     def forward_backward(self) -> None:
         """The gradient of the summed loss over this rank's rows into `grad`."""

@@ -30,6 +30,7 @@ from distbp.scaling import (
     measure_forward_backward,
 )
 from distbp.session import ARRAYS_LABEL, build_session
+from distbp.step import TAIL
 from distbp.trainer import Trainer
 
 __all__ = ["DATA_BYTES", "bench_trainer", "executed_flops", "fit_model", "gemm_peak", "report",
@@ -72,6 +73,11 @@ def time_steps(trainer: Trainer, comm, warmup: int, steps: int) -> np.ndarray:
     return times
 
 
+def _allreduce_bytes(net: Network) -> int:
+    """Bytes of the step's one allreduce: the gradient and the step's scalars (step.TAIL)."""
+    return (net.params.size + TAIL) * net.dtype.itemsize
+
+
 def fit_model(net: Network, comm, med: np.ndarray, rows: int, algorithm: str,
               alpha: float | None = None, beta: float | None = None) -> StepModel:
     """The step model (distbp.scaling) of this launch: forward+backward measured at `rows` rows
@@ -83,7 +89,7 @@ def fit_model(net: Network, comm, med: np.ndarray, rows: int, algorithm: str,
     fb = measure_forward_backward(net, counts)
     comm.allreduce_max(fb)
     fb_fixed, fb_per_row = fit_line(counts, fb)
-    nbytes = (net.params.size + 4) * net.dtype.itemsize
+    nbytes = _allreduce_bytes(net)
     if comm.size > 1 and (alpha is None or beta is None):
         sizes = np.unique(np.geomspace(1, 2 * nbytes // 4, 10).astype(int))
         fitted = fit_alpha_beta(comm.size, sizes * 4, measure_allreduce(comm, sizes), algorithm)
@@ -136,7 +142,7 @@ def report(net: Network, batch: int, comm, threads: str, med: np.ndarray, peak: 
     rows = data.shard_bounds(batch, 0, p)[1]  # rank 0's share, the largest
     flops = executed_flops(net, rows)
     peak = max(peak, flops / compute)  # the best rate seen in this run: never above 100 %
-    nbytes = (net.params.size + 4) * net.dtype.itemsize  # gradient and the step's scalars
+    nbytes = _allreduce_bytes(net)
     return {
         "ranks": p, "comm": comm.name, "threads": threads, "dtype": str(net.dtype),
         "layers": list(net.layers), "params": int(net.params.size), "global_batch": batch,
