@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
     stops all through `agree`), print the start report on rank 0, train, share the records."""
     comm = job.comm
     comm.set_timeout(cfg.collective_timeout)  # the file may have set it
-    job.threads = set_threads(cfg.threads, comm.local_size)  # and --threads / threads =
+    job.threads = set_threads(cfg.threads, comm.local_size,  # and --threads / threads =
+                              cfg.reproducible)
     s = agree(comm, lambda: _session(cfg, comm, datasets))
     _agree_on_start(comm, s)
     agree(comm, lambda: claim_outputs(s, comm.rank))  # rank 0 locks its outputs
@@ -198,8 +199,6 @@ def start_report(s: Session, comm, threads: str, hosts: Sequence[str] = ()) -> l
     """Rank 0's lines at the start of a run: ranks, where they run (`hosts`: each rank's host
     name, by rank), data, model, batch split, config, resume."""
     cfg, net = s.cfg, s.net
-    sizes = sorted({b - a for a, b in (data.shard_bounds(cfg.batch_size, r, comm.size)
-                                       for r in range(comm.size))})
     lines = [
         f"distbp {__version__}: {comm.size} rank(s), {comm.name}; {threads}",
         *([placement(hosts)] if hosts else []),
@@ -207,12 +206,24 @@ def start_report(s: Session, comm, threads: str, hosts: Sequence[str] = ()) -> l
         + (f"; validation: {s.val.source} ({s.val.n} rows)" if s.val is not None else ""),
         f"model: {'-'.join(map(str, net.layers))} {net.activation}/{net.output}/{net.loss} "
         f"{net.dtype}, {net.params.size:,} parameters; optimizer {s.optimizer.name}",
-        f"global batch {cfg.batch_size} -> per-rank shard {'..'.join(map(str, sizes))} rows; "
+        f"global batch {cfg.batch_size} -> {_batch_split(cfg, comm.size)}; "
         f"{s.steps_per_epoch} steps per epoch; steps {s.start_step} -> {s.total_steps}",
         "config: " + json.dumps(cfg.to_dict(), sort_keys=True)]
     if s.resumed_from is not None:
         lines.append(f"resumed from {s.resumed_from} at step {s.start_step}")
     return lines + s.notes
+
+
+def _batch_split(cfg, size: int) -> str:
+    """'per-rank shard 32 rows', '4 micro-batches of 16 rows, 2 per rank (reproducible)'."""
+    def spread(count: int, parts: int) -> str:
+        return "..".join(map(str, sorted({b - a for a, b in (data.shard_bounds(count, r, parts)
+                                                             for r in range(parts))})))
+    if cfg.reproducible:
+        return (f"{cfg.micro_batches} micro-batches of {spread(cfg.batch_size, cfg.micro_batches)}"
+                f" rows, {spread(cfg.micro_batches, size)} per rank (reproducible)")
+    pieces = f" in {cfg.accumulate} pieces" if cfg.accumulate > 1 else ""
+    return f"per-rank shard {spread(cfg.batch_size, size)} rows{pieces}"
 
 
 def placement(hosts: Sequence[str]) -> str:

@@ -64,6 +64,8 @@ class Comm(Protocol):
     def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
     def gather(self, send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int],
                root: int | None = 0) -> None: ...
+    def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                  recv_counts: Sequence[int]) -> None: ...
     def barrier(self) -> None: ...
     def abort(self, code: int = 1) -> NoReturn: ...
 
@@ -90,6 +92,19 @@ def _check_gather(send: np.ndarray, recv: np.ndarray | None, counts: Sequence[in
         if recv.shape != (sum(counts), *send.shape[1:]) or recv.dtype != send.dtype:
             raise ValueError(f"gather: receive buffer {recv.shape} {recv.dtype} does not hold "
                              f"{sum(counts)} rows of {send.shape[1:]} {send.dtype}")
+
+
+def _check_alltoallv(send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                     recv_counts: Sequence[int], size: int) -> None:
+    """Flat buffers of one dtype holding what the counts (one per rank) say, serially and under
+    MPI alike."""
+    for buf, counts, what in ((send, send_counts, "send"), (recv, recv_counts, "receive")):
+        _check_buffer(buf)
+        if len(counts) != size or buf.ndim != 1 or buf.size != sum(counts):
+            raise ValueError(f"alltoallv: {what} buffer of {buf.shape} for counts {counts} "
+                             f"({size} rank(s))")
+    if send.dtype != recv.dtype:
+        raise ValueError(f"alltoallv: send {send.dtype} and receive {recv.dtype} differ")
 
 
 def _flush_std_streams() -> None:
@@ -139,6 +154,11 @@ class SerialComm:
         _check_gather(send, recv, counts, 0, 1, True)
         if root not in (0, None):
             raise ValueError(f"gather root {root} out of range for 1 rank")
+        recv[...] = send
+
+    def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                  recv_counts: Sequence[int]) -> None:
+        _check_alltoallv(send, send_counts, recv, recv_counts, 1)
         recv[...] = send
 
     def barrier(self) -> None:
@@ -235,6 +255,17 @@ class MPIComm:
             blocking(*args)
         else:
             self._wait(call(*args))
+
+    def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                  recv_counts: Sequence[int]) -> None:
+        """Rank q receives the q-th run of `send` (send_counts[q] elements, runs in rank order)
+        into the r-th run of its `recv` for each sender r: a personalized exchange."""
+        _check_alltoallv(send, send_counts, recv, recv_counts, self.size)
+        args = ([send, list(send_counts)], [recv, list(recv_counts)])
+        if self._timeout is None:
+            self._comm.Alltoallv(*args)
+        else:
+            self._wait(self._comm.Ialltoallv(*args))
 
     def barrier(self) -> None:
         if self._timeout is None:

@@ -53,5 +53,24 @@ def cross_problems(c) -> Iterator[tuple[str, str]]:
             and c.val_fraction is None:
         yield "early_stop", (f"--early-stop needs validation data: add --val-data FILE or "
                              f"--val-fraction F (--data {c.data!r} alone has none)")
+    yield from _reproducible_problems(c)
     if c.min_lr > c.lr:
         yield "min_lr", f"--min-lr must not exceed --lr, got --min-lr {c.min_lr} > --lr {c.lr}"
+
+
+def _reproducible_problems(c) -> Iterator[tuple[str, str]]:
+    """What --reproducible cannot keep its promise with: another BLAS thread count (a GEMM's
+    bits depend on it), buckets reduced while backward runs, pieces cut per rank."""
+    if not c.reproducible:
+        return
+    if c.threads is not None and c.threads != 1:
+        yield "threads", (f"--reproducible runs one BLAS thread per rank (a GEMM's bits depend "
+                          f"on the thread count), got --threads {c.threads}: start one rank per "
+                          f"core instead")
+    if c.overlap == "on":
+        yield "overlap", ("--reproducible sums the micro-batches in a fixed order after "
+                          "backward: --overlap on cannot apply (use auto or off)")
+    if c.accumulate != 1:
+        yield "accumulate", (f"--reproducible already works through each rank's micro-batches one "
+                             f"at a time: set their number per global batch with --micro-batches, "
+                             f"not --accumulate {c.accumulate}")

@@ -48,6 +48,7 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds before a stuck collective aborts
 # What the code can serve: steps fit a checkpoint's 8-digit name, a seed NumPy and an int64
 # (/rng/seed), rows an int64 index, a deadline a thread's timeout (TIMEOUT_MAX: ~292 years).
 MAX_STEPS, MAX_SEED, MAX_ROWS, MAX_TIMEOUT_S, MAX_THREADS = 10**8 - 1, 2**63 - 1, 2**62, 1e9, 4096
+MAX_ACCUMULATE = 1 << 16  # pieces of a batch: each one is a forward/backward pass of its own
 
 
 
@@ -179,6 +180,17 @@ class TrainConfig:
                         choices=("auto", "on", "off"))
     bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut at layer "
                                  "boundaries)", FLOAT, check="positive", most=1e6)
+    accumulate: int = _opt(1, "each rank works through its share of a global batch in N "
+                              "pieces, one after the other, before the one allreduce (memory "
+                              "per rank falls; the update is the same)", INT, check="positive",
+                           most=MAX_ACCUMULATE)
+    reproducible: bool = _opt(False, "bitwise-identical results on any number of ranks: every "
+                                     "global batch is cut into --micro-batches pieces by row "
+                                     "index, summed in a fixed order (one BLAS thread per rank)",
+                              BOOL)
+    micro_batches: int = _opt(8, "with --reproducible: micro-batches per global batch, whatever "
+                                 "the number of ranks (at most this many ranks)", INT,
+                              check="positive", most=MAX_ACCUMULATE)
 
     @property
     def metrics_file(self) -> str:

@@ -105,13 +105,16 @@ def setup_timeout(raw) -> float | None:
     return value if 0 < value < float("inf") else DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
-def set_threads(requested: int | None, local_size: int) -> str:
+def set_threads(requested: int | None, local_size: int, reproducible: bool = False) -> str:
     """Set BLAS threads per rank and say why: `requested` (--threads), else the user's
     OMP/OPENBLAS/MKL variable, else SLURM_CPUS_PER_TASK, else the CPUs this rank may use divided
     by the ranks on the node — unless the launcher pinned each rank to its own share of the node,
     then that share. That derived default is never more than the CPUs; --threads and the
-    *_NUM_THREADS variables are taken as given (the user may mean to oversubscribe)."""
-    if requested is not None:
+    *_NUM_THREADS variables are taken as given (the user may mean to oversubscribe).
+    `reproducible`: one thread, whatever else says (a GEMM's bits depend on the count)."""
+    if reproducible:
+        requested, why = 1, "--reproducible"
+    elif requested is not None:
         why = "--threads"
     else:
         requested, why = _threads_from_env()

@@ -7,7 +7,8 @@ memory, or read one step ahead from a file by a background thread.
             x, y = loader.get(step)        # from a file: read while step - 1 computed
 
 Contract: a step's rows are exactly data.shard_indices(epoch_permutation(seed, epoch, n),
-step_in_epoch, batch_size, rank, size), increasing. The thread only reads (no MPI, no
+step_in_epoch, batch_size, rank, size), increasing; in reproducible mode (BatchPlan.parts) the
+rank's run of micro-batches, each increasing (data.micro_cuts). The thread only reads (no MPI, no
 preprocessing). Buffers are reused all run long, so a step allocates no rows; the arrays `get`
 returns are valid until the next `get` (copy what you keep).
 """
@@ -19,6 +20,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator
+from itertools import pairwise
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,44 +43,58 @@ class ReaderError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which rows rank `rank` of `size` reads at each global step (docs/design.md's batch plan)."""
+    """Which rows rank `rank` of `size` reads at each global step (docs/design.md's batch plan).
+    `parts` > 0 (reproducible mode): each global batch is cut into that many micro-batches by
+    position and the rank takes a contiguous run of them (data.micro_cuts)."""
 
     seed: int
     steps_per_epoch: int
     batch_size: int
     rank: int
     size: int
+    parts: int = 0
 
-    def shard_rows(self, n: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, rows) for start <= step < stop: rows (k,) int64, increasing, views of the
-        epoch's permutation whose shards are sorted when the epoch begins (no per-step array)."""
+    def shard_rows(self, n: int, start: int, stop: int
+                   ) -> Iterator[tuple[int, np.ndarray, tuple[int, ...] | None]]:
+        """(step, rows, cuts) for start <= step < stop: rows (k,) int64, views of the epoch's
+        permutation whose shards are sorted when the epoch begins (no per-step array);
+        cuts: the micro-batches' bounds in rows (each sorted alone), None without parts."""
         perm_epoch, perm = -1, np.empty(0, np.int64)
         for step in range(start, stop):
             epoch, in_epoch = data.step_cursor(step, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = self._sorted_shards(n, epoch), epoch
-            lo, hi = self._shard_span(n, in_epoch)
-            yield step, perm[lo:hi]
+            lo, hi, cuts = self._shard_span(n, in_epoch)
+            yield step, perm[lo:hi], cuts
 
-    def _shard_span(self, n: int, in_epoch: int) -> tuple[int, int]:
-        """[lo, hi) of this rank's shard of step `in_epoch` in the epoch's permutation."""
+    def cuts(self, n: int, step: int) -> tuple[int, ...] | None:
+        """The micro-batches' bounds in this rank's rows of global `step` (None without parts)."""
+        return self._shard_span(n, data.step_cursor(step, self.steps_per_epoch)[1])[2]
+
+    def _shard_span(self, n: int, in_epoch: int) -> tuple[int, int, tuple[int, ...] | None]:
+        """[lo, hi) of this rank's shard of step `in_epoch` in the epoch's permutation, and its
+        micro-batches' bounds within it (None without parts)."""
         lo, hi = data.batch_bounds(in_epoch, n, self.batch_size)
+        if self.parts:
+            base, cuts = data.micro_cuts(hi - lo, self.parts, self.rank, self.size)
+            return lo + base, lo + base + cuts[-1], cuts
         a, b = data.shard_bounds(hi - lo, self.rank, self.size)
-        return lo + a, lo + b
+        return lo + a, lo + b, None
 
     def _sorted_shards(self, n: int, epoch: int) -> np.ndarray:
-        """The epoch's permutation, this rank's shards sorted in place (HDF5 wants increasing
-        rows; the SUM ignores order): the rows of data.shard_indices."""
+        """The epoch's permutation, this rank's shards (each micro-batch, with parts) sorted in
+        place (HDF5 wants increasing rows; the SUM ignores order): data.shard_indices' rows."""
         perm = data.epoch_permutation(self.seed, epoch, n)
         for in_epoch in range(self.steps_per_epoch):
-            lo, hi = self._shard_span(n, in_epoch)
-            perm[lo:hi].sort()
+            lo, hi, cuts = self._shard_span(n, in_epoch)
+            for a, b in pairwise(cuts or (0, hi - lo)):
+                perm[lo + a:lo + b].sort()
         return perm
 
     def most_rows(self, n: int) -> int:
         """The most rows this rank reads at one step: its share of an epoch's first batch,
         min(batch_size, n) rows (a later batch is that size or the smaller last one)."""
-        lo, hi = data.shard_bounds(min(self.batch_size, n), self.rank, self.size)
+        lo, hi, _ = self._shard_span(n, 0)
         return hi - lo
 
 
@@ -130,12 +146,12 @@ class ShardLoader:
     # ------------------------------------------------------------------ the reader thread
 
     def _run(self) -> None:
-        for step, rows in self.plan.shard_rows(self.ds.n, self.next_step, self.stop):
+        for step, rows, cuts in self.plan.shard_rows(self.ds.n, self.next_step, self.stop):
             if self._closing.is_set():
                 return
             try:
                 x, y = self._ring.buffers(step, len(rows))
-                self.ds.read_into(rows, x, y)
+                read_rows(self.ds, rows, cuts, x, y)
                 item = (step, x, y, None)
             except BaseException as err:  # noqa: BLE001 -- handed to the main thread
                 item = (step, None, None, err)
@@ -219,9 +235,9 @@ class MemoryLoader:
         if step != self.next_step or step >= self.stop:
             raise RuntimeError(f"MemoryLoader.get({step}): steps run {self.next_step}.."
                                f"{self.stop - 1} in order")
-        _, rows = next(self._rows)
+        _, rows, cuts = next(self._rows)
         x, y = self._ring.buffers(step, len(rows))
-        self.ds.read_into(rows, x, y)
+        read_rows(self.ds, rows, cuts, x, y)
         self.next_step += 1
         return x, y
 
@@ -233,6 +249,16 @@ class MemoryLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_rows(ds: data.Dataset, rows: np.ndarray, cuts: tuple[int, ...] | None,
+              x: np.ndarray, y: np.ndarray) -> None:
+    """`rows` into x and y: in one read, or one per micro-batch (each increasing alone)."""
+    if cuts is None:
+        ds.read_into(rows, x, y)
+        return
+    for a, b in pairwise(cuts):
+        ds.read_into(rows[a:b], x[a:b], y[a:b])
 
 
 def open_loader(ds: data.Dataset, plan: BatchPlan, start: int, stop: int

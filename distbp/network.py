@@ -79,7 +79,10 @@ class Network:
         self.weights, self.biases = param_views(self.params, self.layers)
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
-        self._grad_views: tuple = (None, [], [])
+        # views (dW, db) of the gradient buffers forward_loss was given, by memory address; each
+        # entry holds its buffer, so the address cannot be another array's while it is here
+        self._grad_views: dict[tuple[int, int], tuple] = {}
+        self._views: tuple = (None, [], [])  # the pass's: (buffer, dW, db)
         self._pass: _Workspace | None = None  # the workspace of the pass backward_layer ends
         self.last_output = np.empty((0, self.layers[-1]), self.dtype)
         # The input transform the network was trained with (keys of distbp.preprocess: scale,
@@ -155,8 +158,7 @@ class Network:
         self._targets(y, ws)
         total = loss_delta(self.output, self.loss, ws.z[-1], ws.a[-1], ws.t, ws.delta[-1],
                            ws.scratch)
-        if self._grad_views[0] is not grad:  # views of the caller's buffer, made once
-            self._grad_views = (grad, *param_views(grad, self.layers))
+        self._views = self._gradient_views(grad)
         self._pass = ws
         return total
 
@@ -212,7 +214,7 @@ class Network:
         ws = self._pass
         if ws is None:  # no rows
             return
-        _, dW, db = self._grad_views
+        _, dW, db = self._views
         k = j - 1
         delta = ws.delta[j]  # δ_j                                      (B, n_j)
         np.matmul(delta.T, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k             (n_j, n_k)
@@ -223,6 +225,19 @@ class Network:
             ws.delta[k] *= ws.z[k]  # δ_k = Δa_k ⊙ g′(z_k)              (B, n_k)
 
     # ---------------------------------------------------------------- helpers
+
+    def _gradient_views(self, grad: np.ndarray) -> tuple:
+        """(grad, dW views, db views), made once per buffer (also when `grad` is a new view
+        object of the same memory, as a slice taken every step is)."""
+        if self._views[0] is grad:  # the same buffer as the last pass: nothing to look up
+            return self._views
+        key = (grad.__array_interface__["data"][0], grad.size)
+        views = self._grad_views.get(key)
+        if views is None:
+            if len(self._grad_views) >= 16:  # bounded: a run uses a few buffers
+                self._grad_views.clear()
+            views = self._grad_views[key] = (grad, *param_views(grad, self.layers))
+        return views
 
     def _workspace(self, batch: int) -> _Workspace:
         ws = self._workspaces.get(batch)

@@ -40,7 +40,10 @@ _MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
                       "checkpoint_every", "keep", "resume", "metrics", "check_every", "log_every",
                       "record_every", "overlap", "bucket_mb", "trace", "progress", "threads",
                       "collective_timeout", "in_memory", "early_stop", "early_stop_metric",
-                      "early_stop_min_delta")
+                      "early_stop_min_delta", "accumulate")
+# Settings added after checkpoints were first written, with the value that does what a run
+# before them did: a checkpoint that lacks one of these ran with it.
+_ADDED_LATER = {"accumulate": 1, "reproducible": False, "micro_batches": 8}
 
 
 @dataclass
@@ -83,6 +86,10 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
         cfg = _merge_resumed_config(cfg, resume, notes)
+    if cfg.reproducible and size > cfg.micro_batches:
+        raise ConfigError(f"--reproducible cuts every global batch into {cfg.micro_batches} "
+                          f"micro-batches (--micro-batches) and each of the {size} ranks needs "
+                          f"at least one: raise --micro-batches or start fewer ranks")
     train, val = _open_data(cfg, local_size, notes) if datasets is None else datasets
     if datasets is not None and cfg.val_fraction is not None:
         train, val = data.split_validation(train, cfg.val_fraction, cfg.seed)
@@ -272,6 +279,7 @@ def _merge_resumed_config(cfg: TrainConfig, ckpt, notes: list[str]) -> TrainConf
     checkpoint.check_compatible(ckpt, layers=layers, activation=cfg.activation,
                                 output=cfg.output, loss=cfg.loss, dtype=cfg.dtype)
     new = dataclasses.replace(cfg, layers=tuple(layers)).to_dict()
+    old = {**_ADDED_LATER, **old}
     missing = sorted(set(new) - set(old))
     if missing:  # a setting it does not name cannot be compared: refuse, never guess
         raise CheckpointError(f"checkpoint '{ckpt.path}': its configuration lacks "

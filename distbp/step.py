@@ -22,7 +22,10 @@ import numpy as np
 
 from distbp import preprocess
 from distbp.errors import NonFiniteError
+from distbp.data import shard_bounds
+from distbp.network import n_params
 from distbp.optim import clip_grad_norm
+from distbp.ordered_sum import OrderedSum
 from distbp.overlap import Buckets, bucket_bytes
 from distbp.session import Session
 from distbp.stopflag import StopFlag
@@ -46,19 +49,33 @@ class Step:
         # reduced in buckets while backward runs (distbp.overlap), or all at once
         self.buckets = Buckets(self.buf, net.layers, bucket_bytes(session.cfg, comm), comm,
                                tracer)
-        self._sq = np.empty_like(self.grad) if session.cfg.clip_grad_norm else None  # scratch
+        cfg = session.cfg
+        # reproducible mode: micro-batches summed along one tree whatever the rank count
+        self.ordered = OrderedSum(comm, self.buf.size, cfg.micro_batches, net.dtype) \
+            if cfg.reproducible else None
+        self.pieces = cfg.accumulate  # without it: pieces of this rank's shard, one by one
+        self._piece = np.empty_like(self.grad) if self.pieces > 1 else None  # a piece's sums
+        self.layer_spans = {j: slice(n_params(net.layers[:j]), n_params(net.layers[:j + 1]))
+                            for j in range(1, net.depth + 1)}  # layer j's W_j, b_j in grad
+        self._sq = np.empty_like(self.grad) if cfg.clip_grad_norm else None  # scratch
         self.grad_norm: float | None = None  # the last step's, before clipping
         self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
         self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, step: int) -> float:
+    def __call__(self, x: np.ndarray, y: np.ndarray, step: int,
+                 cuts: tuple[int, ...] | None = None) -> float:
         """Optimizer step `step` (0-based, global) on this rank's rows: returns its learning
-        rate; `phase_s` holds its forward+backward, allreduce and update seconds."""
+        rate; `phase_s` holds its forward+backward, allreduce and update seconds. `cuts`: the
+        bounds of the rows' micro-batches (reproducible mode: BatchPlan.cuts)."""
         s = self.s
         t0 = time.perf_counter()
-        self._forward_backward(self.inputs(x), y)  # buckets' allreduces start as layers finish
-        t1 = time.perf_counter()
-        self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
+        if self.ordered is not None:
+            self._ordered_sums(self.inputs(x), y, cuts)
+            t1 = t0 + self.ordered.compute_s
+        else:
+            self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
+            t1 = time.perf_counter()
+            self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
         t2 = time.perf_counter()
         self._check_finite(step)
         count = float(self.tail[ROWS])
@@ -76,19 +93,51 @@ class Step:
     def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> None:
         """x (B, n_in), y (B,) or (B, n_out): this rank's shard -> gradient SUMS into self.grad,
         loss sum, rows, correct rows and the stop flag into self.tail (one buffer to reduce),
-        each layer handed to the buckets as soon as backward has produced it."""
-        net, trace = self.s.net, self.trace
-        t = time.perf_counter()
-        loss_sum = net.forward_loss(x, y, self.grad)
-        correct = net.count_correct(net.last_output, y) if len(y) else 0
-        tail = self.tail  # element by element: no temporary array per step
-        tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
-        tail[STOP] = self.stop.signum is not None
-        t = trace.span("forward", t, time.perf_counter())
-        for j in range(net.depth, 0, -1):
-            net.backward_layer(j, self.grad)
-            t = trace.span(trace.layer_names[j], t, time.perf_counter())
-            self.buckets.layer_done(j)
+        each layer handed to the buckets as soon as backward has produced it (in the last of
+        --accumulate's pieces, each piece's sums added as its backward produces them)."""
+        net, trace, tail = self.s.net, self.trace, self.tail
+        loss_sum = correct = 0.0
+        for k in range(self.pieces):
+            a, b = shard_bounds(len(y), k, self.pieces) if self.pieces > 1 else (0, len(y))
+            xk, yk = x[a:b], y[a:b]
+            into = self.grad if k == 0 else self._piece
+            t = time.perf_counter()
+            loss_sum += net.forward_loss(xk, yk, into)
+            correct += net.count_correct(net.last_output, yk) if len(yk) else 0
+            t = trace.span("forward", t, time.perf_counter())
+            last = k == self.pieces - 1
+            if last:  # element by element: no temporary array per step
+                tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
+                tail[STOP] = self.stop.signum is not None
+            for j in range(net.depth, 0, -1):
+                net.backward_layer(j, into)
+                if k:
+                    at = self.layer_spans[j]
+                    self.grad[at] += self._piece[at]
+                t = trace.span(trace.layer_names[j], t, time.perf_counter())
+                if last:
+                    self.buckets.layer_done(j)
+
+    def _ordered_sums(self, x: np.ndarray, y: np.ndarray, cuts: tuple[int, ...]) -> None:
+        """Reproducible mode: the rank's micro-batches, one forward/backward each, into the
+        step's buffer as sums along distbp.ordered_sum's tree (the same bits on any number of
+        ranks); the stop flag rides in the rank's first micro-batch."""
+        net, trace, first = self.s.net, self.trace, self.ordered.first
+        size = net.params.size
+
+        def micro_batch(m: int, buf: np.ndarray) -> None:
+            a, b = cuts[m - first], cuts[m - first + 1]
+            t = time.perf_counter()
+            buf[size + LOSS_SUM] = net.forward_loss(x[a:b], y[a:b], buf[:size])
+            buf[size + CORRECT] = net.count_correct(net.last_output, y[a:b]) if b > a else 0
+            buf[size + ROWS] = b - a
+            buf[size + STOP] = m == first and self.stop.signum is not None
+            t = trace.span("forward", t, time.perf_counter())
+            for j in range(net.depth, 0, -1):
+                net.backward_layer(j, buf[:size])
+                t = trace.span(trace.layer_names[j], t, time.perf_counter())
+
+        self.ordered.reduce(micro_batch, self.buf)
 
     def _check_finite(self, step: int) -> None:
         # All ranks hold the same reduced buffer, so they all agree to stop at this step.

@@ -48,6 +48,7 @@ class Trainer:
         self.trace = Tracer(session.cfg.trace is not None, session.net.depth)
         self.stepper = Step(session, comm, self.stop, self.trace)  # buffers, buckets, the step
         self.loader: ShardLoader | MemoryLoader | None = None  # open while train() runs
+        self.plan: BatchPlan | None = None  # the loader's
         self.last_checkpoint: Path | None = session.resumed_from
         self._log: RunLog | None = None
         # the loss of predicting the class frequencies; loss and rows of epoch 0's first half
@@ -119,8 +120,9 @@ class Trainer:
         self._at_step = step + 1
         t = time.perf_counter()
         x, y = self.loader.get(step)
+        cuts = self.plan.cuts(self.s.train.n, step) if self.plan.parts else None
         self.trace.span("data", t, time.perf_counter())
-        lr = self.stepper(x, y, step)
+        lr = self.stepper(x, y, step, cuts)
         if self.trace.on:  # the step's span holds its phases (nested by time, as Perfetto draws)
             self.trace.span(f"step {step + 1}", t, time.perf_counter())
         return lr
@@ -243,9 +245,10 @@ class Trainer:
         """This rank's shards of steps start..total: from memory, or read one step ahead by a
         background thread (no MPI in it); closed by train() on every way out."""
         s, cfg = self.s, self.s.cfg
-        plan = BatchPlan(cfg.seed, s.steps_per_epoch, cfg.batch_size, self.comm.rank,
-                         self.comm.size)
-        self.loader = open_loader(s.train, plan, s.start_step, max(s.start_step, s.total_steps))
+        self.plan = BatchPlan(cfg.seed, s.steps_per_epoch, cfg.batch_size, self.comm.rank,
+                              self.comm.size, cfg.micro_batches if cfg.reproducible else 0)
+        self.loader = open_loader(s.train, self.plan, s.start_step,
+                                  max(s.start_step, s.total_steps))
         return self.loader
 
     def _setup_preprocess(self) -> None:

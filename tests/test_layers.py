@@ -19,7 +19,7 @@ LAYERS = [
                 "distbp.gradcheck"]),
     ("communication", ["distbp.comm", "distbp.launcher_env"]),
     ("data", ["distbp.data", "distbp.data.*", "distbp.loader", "distbp.in_memory",
-              "distbp.preprocess", "distbp.idx",
+              "distbp.preprocess", "distbp.idx", "distbp.ordered_sum",
               "distbp.data_import"]),
     ("state", ["distbp.checkpoint", "distbp.ckpt_integrity"]),
     ("run", ["distbp.config", "distbp.config_schema", "distbp.config_values", "distbp.config_rules",

@@ -23,6 +23,7 @@ from distbp.data.plan import (
     SCAN_BYTES,
     batch_bounds,
     epoch_permutation,
+    micro_cuts,
     shard_bounds,
     shard_indices,
     step_cursor,
@@ -47,7 +48,7 @@ from distbp.data.validate import validate_dataset
 
 __all__ = ["BUNDLED_DIR", "CHUNK_CACHE_BYTES", "HDF5_SUFFIXES", "SCAN_BYTES", "SPAN_BYTES",
            "SYNTHETIC_BLOCK_BYTES", "ArrayDataset", "Dataset", "HDF5Dataset", "SubsetDataset",
-           "batch_bounds", "epoch_permutation", "open_dataset",
+           "batch_bounds", "epoch_permutation", "micro_cuts", "open_dataset",
            "row_buffers", "shard_bounds", "shard_indices", "split_validation", "step_cursor",
            "steps_per_epoch", "subset", "synthetic_blocks", "synthetic_source",
            "synthetic_spiral", "synthetic_teacher", "validate_dataset"]

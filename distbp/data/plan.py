@@ -16,8 +16,8 @@ import numpy as np
 
 from distbp.errors import ConfigError
 
-__all__ = ["SCAN_BYTES", "batch_bounds", "epoch_permutation", "row_blocks", "shard_bounds",
-           "shard_indices", "step_cursor", "steps_per_epoch"]
+__all__ = ["SCAN_BYTES", "batch_bounds", "epoch_permutation", "micro_cuts", "row_blocks",
+           "shard_bounds", "shard_indices", "step_cursor", "steps_per_epoch"]
 
 SCAN_BYTES = 16 << 20          # validation reads at most ~this many bytes of rows at a time
 
@@ -62,6 +62,18 @@ def shard_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(count, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (rank < extra)
+
+
+def micro_cuts(count: int, parts: int, rank: int, size: int) -> tuple[int, ...]:
+    """Reproducible mode's cut of a global batch of `count` rows: micro-batch m (of `parts`)
+    holds positions shard_bounds(count, m, parts) of the batch, whoever computes it, and rank
+    takes the contiguous run of micro-batches shard_bounds(parts, rank, size). Returns
+    (offset of its first micro-batch in the batch, (0, c_1, ..., rows)): the micro-batches'
+    bounds within the rank's rows, one more entry than micro-batches it takes."""
+    first, stop = shard_bounds(parts, rank, size)
+    base = shard_bounds(count, first, parts)[0] if first < parts else count
+    ends = [shard_bounds(count, m, parts)[1] - base for m in range(first, stop)]
+    return base, (0, *ends)
 
 
 def shard_indices(perm: np.ndarray, step_in_epoch: int, batch: int, rank: int,
