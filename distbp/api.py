@@ -266,12 +266,11 @@ def load(path: str | Path) -> Network:
 
 def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
     """Mean loss and accuracy of `net` on arrays x, y (with `net.preprocess`): each rank takes
-    whole batches of the rows, one allreduce; the same dict on every rank."""
+    whole batches of the rows, summed in a fixed order; the same dict on every rank, with the
+    same bits on any number of ranks."""
     ds, batch = _arrays(net, x, y), _batch(batch_size)
     with _job() as comm:
-        lo, hi = batch_share(ds.n, batch, comm.rank, comm.size)
-        sums = loss_sums(net, ds, _inputs(net), lo, hi, batch)
-        comm.allreduce_sum(sums)
+        sums = loss_sums(net, ds, _inputs(net), batch, comm)
     n = max(float(sums[2]), 1.0)
     return {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
             "samples": int(sums[2])}

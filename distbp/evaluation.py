@@ -4,14 +4,13 @@ evaluate`, `distbp predict` and the Python API. A row meets the same rows in its
 number of ranks, so predictions are bitwise those of one process.
 
     m = open_checkpoint_data("ckpt.h5", "test.h5", labels=True)  # model, data, inputs, batch
-    sums = loss_sums(net, ds, inputs, *batch_share(ds.n, batch, rank, size), batch)  # this rank
-    comm.allreduce_sum(sums)                       # [loss sum, correct rows, rows] of all rows
+    sums = loss_sums(net, ds, inputs, batch, comm)  # [loss sum, correct rows, rows], all rows
     predict_to_file(net, ds, inputs, comm, batch, writer)        # rank 0 writes, rows in order
 
 `inputs` (preprocess.Inputs) turns raw rows into network inputs with the training
 preprocessing, so an evaluation sees the bits the trainer's validation saw. Rows go through the
-network `batch` at a time; the loss of all rows is the sum over batches, so it does not depend on
-the number of ranks beyond summation order.
+network `batch` at a time; the loss of all rows is the sum over batches along one fixed tree
+(distbp.ordered_sum), so its bits do not depend on the number of ranks.
 
 Prediction gathers rows to rank 0 in rounds: in round t each rank predicts the next C rows of its
 share and one Gatherv brings them to rank 0 (values bit for bit, −0.0 included), which writes
@@ -24,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,17 @@ from distbp import checkpoint, data, paths, preprocess
 from distbp.durable import replace_durably, umask
 from distbp.errors import CheckpointError, ConfigError, DataError, one_line
 from distbp.network import Network
+from distbp.ordered_sum import OrderedSum
 from distbp.session import checked_config
 from distbp.version import __version__
 
 __all__ = ["GATHER_BYTES", "Loaded", "PredictionFile", "batch_share", "gather_plan", "loss_sums",
            "network_from_checkpoint", "open_checkpoint_data", "output_labels", "predict_rows",
            "predict_to_file", "round_bounds"]
+
+def _call(f: Callable) -> object:
+    return f()
+
 
 GATHER_BYTES = 16 << 20  # predict: rows gathered per round, all ranks together, in bytes
 DEFAULT_BATCH = 256      # rows per forward pass when the checkpoint's config names no batch size
@@ -110,14 +115,24 @@ def open_checkpoint_data(path, data_path: str | None, *, x_name: str | None = No
     return loaded
 
 
-def loss_sums(net: Network, ds: data.Dataset, inputs: preprocess.Inputs, lo: int, hi: int,
-              batch: int) -> np.ndarray:
-    """[loss sum, correct rows, rows] over rows lo..hi-1 of `ds`, float64 (3,)."""
+def loss_sums(net: Network, ds: data.Dataset, inputs: preprocess.Inputs, batch: int, comm,
+              guard: Callable[[Callable], object] = _call) -> np.ndarray:
+    """[loss sum, correct rows, rows] over every row of `ds`, float64 (3,), the same on every
+    rank, with the same bits on any number of ranks: batch m (rows m·batch ..) is part m of a
+    distbp.ordered_sum tree, each rank taking its share of whole batches (`batch_share`).
+    `guard` runs the reading and computing part, which has no collective in it (the CLI passes
+    launch.agree, so a read that fails on one rank stops them all)."""
+    parts = max(1, -(-ds.n // batch))
     totals = np.zeros(3, np.float64)
-    for start in range(lo, hi, batch):
-        x, y = ds.read(np.arange(start, min(start + batch, hi), dtype=np.int64))
+
+    def one_batch(m: int, out: np.ndarray) -> None:
+        x, y = ds.read(np.arange(m * batch, min((m + 1) * batch, ds.n), dtype=np.int64))
         loss, correct = net.loss_sum(inputs(x), y)
-        totals += (loss, correct, len(y))
+        out[:] = (loss, correct, len(y))
+
+    summed = OrderedSum(comm, 3, parts, np.float64)
+    guard(lambda: summed.compute(one_batch, totals))
+    summed.exchange(totals)
     return totals
 
 

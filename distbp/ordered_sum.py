@@ -93,18 +93,28 @@ class OrderedSum:
     def reduce(self, leaf: Callable[[int, np.ndarray], None], out: np.ndarray) -> None:
         """out (n,) = the sum of every part, on every rank; leaf(m, buf) writes part m's sum into
         buf (n,), overwriting it, for this rank's parts first..stop-1, in increasing order."""
+        self.compute(leaf, out)
+        self.exchange(out)
+
+    def compute(self, leaf: Callable[[int, np.ndarray], None], out: np.ndarray) -> None:
+        """reduce's first half, no collective in it (a caller may check that every rank got
+        through it before the exchange): this rank's node sums; on one rank, the total in out."""
         t0 = time.perf_counter()
         if self.comm.size == 1:
             self._node_sum(0, self.parts, leaf, out, 0)
-            self.compute_s = time.perf_counter() - t0
-            return
-        if len(self.nodes) == 1:  # one node: its sum, owner by owner, IS the send buffer
+        elif len(self.nodes) == 1:  # one node: its sum, owner by owner, IS the send buffer
             self._node_sum(*self.nodes[0], leaf, self.send, 0)
-        for i, node in enumerate(self.nodes if len(self.nodes) > 1 else ()):
-            self._node_sum(*node, leaf, self._node, 0)
-            for (a, b), run in zip(self.slices, self._runs):  # owner q's run: node i's slice q
-                self.send[run + i * (b - a):run + (i + 1) * (b - a)] = self._node[a:b]
-        self.compute_s = time.perf_counter() - t0  # the parts' sums, before the exchange
+        else:
+            for i, node in enumerate(self.nodes):
+                self._node_sum(*node, leaf, self._node, 0)
+                for (a, b), run in zip(self.slices, self._runs):  # owner q's run: node i's
+                    self.send[run + i * (b - a):run + (i + 1) * (b - a)] = self._node[a:b]
+        self.compute_s = time.perf_counter() - t0
+
+    def exchange(self, out: np.ndarray) -> None:
+        """reduce's second half, on every rank: out (n,) = the sum of every part."""
+        if self.comm.size == 1:
+            return
         self.comm.alltoallv(self.send, self.send_counts, self.recv, self.recv_counts)
         np.copyto(self.own, self._slice_total(0, self.parts, 0))
         self.comm.gather(self.own, out, [b - a for a, b in self.slices], root=None)

@@ -10,9 +10,10 @@ arrays, applied in this order to the raw rows x (B, n_in) read from disk:
 The arithmetic runs in the buffer's dtype (the network's), in exactly this order, so an evaluation
 of a checkpoint sees the bits the trainer's validation saw.
 
-feature_stats() computes mean and std for --standardize: the training set's per-feature moments,
-each rank reading a contiguous share, combined exactly by two small allreduces. It lives here, by
-the arithmetic that uses its result, rather than in the training loop.
+feature_stats() computes mean and std for --standardize: the training set's per-feature sums,
+each rank reading its share of blocks of rows, added in one fixed order (the same bits on any
+number of ranks). It lives here, by the arithmetic that uses its result, rather than in the
+training loop.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from distbp.data import shard_bounds
+from distbp.ordered_sum import OrderedSum
 
-__all__ = ["KEYS", "Inputs", "apply", "check", "feature_stats", "share_moments"]
+__all__ = ["KEYS", "STATS_BLOCK", "Inputs", "apply", "check", "feature_stats"]
 
 KEYS = ("scale", "mean", "std")
 
@@ -81,44 +82,39 @@ def check(params: Mapping[str, np.ndarray], n_inputs: int) -> None:
                              f"network has {n_inputs} inputs")
 
 
+STATS_BLOCK = 4096  # rows per part of feature_stats' sums
+
+
 def feature_stats(ds, comm, scale: float | None, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and population std (n_in,) each, in `dtype`, of the rows of dataset `ds`
     times `scale` (None: unscaled), computed in float64; a collective over `comm`.
 
-    Each rank reads its contiguous share once for its count, mean and M2 (the sum of squared
-    deviations from its own mean); Chan et al.'s parallel formula combines them exactly:
-    mean = Σ n_r·mean_r / n, M2 = Σ (M2_r + n_r·(mean_r − mean)²): two small allreduces.
-    Unlike E[x²] − E[x]², nothing cancels when a feature's offset dwarfs its spread. A constant
-    feature gets std 1, so it passes through (x − mean) / std as 0."""
-    n_in = ds.n_features
-    lo, hi = shard_bounds(ds.n, comm.rank, comm.size)
-    n_r, mean_r, m2_r = share_moments(ds, lo, hi, scale, n_in)
-    sums = np.append(mean_r * n_r, float(n_r))
-    comm.allreduce_sum(sums)
-    mean = sums[:n_in] / sums[-1]
-    m2 = m2_r + n_r * (mean_r - mean) ** 2
-    comm.allreduce_sum(m2)
-    var = m2 / sums[-1]
+    Two passes, each a sum over blocks of STATS_BLOCK rows along distbp.ordered_sum's fixed tree
+    (each rank reads its share of the blocks), so the statistics have the same bits on any
+    number of ranks: the mean = Σx / n, then M2 = Σ(x − mean)², the sum of squared deviations
+    from that mean (nothing cancels when a feature's offset dwarfs its spread, as it would in
+    E[x²] − E[x]²). A constant feature gets std 1, so it passes through (x − mean) / std as 0."""
+    n_in, n = ds.n_features, ds.n
+    summed = OrderedSum(comm, n_in, max(1, -(-n // STATS_BLOCK)), np.float64)
+    total = np.empty(n_in)
+    summed.reduce(lambda m, out: np.sum(_block(ds, m, scale), axis=0, out=out), total)
+    mean = total / max(n, 1)
+
+    def squares(m: int, out: np.ndarray) -> None:
+        x = _block(ds, m, scale)
+        x -= mean
+        np.einsum("ij,ij->j", x, x, out=out)
+
+    summed.reduce(squares, total)
+    var = total / max(n, 1)
     std = np.where(var > 1e-12, np.sqrt(var), 1.0)
     return mean.astype(dtype), std.astype(dtype)
 
 
-def share_moments(ds, lo: int, hi: int, scale: float | None, n_in: int
-                  ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows, mean (n_in,), M2 (n_in,)) of rows lo..hi-1 of `ds` times `scale`, float64, read in
-    blocks of 4096 rows: each block's own mean and M2 (two passes over the block in memory),
-    merged into the running ones by Chan et al.'s pairwise update. (0, zeros, zeros) if empty."""
-    n, mean, m2 = 0, np.zeros(n_in), np.zeros(n_in)
-    for start in range(lo, hi, 4096):
-        rows = np.arange(start, min(start + 4096, hi))
-        x = ds.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
-        if scale is not None:
-            x *= scale
-        k, block_mean = len(rows), x.mean(axis=0)
-        x -= block_mean
-        block_m2 = np.einsum("ij,ij->j", x, x)
-        delta, total = block_mean - mean, n + k
-        mean += delta * (k / total)
-        m2 += block_m2 + delta * delta * (n * k / total)
-        n = total
-    return n, mean, m2
+def _block(ds, m: int, scale: float | None) -> np.ndarray:
+    """Rows of block m (STATS_BLOCK rows from m · STATS_BLOCK) as float64 (k, n_in), scaled."""
+    rows = np.arange(m * STATS_BLOCK, min((m + 1) * STATS_BLOCK, ds.n), dtype=np.int64)
+    x = ds.read(rows)[0].reshape(len(rows), -1).astype(np.float64)
+    if scale is not None:
+        x *= scale
+    return x

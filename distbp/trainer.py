@@ -24,7 +24,7 @@ import numpy as np
 from distbp import checkpoint, data, preprocess
 from distbp.early_stop import stop_reason
 from distbp.errors import EXIT_OK, EXIT_PREEMPTED, CollectiveTimeout, NonFiniteError
-from distbp.evaluation import batch_share, loss_sums
+from distbp.evaluation import loss_sums
 from distbp.loader import BatchPlan, MemoryLoader, ShardLoader, open_loader
 from distbp.metrics import Interval, MetricsLog, Progress, RunLog
 from distbp.session import Session, peak_lr, stored_config
@@ -284,11 +284,9 @@ class Trainer:
 
     def _validate(self, step: int, epoch: int, log: RunLog) -> None:
         """Exact loss and accuracy over the validation set (distbp.evaluation: each rank takes
-        whole batches, one allreduce), recorded by rank 0 and kept for early stopping."""
+        whole batches, summed along one tree), recorded by rank 0 and kept for early stopping."""
         s, comm = self.s, self.comm
-        lo, hi = batch_share(s.val.n, s.cfg.batch_size, comm.rank, comm.size)
-        totals = loss_sums(s.net, s.val, self.stepper.inputs, lo, hi, s.cfg.batch_size)
-        comm.allreduce_sum(totals)  # the same totals on every rank
+        totals = loss_sums(s.net, s.val, self.stepper.inputs, s.cfg.batch_size, comm)
         n = max(totals[2], 1.0)
         record = {"kind": "val", "step": step, "epoch": epoch, "loss": totals[0] / n,
                   "accuracy": totals[1] / n, "samples": int(totals[2])}

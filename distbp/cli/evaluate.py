@@ -5,8 +5,9 @@
 
 Every rank loads and verifies the checkpoint and opens the data; no other collective runs until
 all ranks agree that this worked (bad input is exit 2 everywhere, never a hang). Each rank sums
-its share of whole batches (distbp.evaluation.loss_sums, as the trainer's validation does),
-then ONE allreduce: the numbers the trainer's validation printed for the same data and batch.
+its share of whole batches and the batches' sums are added along one fixed tree
+(distbp.evaluation.loss_sums, as the trainer's validation does): the numbers the trainer's
+validation printed for the same data and batch, with the same bits on any number of ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from distbp.cli.args import add_checkpoint_data_arguments
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S
 from distbp.errors import EXIT_OK
-from distbp.evaluation import batch_share, loss_sums, open_checkpoint_data
+from distbp.evaluation import loss_sums, open_checkpoint_data
 from distbp.launch import agree
 
 __all__ = ["add_command"]
@@ -40,9 +41,7 @@ def run(args: argparse.Namespace, job) -> int:
         args.checkpoint, args.data, x_name=args.x_name, y_name=args.y_name,
         batch=args.batch_size, labels=True, rank=comm.rank, size=comm.size))
     try:
-        lo, hi = batch_share(m.ds.n, m.batch, comm.rank, comm.size)
-        totals = agree(comm, lambda: loss_sums(m.net, m.ds, m.inputs, lo, hi, m.batch))
-        comm.allreduce_sum(totals)
+        totals = loss_sums(m.net, m.ds, m.inputs, m.batch, comm, lambda f: agree(comm, f))
     finally:
         m.close()
     if comm.rank == 0:
