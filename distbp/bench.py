@@ -40,20 +40,25 @@ DATA_BYTES = 64 << 20  # random inputs the bench trains on, at most
 
 
 def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir: Path,
-                  steps: int, overlap: str = "auto", bucket_mb: float = 1.0) -> Trainer:
+                  steps: int, overlap: str = "auto", bucket_mb: float = 1.0,
+                  micro_batches: int | None = None) -> Trainer:
     """A Trainer of `steps` steps on random rows in memory (labels from the network's
     classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so
     the epoch's shuffle, done once per epoch, stays out of most steps; plain SGD (the default) at
-    lr 0.01, no checkpoint or check in between."""
+    lr 0.01, no checkpoint or check in between. `micro_batches`: in reproducible mode, with that
+    many micro-batches (the caller runs it on one BLAS thread, as `distbp train` does)."""
     rng = np.random.default_rng(0)
     n = batch * max(1, min(64, DATA_BYTES // (batch * layers[0] * np.dtype(dtype).itemsize)))
     x = rng.standard_normal((n, layers[0])).astype(dtype)
     y = rng.integers(0, layers[-1], n)
-    cfg = TrainConfig.from_dict({
+    options = {
         "data": f"{ARRAYS_LABEL}random>", "layers": list(layers), "activation": activation,
         "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": "sgd",
         "momentum": 0.0, "lr": 0.01, "run_dir": str(run_dir), "check_every": None,
-        "progress": "lines", "overlap": overlap, "bucket_mb": bucket_mb}, "distbp bench")
+        "progress": "lines", "overlap": overlap, "bucket_mb": bucket_mb}
+    if micro_batches is not None:
+        options.update(reproducible=True, micro_batches=micro_batches)
+    cfg = TrainConfig.from_dict(options, "distbp bench")
     s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size,
                       datasets=(data.ArrayDataset(x, y, source="random rows"), None))
     return Trainer(s, comm)

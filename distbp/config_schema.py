@@ -188,7 +188,7 @@ class TrainConfig:
                                      "global batch is cut into --micro-batches pieces by row "
                                      "index, summed in a fixed order (one BLAS thread per rank)",
                               BOOL)
-    micro_batches: int = _opt(8, "with --reproducible: micro-batches per global batch, whatever "
+    micro_batches: int = _opt(4, "with --reproducible: micro-batches per global batch, whatever "
                                  "the number of ranks (at most this many ranks)", INT,
                               check="positive", most=MAX_ACCUMULATE)
 

@@ -41,9 +41,10 @@ _MUTABLE_ON_RESUME = ("steps", "epochs", "min_lr", "run_dir", "checkpoint_dir",
                       "record_every", "overlap", "bucket_mb", "trace", "progress", "threads",
                       "collective_timeout", "in_memory", "early_stop", "early_stop_metric",
                       "early_stop_min_delta", "accumulate")
-# Settings added after checkpoints were first written, with the value that does what a run
-# before them did: a checkpoint that lacks one of these ran with it.
-_ADDED_LATER = {"accumulate": 1, "reproducible": False, "micro_batches": 8}
+# Settings added after checkpoints were first written; their defaults do what a run before them
+# did, so a checkpoint that lacks one of these ran with its default.
+_ADDED_LATER = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.name in ("accumulate", "reproducible", "micro_batches")}
 
 
 @dataclass

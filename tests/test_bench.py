@@ -95,6 +95,23 @@ def test_bench_baseline_times_a_bare_loop_of_the_same_shapes_and_gives_the_ratio
     assert refused.returncode == 2 and "--baseline" in refused.stderr
 
 
+def test_bench_reproducible_times_the_reproducible_step_beside_the_default_one():
+    out = run_mpi(2, [*ARGS, "--reproducible", "--micro-batches", "2"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    q = r["reproducible"]
+    assert q["micro_batches"] == 2 and q["step_ms"] > 0
+    assert q["cost_ratio"] == pytest.approx(q["step_ms"] / q["default_step_ms"])
+    text = run_py([*ARGS[:-1], "--reproducible"], timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "reproducible mode (4 micro-batches, 1 BLAS thread)" in text.stdout
+    refused = run_mpi(2, [*ARGS, "--reproducible", "--micro-batches", "1"], timeout=60)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert [line for line in error_lines(refused.stderr) if line.startswith("distbp:")] == [
+        "distbp: error: --reproducible: each of the 2 ranks needs one of the 1 micro-batches: "
+        "raise --micro-batches"]
+
+
 # shapes whose smallest per-step array (batch x outputs) is 8 KiB or more, above the budget
 @pytest.mark.parametrize("layers,activation,batch", [((784, 128, 16), "relu", 128),
                                                      ((64, 256, 256, 16), "sigmoid", 256)])

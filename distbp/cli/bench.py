@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from distbp import bench
 from distbp.bare_loop import BareLoop
@@ -23,6 +24,7 @@ from distbp.cli.args import add_network_arguments, positive_int
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
+from distbp.launch import agree
 from distbp.plot import require_matplotlib
 from distbp.plot_files import picture_format
 from distbp.scaling import ALGORITHMS, plot_efficiency, table
@@ -56,6 +58,12 @@ def add_command(sub) -> None:
     p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
                    "same shapes (forward, backward, one allreduce, plain SGD; random rows in "
                    "memory) and print distbp's step as a ratio of it")
+    p.add_argument("--reproducible", action="store_true", help="also time the step of train "
+                   "--reproducible (on one BLAS thread, as train runs it) and print it as a "
+                   "ratio of the default step")
+    p.add_argument("--micro-batches", type=positive_int, default=4,
+                   help="micro-batches per global batch with --reproducible (default 4, as "
+                   "train)")
     m = p.add_argument_group("scaling model (--model)")
     m.add_argument("--model", action="store_true", help="also fit t_step(p, B) = fb(B/p) + "
                    "overhead + allreduce(p, n) to this launch and predict 1 to 4096 ranks, at "
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace, job) -> int:
         raise UsageError(f"--baseline: the bare loop has relu and sigmoid hidden layers, not "
                          f"{args.activation}")
     comm = job.start(timeout=None, threads=args.threads)
+    agree(comm, lambda: _check_micro_batches(args, comm.size))  # before anything is timed
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir:
         trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
                                       comm, run_dir, args.warmup + args.steps, args.overlap,
@@ -106,6 +115,8 @@ def run(args: argparse.Namespace, job) -> int:
     r["buckets"] = len(trainer.stepper.buckets.bounds)  # 1: no overlap
     if args.baseline:
         r["baseline"] = _baseline(args, layers, comm, hi - lo, float(med[3]))
+    if args.reproducible:
+        r["reproducible"] = _reproducible(args, layers, comm, float(med[3]))
     if args.model:
         r["model"] = _model(args, trainer.s.net, comm, med, hi - lo)
     if comm.rank == 0:
@@ -115,6 +126,10 @@ def run(args: argparse.Namespace, job) -> int:
             print(f"bare NumPy loop of the same shapes: {b['bare_step_ms']:.3f} ms per step; "
                   f"distbp's whole step (Trainer.step: read, preprocess, step) "
                   f"{b['distbp_step_ms']:.3f} ms = {b['speed_ratio']:.2f}x the bare loop's speed")
+        if args.reproducible and not args.json:
+            q = r["reproducible"]
+            print(f"reproducible mode ({q['micro_batches']} micro-batches, 1 BLAS thread): "
+                  f"{q['step_ms']:.3f} ms per step = {q['cost_ratio']:.2f}x the default step")
         if args.model and not args.json:
             print(_model_text(r["model"]))
     return 0
@@ -128,6 +143,27 @@ def _baseline(args: argparse.Namespace, layers, comm, rows: int, step_s: float) 
     bare = float(np.median(times))
     return {"bare_step_ms": 1e3 * bare, "distbp_step_ms": 1e3 * step_s,
             "speed_ratio": bare / step_s}
+
+
+def _check_micro_batches(args: argparse.Namespace, ranks: int) -> None:
+    if args.reproducible and args.micro_batches < ranks:
+        raise UsageError(f"--reproducible: each of the {ranks} ranks needs one of the "
+                         f"{args.micro_batches} micro-batches: raise --micro-batches")
+
+
+def _reproducible(args: argparse.Namespace, layers, comm, step_s: float) -> dict:
+    """The median step (slowest rank) of train --reproducible, run the same way, as a ratio of
+    the default step measured just before."""
+    with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir, threadpool_limits(1):
+        trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
+                                      comm, run_dir, args.warmup + args.steps, "off",
+                                      micro_batches=args.micro_batches)
+        with trainer.open_loader():
+            times = bench.time_steps(trainer, comm, args.warmup, args.steps)
+    comm.allreduce_max(times)
+    step = float(np.median(times, axis=0)[3])
+    return {"micro_batches": args.micro_batches, "step_ms": 1e3 * step,
+            "default_step_ms": 1e3 * step_s, "cost_ratio": step / step_s}
 
 
 def _model(args: argparse.Namespace, net, comm, med: np.ndarray, rows: int) -> dict:
