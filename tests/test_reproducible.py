@@ -205,3 +205,29 @@ def test_ordered_sums_have_the_same_bits_on_1_to_5_ranks_and_follow_the_document
     from ordered_sum_prog import part
     left_to_right = sum(part(m, 1000, "float32") for m in range(13))
     assert hashlib.sha256(left_to_right.tobytes()).hexdigest() != serial["13/1000/float32"]
+
+
+def test_a_checkpoint_from_before_these_settings_resumes_with_their_defaults(tmp_path):
+    """A checkpoint whose configuration has no accumulate, reproducible or micro_batches (as
+    written before they existed) ran with their defaults: it resumes, to the bits of a run that
+    was never interrupted."""
+    data = write_data(tmp_path / "d.h5", n=203)
+    options = ("--batch-size", "24", "--momentum", "0.9", "--checkpoint-every", "5")
+    ok(train(0, data, tmp_path / "whole", *options, "--steps", "10"))
+    ok(train(0, data, tmp_path / "run", *options, "--steps", "5"))
+    c = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run" / "checkpoints", 5))
+    config = {k: v for k, v in c.config.items()
+              if k not in ("accumulate", "reproducible", "micro_batches")}
+    checkpoint.save(tmp_path / "run" / "checkpoints", step=c.step, epoch=c.epoch,
+                    step_in_epoch=c.step_in_epoch, seed=c.seed, layers=c.layers,
+                    activation=c.activation, output=c.output, loss=c.loss, params=c.params,
+                    optimizer_name=c.optimizer_name, optimizer_state=c.optimizer_state,
+                    config=config, metrics=c.metrics, world_size=c.world_size,
+                    preprocess=c.preprocess, interval=c.interval)
+    assert "reproducible" not in checkpoint.load(c.path).config
+    proc = ok(train(0, data, tmp_path / "run", *options, "--steps", "10", "--resume", "auto"))
+    assert "at step 5" in proc.stdout
+    assert digests(ckpt_file(tmp_path / "run", 10)) == digests(ckpt_file(tmp_path / "whole", 10))
+    refused = train(0, data, tmp_path / "run", *options, "--steps", "12", "--resume", "auto",
+                    "--reproducible")
+    assert refused.returncode == 2 and "reproducible False -> True" in refused.stderr
