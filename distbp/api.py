@@ -42,6 +42,7 @@ from distbp.session import (
     build_session,
     claim_outputs,
     release_outputs,
+    run_inputs,
     stored_config,
 )
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
@@ -169,7 +170,7 @@ def _session(cfg: TrainConfig, comm, datasets: tuple | None) -> Session:
         if not Path(cfg.trace).parent.is_dir():
             raise ConfigError(f"{label}: directory '{Path(cfg.trace).parent}' does not exist")
         if paths.check_regular_or_absent(cfg.trace, label, ConfigError):
-            paths.check_not_input(cfg.trace, (("--data", cfg.data), ("--val-data", cfg.val_data),
+            paths.check_not_input(cfg.trace, (*run_inputs(cfg, s.resumed_from),
                                               ("--metrics", str(s.metrics_path))), label,
                                   ConfigError)
     return s

@@ -198,6 +198,7 @@ def _config(text: str, path: Path) -> dict:
 
 def _records(text: str, path: Path) -> list[dict]:
     """The metrics history: JSON objects whose step and epoch are integers >= 0, kind text,
+    a train record's loss, accuracy and lr and a validation record's loss and accuracy numbers,
     and every other value a number, text, true/false or null."""
     records = []
     for i, line in enumerate(text.splitlines(), start=1):
@@ -213,13 +214,16 @@ def _records(text: str, path: Path) -> list[dict]:
     return records
 
 
+# The numbers a record of each kind must hold (the summary, early stopping and plots use them).
+_RECORD_NUMBERS = {"val": ("loss", "accuracy"), "train": ("loss", "accuracy", "lr")}
+
+
 def _record_ok(r: dict) -> bool:
     counts = all(type(r[k]) is int and r[k] >= 0 for k in ("step", "epoch") if k in r)
     kind = isinstance(r.get("kind", ""), str)
     scalars = all(v is None or isinstance(v, (str, int, float)) for v in r.values())
-    val = r.get("kind") != "val" or all(type(r.get(k)) in (int, float)
-                                        for k in ("loss", "accuracy"))
-    return counts and kind and scalars and val
+    numbers = all(type(r.get(k)) in (int, float) for k in _RECORD_NUMBERS.get(r.get("kind"), ()))
+    return counts and kind and scalars and numbers
 
 
 def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float]:

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from distbp.durable import fsync_path, umask
-from distbp.errors import DataError, UsageError, one_line
+from distbp.errors import DataError, OutputError, UsageError, one_line
 from distbp.idx import IdxReader
 from distbp.paths import check_not_input, check_regular
 
@@ -98,16 +98,19 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
         os.chmod(tmp, 0o644 & ~umask())  # mkstemp made it 0600: readable like any new file
         _replace(tmp, out)
         fsync_path(out.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # a full disk: one line, and HDF5 is not trusted after it
+            raise OutputError(str(_cannot_write(out, err))) from None
         raise
     return out
 
 
 def _cannot_write(out: Path, err: OSError) -> UsageError:
     """The one-line error for an `--out` whose directory refuses the file."""
-    return UsageError(f"--out '{out}': cannot write there ({err.strerror or one_line(err)})")
+    why = os.strerror(err.errno) if err.errno else one_line(err)  # not HDF5's paragraph
+    return UsageError(f"--out '{out}': cannot write there ({why})")
 
 
 def _temp_beside(out: Path) -> str:

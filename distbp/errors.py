@@ -10,7 +10,8 @@ nothing of distbp: every layer may use it.
 
 import os
 
-__all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "SetupRefused",
+__all__ = ["UsageError", "ConfigError", "DataError", "CheckpointError", "OutputError",
+           "SetupRefused",
            "CollectiveTimeout", "NonFiniteError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE",
            "EXIT_PREEMPTED", "EXIT_STDOUT_CLOSED", "env_rank", "one_line"]
 
@@ -35,6 +36,12 @@ class DataError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint that is missing, truncated, corrupt or of another architecture."""
+
+
+class OutputError(UsageError):
+    """An output file HDF5 was writing could not be written (a full disk). The HDF5 library may
+    still hold it half-closed and crash while shutting down, so the process ends at once after
+    saying so (distbp.launch), its temporary file already removed."""
 
 
 class CollectiveTimeout(RuntimeError):

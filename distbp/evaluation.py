@@ -20,6 +20,7 @@ not grow with the number of rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -32,7 +33,7 @@ import numpy as np
 
 from distbp import checkpoint, data, paths, preprocess
 from distbp.durable import replace_durably, umask
-from distbp.errors import CheckpointError, ConfigError, DataError, one_line
+from distbp.errors import CheckpointError, ConfigError, DataError, OutputError, one_line
 from distbp.network import Network
 from distbp.ordered_sum import OrderedSum
 from distbp.session import checked_config
@@ -237,17 +238,28 @@ class PredictionFile:
 
     def write(self, lo: int, a: np.ndarray) -> None:
         """Rows lo .. lo + len(a) of the output: activations a (rows, n_out) and labels."""
-        self.pred[lo:lo + len(a)] = a
-        if self.label is not None:
-            self.label[lo:lo + len(a)] = output_labels(a)
+        try:
+            self.pred[lo:lo + len(a)] = a
+            if self.label is not None:
+                self.label[lo:lo + len(a)] = output_labels(a)
+        except OSError as e:  # a full disk: one line, and discard() removes the file
+            raise self._cannot_write(e) from None
 
     def commit(self) -> None:
         """Close, flush to disk and rename onto `out`, then flush the directory entry."""
-        self.file.close()
-        replace_durably(self.tmp, self.out)
+        try:
+            self.file.close()
+            replace_durably(self.tmp, self.out)
+        except OSError as e:
+            raise self._cannot_write(e) from None
 
     def discard(self) -> None:
         """Remove the temporary file unless commit() renamed it (safe to call always)."""
-        if self.file.id.valid:
-            self.file.close()
+        with contextlib.suppress(OSError):  # a close that failed on a full disk: thrown away
+            if self.file.id.valid:
+                self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+    def _cannot_write(self, e: OSError) -> OutputError:
+        why = os.strerror(e.errno) if e.errno else one_line(e)  # HDF5's own text is a paragraph
+        return OutputError(f"--out '{self.out}': cannot write ({why})")

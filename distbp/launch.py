@@ -20,6 +20,7 @@ the others, so a lone early return hangs the job), and returns 0 only when the w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -36,6 +37,7 @@ from distbp.errors import (
     EXIT_USAGE,
     CollectiveTimeout,
     NonFiniteError,
+    OutputError,
     SetupRefused,
     UsageError,
     env_rank,
@@ -207,7 +209,18 @@ def _bad_input(job: Job, e: UsageError) -> int:
         return _abort(job, EXIT_USAGE, f"distbp: rank {job.rank}: error: {e}")
     if job.rank == 0:  # before the communicator every rank fails alike: say it once
         print(f"distbp: error: {e}", file=sys.stderr)
+    if isinstance(e, OutputError):  # HDF5 may crash at exit over the file it failed to write
+        _flush_and_exit(EXIT_USAGE)
     return EXIT_USAGE
+
+
+def _flush_and_exit(code: int) -> None:
+    """End the process now with `code`, skipping the interpreter's and libraries' exit
+    handlers (as MPI_Abort does for several ranks)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _crash_report(job: Job, e: BaseException) -> str:

@@ -17,12 +17,12 @@ import numpy as np
 from distbp import checkpoint, data, in_memory, paths, preprocess
 from distbp.config_schema import MAX_STEPS, TrainConfig, parse_options
 from distbp.errors import CheckpointError, ConfigError
-from distbp.network import Network
+from distbp.network import Network, n_params
 from distbp.optim import Schedule, linear_scaling, make_optimizer
 
-__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "checked_config",
-           "claim_outputs",
-           "default_epochs", "peak_lr", "release_outputs", "stored_config"]
+__all__ = ["ARRAYS_LABEL", "DEFAULT_HIDDEN", "Session", "build_session", "check_model_memory",
+           "checked_config", "claim_outputs", "default_epochs", "peak_lr", "release_outputs",
+           "run_inputs", "stored_config"]
 
 DEFAULT_HIDDEN = 128
 # How a configuration names in-memory training data (distbp.fit): "<arrays sha256:…>", a digest
@@ -101,6 +101,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
             # int labels or (N, out) targets; values on this rank's share of the rows only
             data.validate_dataset(ds, layers[0], layers[-1], rank=rank, size=size,
                                   dtype=cfg.dtype, scale=cfg.scale or train.scale)
+    check_model_memory(layers, cfg.dtype, -(-cfg.batch_size // size), local_size)
     net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)
@@ -117,7 +118,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     if resume is not None:
         _restore(s, resume)
     if rank == 0:  # the rank that writes them
-        _check_outputs(cfg, s.checkpoint_dir, s.metrics_path)
+        _check_outputs(cfg, s.checkpoint_dir, s.metrics_path, s.resumed_from)
     return s
 
 
@@ -137,7 +138,8 @@ def _output_dirs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> list[t
                                      ("--metrics", cfg.metrics, metrics_path.parent))]
 
 
-def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None:
+def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path,
+                   resumed: Path | None) -> None:
     """Refuse now (exit 2, naming the option), creating nothing, outputs that cannot be created
     or written, directories others may write into, a metrics file that is no regular file or is
     an input. `claim_outputs` creates them once every rank agreed: a refused run leaves none."""
@@ -154,11 +156,15 @@ def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> None
                           "give the file's own name or another")
     if not paths.check_regular_or_absent(metrics_path, label, ConfigError):
         return
-    resume = cfg.resume if cfg.resume not in ("none", "auto") else None
-    paths.check_not_input(metrics_path, (("--data", cfg.data), ("--val-data", cfg.val_data),
-                                         ("--resume", resume)), label, ConfigError)
+    paths.check_not_input(metrics_path, run_inputs(cfg, resumed), label, ConfigError)
     if not os.access(metrics_path, os.W_OK):
         raise ConfigError(f"{label}: not writable")
+
+
+def run_inputs(cfg: TrainConfig, resumed: Path | None) -> tuple[tuple[str, object], ...]:
+    """(how it was named, path) of every file a run reads: what no output of it may be."""
+    return (("--data", cfg.data), ("--val-data", cfg.val_data),
+            ("checkpoint resumed from", resumed))
 
 
 def _probe_directory(directory: Path, named: str) -> None:
@@ -306,6 +312,24 @@ def checked_config(ckpt: checkpoint.Checkpoint) -> dict:
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{ckpt.path}': its configuration: {e}") from None
     return ckpt.config
+
+
+# A run holds about this many arrays the size of the parameters (parameters, gradient,
+# optimizer state, scratch, the checkpoint's copies) and of a layer's activations (a, z, δ, ...).
+_PARAM_COPIES, _ACTIVATION_COPIES = 8, 4
+
+
+def check_model_memory(layers, dtype, rows: int, local_size: int = 1) -> None:
+    """ConfigError, before anything is allocated, when a network of `layers` training on `rows`
+    rows per step cannot fit in the memory one of `local_size` ranks on this node may use."""
+    budget = in_memory.in_memory_budget(local_size)
+    item = np.dtype(dtype).itemsize
+    need = item * (_PARAM_COPIES * n_params(layers) + _ACTIVATION_COPIES * rows * sum(layers))
+    if budget is not None and need > budget:
+        raise ConfigError(f"--layers {','.join(map(str, layers))} ({n_params(layers):,} "
+                          f"parameters, {rows} rows a step) needs about {need / 2**30:.1f} GiB "
+                          f"per rank, more than the {budget / 2**30:.1f} GiB one of "
+                          f"{local_size} rank(s) on this node may use")
 
 
 def stored_config(cfg: TrainConfig) -> dict:

@@ -47,10 +47,17 @@ def test_bench_rejects_bad_layers_with_one_line():
 
 
 @pytest.mark.parametrize("flags,phrase", [
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "0"], "argument --threads: must be an integer from 1 to 4096, got '0'"),
     (["--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer from 0 to"),
+    (["--gemm-size", "100000"], "argument --gemm-size: must be an integer from 1 to 8192"),
+    (["--bucket-mb", "inf"], "argument --bucket-mb: must be a finite number > 0, got 'inf'"),
+    (["--model", "--alpha=-1"], "argument --alpha: must be a finite number >= 0, got '-1'"),
+    (["--model", "--beta", "0"], "argument --beta: must be a finite number > 0, got '0'"),
+    (["--model", "--gflops", "nan"], "argument --gflops: must be a finite number > 0"),
+    (["--layers", "8,3000000000,2"], "needs about"),
 ])
-def test_bench_rejects_bad_threads_and_activations_with_one_line(flags, phrase):
+def test_bench_rejects_bad_options_with_one_line(flags, phrase):
     out = run_py(["-m", "distbp", "bench", "--layers", "8,4,2", "--steps", "1", *flags],
                  timeout=30)
     assert out.returncode == 2 and out.stdout == "", out.stderr

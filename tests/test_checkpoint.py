@@ -319,3 +319,22 @@ def test_resume_evaluate_and_inspect_read_files_another_process_holds_open_for_w
         holder.wait(timeout=30)
         holder.stdout.close()
     assert ck.load(tmp_path / "run" / "checkpoints" / "ckpt-00000006.h5").step == 6
+
+
+def test_runs_setting_aside_in_the_same_second_never_share_a_folder(tmp_path, monkeypatch):
+    """Two fresh runs starting within one second each move the newer checkpoints they find into
+    a folder of their own: nothing set aside is overwritten."""
+    import time
+
+    monkeypatch.setattr(time, "gmtime", lambda *a: time.struct_time((2026, 1, 2, 3, 4, 5,
+                                                                     4, 2, 0)))
+    first = ck.save(tmp_path, **run_state(step=9, seed=1))
+    moved_a = ck.set_aside_newer(tmp_path, 0)
+    second = ck.save(tmp_path, **run_state(step=9, seed=2))  # the same name, other contents
+    moved_b = ck.set_aside_newer(tmp_path, 0)
+    assert [p.name for p in moved_a] == [p.name for p in moved_b] == [first.name]
+    assert moved_a[0].parent != moved_b[0].parent
+    assert moved_a[0].parent.name.startswith("superseded-20260102T030405Z-")
+    assert moved_b[0].parent.name.startswith("superseded-20260102T030405Z-")
+    seeds = {ck.load(p).seed for p in (moved_a[0], moved_b[0])}
+    assert seeds == {1, 2} and second == first

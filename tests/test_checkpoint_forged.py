@@ -62,6 +62,10 @@ FORGERIES = {
     "val_record_loss_text": (lambda f: put_text(
         f, "metrics/jsonl", '{"kind": "val", "step": 2, "loss": "low", "accuracy": 1}\n'),
         "/metrics/jsonl line 1 is not a metrics record"),
+    "train_record_lr_text": (lambda f: put_text(
+        f, "metrics/jsonl", '{"kind": "train", "step": 2, "loss": 0.5, "accuracy": 1, '
+                            '"lr": "fast"}\n'),
+        "/metrics/jsonl line 1 is not a metrics record"),
     "config_a_list": (lambda f: put_text(f, "config/json", "[]"),
                       "/config/json must be an object of options"),
     "config_wrong_type": (lambda f: put_text(f, "config/json", json.dumps({"batch_size": "x"})),

@@ -147,6 +147,10 @@ def test_synthetic_bad_sizes_exit_2(tmp_path, capsys):
                     "--classes", "2", "--kind", "spiral"], "features >= 2")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                     "--classes", "1"], "classes >= 2")
+    for seed in ("-1", str(2**63)):
+        _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
+                        "--classes", "2", "--seed", seed], "--seed", "from 0 to")
+    assert not Path(out).exists()
 
 
 def _synthetic_file(tmp_path: Path, name: str, kind: str, *extra: str) -> Path:

@@ -83,3 +83,33 @@ def test_metrics_on_a_full_disk_end_with_one_line(small_disk, tmp_path, ranks):
                        "--checkpoint-dir", tmp_path / "ckpts", "--layers", "8,16,3",
                        "--steps", "400", "--record-every", "1", "--collective-timeout", "30"])
     assert_one_line_exit_2(proc, "cannot write metrics file")
+
+
+def test_predictions_on_a_full_disk_end_with_one_line_and_leave_no_file(small_disk, tmp_path):
+    """predict --out on a disk without room: one line, exit 2, neither the file nor a
+    temporary left (the checkpoint and data live elsewhere)."""
+    data = data_file(tmp_path)
+    done = run(1, ["--data", data, "--run-dir", tmp_path / "run", "--layers", "8,16,3",
+                   "--steps", "2"])
+    assert done.returncode == 0, done.stderr
+    (small_disk / "filler").write_bytes(bytes(2 * 1024 * 1024 - 4096))  # leave ~4 KiB
+    ckpt = checkpoint.checkpoint_path(tmp_path / "run" / "checkpoints", 2)
+    big = tmp_path / "big.h5"  # 20000 rows: 3 float32 outputs each do not fit in 4 KiB
+    ds = synthetic_teacher(20000, 8, 3, seed=2)
+    with h5py.File(big, "w") as f:
+        f.update(x=ds.x, y=ds.y)
+    proc = subprocess.run([sys.executable, "-m", "distbp", "predict", str(ckpt), "--data",
+                           str(big), "--out", str(small_disk / "pred.h5")],
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert_one_line_exit_2(proc, "No space left on device")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_data_files_written_on_a_full_disk_end_with_one_line_and_leave_no_file(small_disk):
+    (small_disk / "filler").write_bytes(bytes(2 * 1024 * 1024 - 4096))
+    proc = subprocess.run([sys.executable, "-m", "distbp", "data", "synthetic", "--out",
+                           str(small_disk / "s.h5"), "--n", "20000", "--features", "8",
+                           "--classes", "3", "--compression", "none"],
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert_one_line_exit_2(proc, "No space left on device")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

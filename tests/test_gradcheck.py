@@ -89,12 +89,16 @@ def test_error_above_tolerance_exits_1():
 
 
 @pytest.mark.parametrize("flags,phrase", [
-    (["--batch", "0"], "--batch must be at least 1, got 0"),
-    (["--batch", "-3"], "--batch must be at least 1, got -3"),
-    (["--eps", "0"], "--eps must be a finite number > 0, got 0"),
-    (["--eps=-1e-6"], "--eps must be a finite number > 0, got -1e-06"),
-    (["--eps", "nan"], "--eps must be a finite number > 0, got nan"),
-    (["--tolerance=-1e-7"], "--tolerance must be >= 0, got -1e-07"),
+    (["--batch", "0"], "argument --batch: must be an integer from 1 to 65536, got '0'"),
+    (["--batch", "-3"], "argument --batch: must be an integer from 1 to 65536, got '-3'"),
+    (["--batch", "100000"], "argument --batch: must be an integer from 1 to 65536"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 9223372036854775807"),
+    (["--seed", str(2**63)], "argument --seed: must be an integer from 0 to"),
+    (["--eps", "0"], "argument --eps: must be a finite number > 0, got '0'"),
+    (["--eps=-1e-6"], "argument --eps: must be a finite number > 0, got '-1e-6'"),
+    (["--eps", "nan"], "argument --eps: must be a finite number > 0, got 'nan'"),
+    (["--tolerance=-1e-7"], "argument --tolerance: must be a finite number >= 0, got '-1e-7'"),
+    (["--layers", "4,3000000000,2"], "needs about"),
     (["--layers", "3,2.5,2"], "--layers must be comma-separated integers"),
     (["--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
     (["--output", "tanh"], "argument --output: invalid choice: 'tanh'"),

@@ -156,6 +156,56 @@ def test_randomly_corrupted_data_files_give_one_line_never_a_traceback(files, tm
     assert refusals > 0  # the corruption reached what distbp reads
 
 
+def corrupted(raw: bytes, rng: np.random.Generator, first: int) -> bytes:
+    """`raw` with 8 random bytes of its first `first` bytes replaced."""
+    bad = bytearray(raw)
+    for i, value in zip(rng.integers(0, min(len(raw), first), size=8),
+                        rng.integers(0, 256, size=8)):
+        bad[int(i)] = int(value)
+    return bytes(bad)
+
+
+def test_randomly_corrupted_npz_files_give_one_line_never_a_traceback(files, tmp_path):
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    buf = io.BytesIO()
+    np.savez(buf, x=ds.x, y=ds.y)  # stored: the arrays' headers sit in the first bytes
+    raw, rng, refusals = buf.getvalue(), np.random.default_rng(11), 0
+    for trial in range(20):
+        path = tmp_path / f"corrupt{trial}.npz"
+        path.write_bytes(corrupted(raw, rng, 512))
+        proc = distbp("train", "--data", path, "--layers", "8,16,3", "--steps", "1",
+                      "--run-dir", tmp_path / f"run{trial}")
+        assert proc.returncode in (0, 2), f"trial {trial}: {proc.stderr}"
+        assert "Traceback" not in proc.stderr, f"trial {trial}: {proc.stderr}"
+        if proc.returncode == 2:
+            refused(proc, path.name)
+            refusals += 1
+    assert refusals > 0
+
+
+def test_corrupted_data_files_give_one_line_to_every_command_that_reads_data(files, tmp_path):
+    """data info, evaluate and predict read data files too: the same corruptions, one line."""
+    run = tmp_path / "run"
+    assert distbp("train", "--data", files["good"], "--layers", "8,16,3", "--steps", "2",
+                  "--run-dir", run).returncode == 0
+    ckpt = checkpoint.checkpoint_path(run / "checkpoints", 2)
+    raw, rng, refusals = files["good"].read_bytes(), np.random.default_rng(5), 0
+    for trial in range(12):
+        path = tmp_path / f"corrupt{trial}.h5"
+        path.write_bytes(corrupted(raw, rng, 4096))
+        out = tmp_path / f"pred{trial}.h5"
+        for command in (("data", "info", path), ("evaluate", ckpt, "--data", path),
+                        ("predict", ckpt, "--data", path, "--out", out)):
+            proc = distbp(*command)
+            shown = f"trial {trial} {command[0]}: {proc.stderr}"
+            assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, shown
+            if proc.returncode == 2:
+                refused(proc, path.name)
+                refusals += 1
+                assert not out.exists() or command[0] != "predict", shown
+    assert refusals > 0
+
+
 def test_every_path_option_refuses_a_fifo_instead_of_blocking(files, tmp_path):
     fifo, good = files["fifo"], files["good"]
     done = distbp("train", "--data", good, "--layers", "8,16,3", "--steps", "2",

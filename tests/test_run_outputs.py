@@ -34,3 +34,21 @@ def test_checkpoint_dir_and_metrics_elsewhere_are_used_and_resumed_from(tmp_path
     resumed = checkpoint.load(checkpoint.checkpoint_path(ckpts, 15))
     uninterrupted = checkpoint.load(checkpoint.checkpoint_path(whole / "checkpoints", 15))
     assert np.array_equal(resumed.params, uninterrupted.params)
+
+
+def test_the_checkpoint_resume_auto_picks_is_never_an_output(tmp_path):
+    """--resume auto's choice is known only at setup: the metrics file and the trace are
+    compared with it too, and the checkpoint survives byte for byte."""
+    import hashlib
+
+    data = write_data(tmp_path / "d.h5", n=66)
+    run = tmp_path / "run"
+    ok(train(0, data, run, "--steps", "4"))
+    ckpt = checkpoint.checkpoint_path(run / "checkpoints", 4)
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for option in ("--metrics", "--trace"):
+        proc = train(0, data, run, "--steps", "8", "--resume", "auto", option, str(ckpt))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert option in line and "is the checkpoint resumed from" in line, line
+        assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before

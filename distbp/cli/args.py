@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from distbp.activations import HIDDEN
+from distbp.config_schema import MAX_SEED, MAX_THREADS
 from distbp.errors import UsageError, env_rank
 
 __all__ = ["EPILOG", "Parser", "add_checkpoint_data_arguments", "add_network_arguments",
-           "positive_int"]
+           "int_range", "nonneg_float", "positive_float", "positive_int", "seed_int"]
 
 EPILOG = """exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the
 problem); 75 preempted (SIGTERM/SIGUSR1/Ctrl-C): a checkpoint was written, run the same command
@@ -43,6 +45,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_range(low: int, high: int):
+    """argparse type: an integer from `low` to `high` (what the command can serve)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got "
+                                             f"{text!r}")
+        return value
+    return parse
+
+
+seed_int = int_range(0, MAX_SEED)  # a seed NumPy and a checkpoint's int64 can hold
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _finite(text, lambda v: v > 0, "a finite number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _finite(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def _finite(text: str, ok, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
     """The checkpoint and the data file of `evaluate` and `predict`, and how to run them."""
     p.add_argument("checkpoint", help="checkpoint file (ckpt-<step>.h5)")
@@ -51,7 +90,7 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x-name", help="inputs dataset name (default: the checkpoint's, else x)")
     p.add_argument("--batch-size", type=positive_int,
                    help="rows per forward pass and rank (default: the training batch size)")
-    p.add_argument("--threads", type=positive_int,
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS),
                    help="BLAS threads per rank (default: as for train --threads)")
 
 

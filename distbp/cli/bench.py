@@ -20,7 +20,14 @@ from threadpoolctl import threadpool_limits
 
 from distbp import bench
 from distbp.bare_loop import BareLoop
-from distbp.cli.args import add_network_arguments, positive_int
+from distbp.cli.args import (
+    add_network_arguments,
+    int_range,
+    nonneg_float,
+    positive_float,
+    positive_int,
+)
+from distbp.config_schema import MAX_STEPS, MAX_THREADS
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
@@ -30,6 +37,8 @@ from distbp.plot_files import picture_format
 from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
+
+MAX_GEMM = 8192  # the peak GEMM: 3 float64 arrays of 0.5 GiB, 1.1 TFLOP a try
 
 DESCRIPTION = """Measure, in one run, each rank's GEMM peak and the trainer's own step on random
 data split into forward+backward, allreduce and update; print FLOPs utilisation against the peak
@@ -43,17 +52,18 @@ def add_command(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="GLOBAL batch (default 256)")
     p.add_argument("--steps", type=positive_int, default=30, help="timed steps (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--warmup", type=int_range(0, MAX_STEPS), default=5,
+                   help="untimed steps first (default 5)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="parameter and data dtype (default float32)")
-    p.add_argument("--gemm-size", type=positive_int, default=2048,
-                   help="n of the n×n×n peak GEMM (default 2048)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--gemm-size", type=int_range(1, MAX_GEMM), default=2048,
+                   help=f"n of the n×n×n peak GEMM, at most {MAX_GEMM} (default 2048)")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None,
                    help="BLAS threads per rank, >= 1 (default: as for train --threads)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     p.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
                    help="allreduce in buckets during backward, as train --overlap (default auto)")
-    p.add_argument("--bucket-mb", type=float, default=1.0,
+    p.add_argument("--bucket-mb", type=positive_float, default=1.0,
                    help="smallest bucket with --overlap, MiB (default 1)")
     p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
                    "same shapes (forward, backward, one allreduce, plain SGD; random rows in "
@@ -71,11 +81,11 @@ def add_command(sub) -> None:
     m.add_argument("--algorithm", default="rabenseifner", choices=ALGORITHMS,
                    help="the allreduce's cost on p ranks (default rabenseifner, MPICH's for "
                    "large messages)")
-    m.add_argument("--alpha", type=float, help="latency per message hop in seconds (default: "
+    m.add_argument("--alpha", type=nonneg_float, help="latency per message hop in seconds (default: "
                    "measured; 0 with one rank), e.g. 2e-6 for InfiniBand")
-    m.add_argument("--beta", type=float, help="seconds per byte (default: measured), e.g. "
+    m.add_argument("--beta", type=positive_float, help="seconds per byte (default: measured), e.g. "
                    "8e-11 for 100 Gbit/s")
-    m.add_argument("--gflops", type=float, help="forward+backward rate per rank in GFLOP/s "
+    m.add_argument("--gflops", type=positive_float, help="forward+backward rate per rank in GFLOP/s "
                    "(default: measured), to predict other nodes")
     m.add_argument("--plot", metavar="FILE", help="draw the predicted efficiencies (png, svg "
                    "or pdf; needs matplotlib)")
@@ -86,10 +96,6 @@ def run(args: argparse.Namespace, job) -> int:
     """The GEMM peak, then --warmup + --steps timed steps; rank 0 prints the slowest rank's
     median phase times and the derived figures."""
     layers = parse_layers(args.layers)
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.plot is not None:  # refused now, not after the measurement
         picture_format(Path(args.plot), "--plot")
         require_matplotlib()

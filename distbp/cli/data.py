@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from distbp import data
-from distbp.cli.args import positive_int
+from distbp.cli.args import positive_int, seed_int
 from distbp.data.describe import describe
 from distbp.data_import import (
     CHUNK_BYTES,
@@ -131,7 +131,7 @@ def _add_synthetic(cmds) -> None:
     q.add_argument("--n", type=positive_int, required=True, help="rows")
     q.add_argument("--features", type=positive_int, required=True)
     q.add_argument("--classes", type=positive_int, required=True)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed_int, default=0, help="0 to 2**63 - 1 (default 0)")
     q.add_argument("--kind", choices=("teacher", "spiral"), default="teacher")
     _add_write_options(q)
     q.set_defaults(run=_run_synthetic)

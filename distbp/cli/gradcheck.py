@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from distbp.activations import OUTPUTS
-from distbp.cli.args import add_network_arguments
+from distbp.cli.args import (
+    add_network_arguments,
+    int_range,
+    nonneg_float,
+    positive_float,
+    seed_int,
+)
 from distbp.config_values import parse_layers
 from distbp.errors import EXIT_ERROR, EXIT_OK, UsageError
 from distbp.gradcheck import gradcheck
+from distbp.session import check_model_memory
 from distbp.losses import LOSSES
 
 __all__ = ["add_command"]
+
+MAX_GRADCHECK_ROWS = 1 << 16  # every parameter's two perturbed passes run over all of them
 
 DESCRIPTION = """Build a network, compare backpropagation with central finite differences on random
 data, print per block (W_j, b_j) the normwise relative error |g_bp - g_fd| / (|g_bp| + |g_fd|)
@@ -32,12 +39,13 @@ def add_command(sub) -> None:
                    help="output-layer activation (default softmax)")
     p.add_argument("--loss", default="cross_entropy", choices=LOSSES,
                    help="loss on the output activations (default cross_entropy)")
-    p.add_argument("--batch", type=int, default=8, help="random rows, >= 1 (default 8)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--batch", type=int_range(1, MAX_GRADCHECK_ROWS), default=8,
+                   help=f"random rows, 1 to {MAX_GRADCHECK_ROWS} (default 8)")
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the initial weights and the random rows (default 0)")
-    p.add_argument("--eps", type=float, default=1e-6,
+    p.add_argument("--eps", type=positive_float, default=1e-6,
                    help="finite-difference step, > 0 (default 1e-6)")
-    p.add_argument("--tolerance", type=float, default=1e-7,
+    p.add_argument("--tolerance", type=nonneg_float, default=1e-7,
                    help="largest normwise relative error that passes, >= 0 (default 1e-7)")
     p.set_defaults(run=run)
 
@@ -45,12 +53,7 @@ def add_command(sub) -> None:
 def run(args: argparse.Namespace, job) -> int:
     """Print the table; exit 1 when the worst normwise error is above --tolerance."""
     layers = parse_layers(args.layers)
-    if args.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    if not (np.isfinite(args.eps) and args.eps > 0):
-        raise UsageError(f"--eps must be a finite number > 0, got {args.eps:g}")
-    if not args.tolerance >= 0:  # also refuses nan
-        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance:g}")
+    check_model_memory(layers, "float64", args.batch)
     try:
         rows = gradcheck(layers, args.activation, args.output, args.loss, batch=args.batch,
                          seed=args.seed, eps=args.eps)
