@@ -3,7 +3,8 @@
     rows -> inputs (preprocessing) -> forward -> δ_L -> backward, layer by layer, each layer's
     gradient SUMS into one flat buffer [gradient | loss sum, rows, correct, stop], its bucket's
     allreduce started as soon as the layer is done (distbp.overlap; without overlap: ONE
-    Allreduce(SUM) after backward) -> divide by the global count -> clip -> update
+    Allreduce(SUM) after backward) -> divide by the global count -> clip -> update (plain SGD:
+    the divide folded into the update, w − (α/N)·ΣΔw)
 
     step = Step(session, comm, stop, tracer)
     lr = step(x, y, 41)       # optimizer step 41 (0-based) on this rank's rows x, y
@@ -58,6 +59,9 @@ class Step:
         self.layer_spans = {j: slice(n_params(net.layers[:j]), n_params(net.layers[:j + 1]))
                             for j in range(1, net.depth + 1)}  # layer j's W_j, b_j in grad
         self._sq = np.empty_like(self.grad) if cfg.clip_grad_norm else None  # scratch
+        # plain SGD (w − α·Δw, no momentum, decay or clipping) takes the mean in its multiply
+        self._fold_mean = (cfg.optimizer == "sgd" and not cfg.momentum and not cfg.weight_decay
+                           and not cfg.clip_grad_norm)
         self.grad_norm: float | None = None  # the last step's, before clipping
         self.inputs = preprocess.Inputs(session.preprocess, net.n_inputs, net.dtype)
         self.phase_s = (0.0, 0.0, 0.0)  # the last step's forward+backward, allreduce, update
@@ -79,11 +83,14 @@ class Step:
         t2 = time.perf_counter()
         self._check_finite(step)
         count = float(self.tail[ROWS])
-        self.grad /= count  # the exact mean over the global batch
-        if self._sq is not None:  # the same bits on every rank: the mean is the same
-            self.grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
         lr = s.schedule.lr_at(step)
-        s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
+        if self._fold_mean:  # w − (α/N)·ΣΔw: the mean's divide folded into the update's multiply
+            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr / count)
+        else:
+            self.grad /= count  # the exact mean over the global batch
+            if self._sq is not None:  # the same bits on every rank: the mean is the same
+                self.grad_norm = clip_grad_norm(self.grad, s.cfg.clip_grad_norm, self._sq)
+            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr)
         t3 = time.perf_counter()
         self.phase_s = (t1 - t0, t2 - t1, t3 - t2)
         self.trace.span("wait for the allreduce", t1, t2)
@@ -140,8 +147,9 @@ class Step:
         self.ordered.reduce(micro_batch, self.buf)
 
     def _check_finite(self, step: int) -> None:
-        # All ranks hold the same reduced buffer, so they all agree to stop at this step.
-        loss, grad_sum = float(self.tail[LOSS_SUM]), float(self.grad.sum())
-        if not (math.isfinite(loss) and math.isfinite(grad_sum)):
-            raise NonFiniteError(f"non-finite loss or gradient at step {step + 1}: the run "
-                                 f"diverged (try a smaller --lr); the last good checkpoint is kept")
+        """Stop every rank at the step whose loss is NaN or infinite (all hold the same reduced
+        sum, so all agree). The gradient is not scanned: a non-finite gradient makes non-finite
+        parameters, whose next loss is non-finite, and a checkpoint refuses them (Trainer._save)."""
+        if not math.isfinite(float(self.tail[LOSS_SUM])):
+            raise NonFiniteError(f"non-finite loss at step {step + 1}: the run diverged (try a "
+                                 f"smaller --lr); the last good checkpoint is kept")

@@ -208,11 +208,11 @@ def test_divergence_stops_every_rank_at_one_step_and_keeps_the_last_good_checkpo
     assert took < 15  # every rank stopped: none was left waiting for the 60 s deadline
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, shown(proc)  # one message, no warnings, no traceback, no abort
-    m = re.fullmatch(r"distbp: error: non-finite (?:loss or gradient at step|parameters after "
+    m = re.fullmatch(r"distbp: error: non-finite (?:loss at step|parameters after "
                      r"step) (\d+): the run diverged \(try a smaller --lr\); the last good "
                      r"checkpoint is kept", lines[0])
     assert m, lines[0]
-    bad = int(m.group(1))  # "at step s": step s's gradient; "after step s": its update
+    bad = int(m.group(1))  # "at step s": step s's loss; "after step s": its update
     last_good = bad - 1
     assert 8 < bad < 60
     steps = [int(p.stem[5:]) for p in checkpoint.list_checkpoints(ckpt_dir)]
