@@ -268,7 +268,7 @@ def load(path: str | Path) -> Network:
 def evaluate(net: Network, x, y, batch_size: int = 256) -> dict:
     """Mean loss and accuracy of `net` on arrays x, y (with `net.preprocess`): each rank takes
     whole batches of the rows, summed in a fixed order; the same dict on every rank, with the
-    same bits on any number of ranks."""
+    same bits on any number of ranks at one BLAS thread count."""
     ds, batch = _arrays(net, x, y), _batch(batch_size)
     with _job() as comm:
         sums = loss_sums(net, ds, _inputs(net), batch, comm)

@@ -62,6 +62,9 @@ def _reproducible_problems(c) -> Iterator[tuple[str, str]]:
     """What --reproducible cannot keep its promise with: another BLAS thread count (a GEMM's
     bits depend on it), buckets reduced while backward runs, pieces cut per rank."""
     if not c.reproducible:
+        if c.micro_batches != _default(c, "micro_batches"):
+            yield "micro_batches", (f"--micro-batches applies to --reproducible only, got "
+                                    f"--micro-batches {c.micro_batches} without it")
         return
     if c.threads is not None and c.threads != 1:
         yield "threads", (f"--reproducible runs one BLAS thread per rank (a GEMM's bits depend "

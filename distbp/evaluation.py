@@ -119,7 +119,8 @@ def open_checkpoint_data(path, data_path: str | None, *, x_name: str | None = No
 def loss_sums(net: Network, ds: data.Dataset, inputs: preprocess.Inputs, batch: int, comm,
               guard: Callable[[Callable], object] = _call) -> np.ndarray:
     """[loss sum, correct rows, rows] over every row of `ds`, float64 (3,), the same on every
-    rank, with the same bits on any number of ranks: batch m (rows m·batch ..) is part m of a
+    rank, with the same bits on any number of ranks (at one BLAS thread count: a GEMM's bits
+    depend on it): batch m (rows m·batch ..) is part m of a
     distbp.ordered_sum tree, each rank taking its share of whole batches (`batch_share`).
     `guard` runs the reading and computing part, which has no collective in it (the CLI passes
     launch.agree, so a read that fails on one rank stops them all)."""
@@ -155,8 +156,9 @@ def output_labels(a: np.ndarray) -> np.ndarray:
 def batch_share(n: int, batch: int, rank: int, size: int) -> tuple[int, int]:
     """[lo, hi) of rank `rank`'s rows: whole batches of the one-process split (rows
     k·batch .. (k+1)·batch − 1), contiguous per rank. Every row meets the same other rows in its
-    forward pass on any number of ranks, so BLAS computes it alike: predictions and each
-    batch's loss do not depend on the rank count (a row alone in a batch can round otherwise)."""
+    forward pass on any number of ranks, so BLAS computes it alike (at one thread count):
+    predictions and each batch's loss do not depend on the rank count (a row alone in a batch
+    can round otherwise)."""
     first, last = data.shard_bounds(-(-n // batch), rank, size)  # this rank's batches
     return min(first * batch, n), min(last * batch, n)
 

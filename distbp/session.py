@@ -101,7 +101,8 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
             # int labels or (N, out) targets; values on this rank's share of the rows only
             data.validate_dataset(ds, layers[0], layers[-1], rank=rank, size=size,
                                   dtype=cfg.dtype, scale=cfg.scale or train.scale)
-    check_model_memory(layers, cfg.dtype, -(-cfg.batch_size // size), local_size)
+    check_model_memory(layers, cfg.dtype, _rows_per_pass(cfg, size, train.n), local_size,
+                       _ORDERED_COPIES + cfg.micro_batches.bit_length() if cfg.reproducible else 0)
     net = Network(layers, activation=cfg.activation, output=cfg.output, loss=cfg.loss,
                   seed=cfg.seed, dtype=cfg.dtype)
     optimizer = _make_optimizer(cfg)
@@ -315,19 +316,31 @@ def checked_config(ckpt: checkpoint.Checkpoint) -> dict:
 
 
 # A run holds about this many arrays the size of the parameters (parameters, gradient,
-# optimizer state, scratch, the checkpoint's copies) and of a layer's activations (a, z, δ, ...).
-_PARAM_COPIES, _ACTIVATION_COPIES = 8, 4
+# optimizer state, scratch, the checkpoint's copies) and of a layer's activations (a, z, δ, ...);
+# reproducible mode adds its exchange buffers and one node sum per level of its tree.
+_PARAM_COPIES, _ACTIVATION_COPIES, _ORDERED_COPIES = 8, 4, 3
 
 
-def check_model_memory(layers, dtype, rows: int, local_size: int = 1) -> None:
-    """ConfigError, before anything is allocated, when a network of `layers` training on `rows`
-    rows per step cannot fit in the memory one of `local_size` ranks on this node may use."""
+def _rows_per_pass(cfg: TrainConfig, size: int, n: int) -> int:
+    """The most rows one forward/backward pass takes over `n` training rows: a micro-batch
+    (--reproducible), else a rank's shard, or its piece with --accumulate."""
+    batch = min(cfg.batch_size, n)
+    if cfg.reproducible:
+        return -(-batch // cfg.micro_batches)
+    return -(-(-(-batch // size)) // cfg.accumulate)
+
+
+def check_model_memory(layers, dtype, rows: int, local_size: int = 1, extra: int = 0) -> None:
+    """ConfigError, before anything is allocated, when a network of `layers` passing `rows` rows
+    at a time forward and backward (and holding `extra` more arrays of the parameters' size)
+    cannot fit in the memory one of `local_size` ranks on this node may use."""
     budget = in_memory.in_memory_budget(local_size)
     item = np.dtype(dtype).itemsize
-    need = item * (_PARAM_COPIES * n_params(layers) + _ACTIVATION_COPIES * rows * sum(layers))
+    need = item * ((_PARAM_COPIES + extra) * n_params(layers)
+                   + _ACTIVATION_COPIES * rows * sum(layers))
     if budget is not None and need > budget:
         raise ConfigError(f"--layers {','.join(map(str, layers))} ({n_params(layers):,} "
-                          f"parameters, {rows} rows a step) needs about {need / 2**30:.1f} GiB "
+                          f"parameters, {rows} rows a pass) needs about {need / 2**30:.1f} GiB "
                           f"per rank, more than the {budget / 2**30:.1f} GiB one of "
                           f"{local_size} rank(s) on this node may use")
 

@@ -86,7 +86,7 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "seed_beyond_int64": (("--seed", str(2**63)), r"--seed must be at most 9223372036854775807"),
     "layers_beyond_memory": (("--layers", "8,3000000000,3"),
                              r"--layers 8,3000000000,3 \(36,000,000,003 parameters, 32 rows a "
-                             r"step\) needs about \d+\.\d GiB per rank, more than the"),
+                             r"pass\) needs about \d+\.\d GiB per rank, more than the"),
     "steps_beyond_checkpoint_names": (("--steps", "100000000"),
                                       r"--steps must be at most 99999999"),
     "epochs_beyond_checkpoint_names": (("--steps", "none", "--epochs", "99999999",

@@ -231,3 +231,36 @@ def test_a_checkpoint_from_before_these_settings_resumes_with_their_defaults(tmp
     refused = train(0, data, tmp_path / "run", *options, "--steps", "12", "--resume", "auto",
                     "--reproducible")
     assert refused.returncode == 2 and "reproducible False -> True" in refused.stderr
+
+
+def test_micro_batches_without_reproducible_is_refused(tmp_path):
+    data = write_data(tmp_path / "d.h5", n=203)
+    proc = train(0, data, tmp_path / "run", "--micro-batches", "8", "--steps", "2")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--micro-batches applies to --reproducible only" in line
+
+
+def test_the_memory_check_counts_the_rows_of_one_pass(tmp_path):
+    """--accumulate and micro-batches lower the rows a pass holds; the setup's memory check
+    counts those, so a run that fits only through them is not refused (RLIMIT_AS caps memory)."""
+    data = write_data(tmp_path / "d.h5", n=30000)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000,) * 2); "
+    options = ("--layers", "8,4096,3", "--batch-size", "30000", "--steps", "1")
+    results = {}
+    for name, extra in (("whole", ()), ("pieces", ("--accumulate", "64")),
+                        ("micro", ("--reproducible", "--micro-batches", "64"))):
+        code = (limit + "import sys; from distbp.entry import main; sys.exit(main(sys.argv[1:]))")
+        results[name] = run_py(["-c", code, "train", "--data", str(data), "--run-dir",
+                                str(tmp_path / name), *options, *extra], env=clean_env())
+    assert results["whole"].returncode == 2 and "needs about" in results["whole"].stderr
+    for name in ("pieces", "micro"):
+        ok(results[name])
+
+
+def test_the_fixed_point_alternative_is_less_accurate_than_the_tree_as_the_readme_says():
+    script = Path(__file__).parents[1] / "scripts" / "fixed_point_sum.py"
+    out = ok(run_py([str(script), "--params", "5000", "--parts", "8"], timeout=60)).stdout
+    errors = {line.split(":")[0]: float(line.split("error ")[1].split()[0])
+              for line in out.splitlines() if "largest error" in line}
+    assert errors["fixed tree (float64)"] < 1e-14 < errors["fixed point (int64)"]

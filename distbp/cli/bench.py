@@ -27,7 +27,7 @@ from distbp.cli.args import (
     positive_float,
     positive_int,
 )
-from distbp.config_schema import MAX_STEPS, MAX_THREADS
+from distbp.config_schema import MAX_STEPS, MAX_THREADS, OPTIONS
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
@@ -38,6 +38,7 @@ from distbp.scaling import ALGORITHMS, plot_efficiency, table
 
 __all__ = ["add_command"]
 
+DEFAULT_MICRO_BATCHES = OPTIONS["micro_batches"].default
 MAX_GEMM = 8192  # the peak GEMM: 3 float64 arrays of 0.5 GiB, 1.1 TFLOP a try
 
 DESCRIPTION = """Measure, in one run, each rank's GEMM peak and the trainer's own step on random
@@ -71,9 +72,9 @@ def add_command(sub) -> None:
     p.add_argument("--reproducible", action="store_true", help="also time the step of train "
                    "--reproducible (on one BLAS thread, as train runs it) and print it as a "
                    "ratio of the default step")
-    p.add_argument("--micro-batches", type=positive_int, default=4,
-                   help="micro-batches per global batch with --reproducible (default 4, as "
-                   "train)")
+    p.add_argument("--micro-batches", type=positive_int, default=None,
+                   help=f"micro-batches per global batch with --reproducible (default "
+                   f"{DEFAULT_MICRO_BATCHES}, as train)")
     m = p.add_argument_group("scaling model (--model)")
     m.add_argument("--model", action="store_true", help="also fit t_step(p, B) = fb(B/p) + "
                    "overhead + allreduce(p, n) to this launch and predict 1 to 4096 ranks, at "
@@ -152,9 +153,15 @@ def _baseline(args: argparse.Namespace, layers, comm, rows: int, step_s: float) 
 
 
 def _check_micro_batches(args: argparse.Namespace, ranks: int) -> None:
-    if args.reproducible and args.micro_batches < ranks:
+    if args.micro_batches is not None and not args.reproducible:
+        raise UsageError("--micro-batches applies to --reproducible only")
+    if args.reproducible and _micro_batches(args) < ranks:
         raise UsageError(f"--reproducible: each of the {ranks} ranks needs one of the "
-                         f"{args.micro_batches} micro-batches: raise --micro-batches")
+                         f"{_micro_batches(args)} micro-batches: raise --micro-batches")
+
+
+def _micro_batches(args: argparse.Namespace) -> int:
+    return args.micro_batches or DEFAULT_MICRO_BATCHES
 
 
 def _reproducible(args: argparse.Namespace, layers, comm, step_s: float) -> dict:
@@ -163,12 +170,12 @@ def _reproducible(args: argparse.Namespace, layers, comm, step_s: float) -> dict
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir, threadpool_limits(1):
         trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
                                       comm, run_dir, args.warmup + args.steps, "off",
-                                      micro_batches=args.micro_batches)
+                                      micro_batches=_micro_batches(args))
         with trainer.open_loader():
             times = bench.time_steps(trainer, comm, args.warmup, args.steps)
     comm.allreduce_max(times)
     step = float(np.median(times, axis=0)[3])
-    return {"micro_batches": args.micro_batches, "step_ms": 1e3 * step,
+    return {"micro_batches": _micro_batches(args), "step_ms": 1e3 * step,
             "default_step_ms": 1e3 * step_s, "cost_ratio": step / step_s}
 
 

@@ -7,7 +7,8 @@ Every rank loads and verifies the checkpoint and opens the data; no other collec
 all ranks agree that this worked (bad input is exit 2 everywhere, never a hang). Each rank sums
 its share of whole batches and the batches' sums are added along one fixed tree
 (distbp.evaluation.loss_sums, as the trainer's validation does): the numbers the trainer's
-validation printed for the same data and batch, with the same bits on any number of ranks.
+validation printed for the same data and batch, with the same bits on any number of ranks at
+one BLAS thread count per rank (--threads).
 """
 
 from __future__ import annotations
