@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import checkpoint, data, paths, preprocess
+from distbp import checkpoint, data, preprocess
 from distbp.comm import host_names
 from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
@@ -42,7 +42,6 @@ from distbp.session import (
     build_session,
     claim_outputs,
     release_outputs,
-    run_inputs,
     stored_config,
 )
 from distbp.stopflag import StopFlag, catch_stop_signals, restore_signals
@@ -162,18 +161,9 @@ def train(cfg: TrainConfig, job: Job, stop: StopFlag, datasets: tuple | None = N
 
 
 def _session(cfg: TrainConfig, comm, datasets: tuple | None) -> Session:
-    """build_session on this rank, and on rank 0 (which writes it) the --trace file checked."""
-    s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size,
-                      datasets=datasets)
-    if cfg.trace is not None and comm.rank == 0:
-        label = f"--trace '{cfg.trace}'"
-        if not Path(cfg.trace).parent.is_dir():
-            raise ConfigError(f"{label}: directory '{Path(cfg.trace).parent}' does not exist")
-        if paths.check_regular_or_absent(cfg.trace, label, ConfigError):
-            paths.check_not_input(cfg.trace, (*run_inputs(cfg, s.resumed_from),
-                                              ("--metrics", str(s.metrics_path))), label,
-                                  ConfigError)
-    return s
+    """build_session on this rank (rank 0, which writes them, checks the outputs)."""
+    return build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size,
+                         datasets=datasets)
 
 
 def _agree_on_start(comm, s: Session) -> None:

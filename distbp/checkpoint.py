@@ -49,7 +49,7 @@ from distbp.errors import CheckpointError, one_line
 from distbp.network import n_params, param_views
 from distbp.version import __version__
 
-__all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "latest_valid",
+__all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "is_checkpoint_name", "latest_valid",
            "list_checkpoints", "load", "save", "set_aside_newer"]
 
 _NAME = re.compile(r"ckpt-(\d{8})\.h5")
@@ -80,6 +80,12 @@ class Checkpoint:
     world_size: int
     distbp_version: str
     interval: dict[str, float]  # /metrics/interval: INTERVAL_KEYS -> the open record's sums
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether a file or folder name is one this module makes in a checkpoint directory: a
+    checkpoint, a checkpoint's temporary file, a folder of set-aside checkpoints."""
+    return bool(_NAME.fullmatch(name) or name.startswith((".tmp-ckpt-", "superseded-")))
 
 
 def checkpoint_path(directory, step: int) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 from distbp.durable import fsync_path, umask
 from distbp.errors import DataError, OutputError, UsageError, one_line
 from distbp.idx import IdxReader
-from distbp.paths import check_not_input, check_regular
+from distbp.paths import check_not_input, check_output, check_regular
 
 __all__ = ["BLOCK_BYTES", "CHUNK_BYTES", "DEBIAN_FASHION_DIR", "FASHION_MD5", "FASHION_SPLITS",
            "FASHION_URL", "fashion_mnist", "import_idx", "write_data_file"]
@@ -87,11 +87,11 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
             done = 0
             for xb, yb in blocks:
                 if done + len(xb) > n or len(xb) != len(yb):
-                    raise RuntimeError(f"blocks do not add up to {n} rows")
+                    raise ValueError(f"blocks do not add up to {n} rows")
                 x[done:done + len(xb)], y[done:done + len(yb)] = xb, yb
                 done += len(xb)
             if done != n:
-                raise RuntimeError(f"blocks hold {done} rows, expected {n}")
+                raise ValueError(f"blocks hold {done} rows, expected {n}")
         # not durable.replace_durably: the chmod sits between the fsync and the rename, and
         # only the rename's OSError is the user's fault (_replace makes it a UsageError)
         fsync_path(tmp)
@@ -101,15 +101,18 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(err, OSError):  # a full disk: one line, and HDF5 is not trusted after it
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, UsageError):
+            # a full disk or a file size limit (h5py says RuntimeError for some): one line,
+            # and HDF5 is not trusted after it
             raise OutputError(str(_cannot_write(out, err))) from None
         raise
     return out
 
 
-def _cannot_write(out: Path, err: OSError) -> UsageError:
+def _cannot_write(out: Path, err: Exception) -> UsageError:
     """The one-line error for an `--out` whose directory refuses the file."""
-    why = os.strerror(err.errno) if err.errno else one_line(err)  # not HDF5's paragraph
+    errno = getattr(err, "errno", None)
+    why = os.strerror(errno) if errno else one_line(err)  # not HDF5's paragraph
     return UsageError(f"--out '{out}': cannot write there ({why})")
 
 
@@ -119,6 +122,7 @@ def _temp_beside(out: Path) -> str:
     if out.is_dir():
         raise UsageError(f"--out '{out}' is a directory; give a file name, e.g. "
                          f"'{out / 'data.h5'}'")
+    check_output(out, f"--out '{out}'")  # never a FIFO, device, symlink or shared directory
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

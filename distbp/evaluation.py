@@ -210,15 +210,11 @@ class PredictionFile:
 
     def __init__(self, out: str, net: Network, n: int, attrs: dict):
         self.out = Path(out)
-        if self.out.is_dir():
-            raise ConfigError(f"--out '{out}' is a directory")
-        if not self.out.parent.is_dir():
-            raise ConfigError(f"--out '{out}': directory '{self.out.parent}' does not exist")
         label = f"--out '{out}'"
-        paths.check_regular_or_absent(self.out, label, ConfigError)
-        paths.check_not_input(self.out, (("checkpoint", attrs.get("checkpoint")),
-                                         ("--data", attrs.get("data"))), label, ConfigError)
-        paths.check_private_directory(self.out.parent, label, ConfigError)
+        if not self.out.parent.is_dir() and not self.out.is_dir():
+            raise ConfigError(f"{label}: directory '{self.out.parent}' does not exist")
+        paths.check_output(self.out, label, (("checkpoint", attrs.get("checkpoint")),
+                                             ("--data", attrs.get("data"))), (), ConfigError)
         self.labels = net.output in ("softmax", "sigmoid")
         try:  # O_EXCL, an unpredictable name: a planted symlink is never followed
             fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
@@ -244,24 +240,25 @@ class PredictionFile:
             self.pred[lo:lo + len(a)] = a
             if self.label is not None:
                 self.label[lo:lo + len(a)] = output_labels(a)
-        except OSError as e:  # a full disk: one line, and discard() removes the file
-            raise self._cannot_write(e) from None
+        except (OSError, RuntimeError) as e:  # a full disk, a file size limit: one line, and
+            raise self._cannot_write(e) from None  # discard() removes the file
 
     def commit(self) -> None:
         """Close, flush to disk and rename onto `out`, then flush the directory entry."""
         try:
             self.file.close()
             replace_durably(self.tmp, self.out)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # h5py reports some failed writes as RuntimeError
             raise self._cannot_write(e) from None
 
     def discard(self) -> None:
         """Remove the temporary file unless commit() renamed it (safe to call always)."""
-        with contextlib.suppress(OSError):  # a close that failed on a full disk: thrown away
+        with contextlib.suppress(Exception):  # a close that failed (full disk): thrown away
             if self.file.id.valid:
                 self.file.close()
         self.tmp.unlink(missing_ok=True)
 
-    def _cannot_write(self, e: OSError) -> OutputError:
-        why = os.strerror(e.errno) if e.errno else one_line(e)  # HDF5's own text is a paragraph
+    def _cannot_write(self, e: Exception) -> OutputError:
+        errno = getattr(e, "errno", None)
+        why = os.strerror(errno) if errno else one_line(e)  # HDF5's own text is a paragraph
         return OutputError(f"--out '{self.out}': cannot write ({why})")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from distbp.errors import UsageError, one_line
 
-__all__ = ["LOCK_NAME", "RunLock", "check_not_input", "check_private_directory",
+__all__ = ["LOCK_NAME", "RunLock", "check_not_input", "check_output", "check_private_directory",
            "check_regular", "check_regular_or_absent"]
 
 LOCK_NAME = ".distbp.lock"
@@ -99,6 +99,33 @@ def check_not_input(output: str | Path, inputs: Iterable[tuple[str, str | Path |
         if path is not None and _same(output, path):
             raise error(f"{label}: is the {what} '{path}' this command reads; writing it would "
                         "destroy it: give another name")
+
+
+def check_output(path: str | Path, label: str,
+                 inputs: Iterable[tuple[str, str | Path | None]] = (),
+                 others: Iterable[tuple[str, str | Path | None]] = (),
+                 error: type[UsageError] = UsageError) -> bool:
+    """The rules for a file distbp writes (under a temporary name beside it, then renamed onto
+    it): `error` if `path` is a directory, a symbolic link (distbp never writes through one), no
+    regular file (a FIFO or a device would be replaced by a file), the run lock's name, one of
+    the command's `inputs` or of its `others` outputs ((what, path) pairs), or in a directory
+    others may write into without the sticky bit. Returns whether `path` exists."""
+    path = Path(path)
+    if path.name == LOCK_NAME:
+        raise error(f"{label}: '{LOCK_NAME}' is the name of distbp's run lock: give another name")
+    if os.path.isdir(path):
+        raise error(f"{label}: is a directory; give a file name")
+    if os.path.islink(path):
+        raise error(f"{label}: is a symbolic link; distbp never writes through one: give the "
+                    f"file's own name or another")
+    exists = check_regular_or_absent(path, label, error)
+    check_not_input(path, inputs, label, error)
+    for what, other in others:
+        if other is not None and _same(path, other):
+            raise error(f"{label}: is also the {what} '{other}' of this command: give each "
+                        f"output its own name")
+    check_private_directory(path.parent, label, error)
+    return exists
 
 
 def check_private_directory(directory: str | Path, label: str,

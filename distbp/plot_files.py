@@ -18,10 +18,11 @@ from pathlib import Path
 
 from distbp.durable import replace_durably, umask
 from distbp.errors import UsageError
-from distbp.paths import check_regular, check_regular_or_absent
+from distbp.paths import check_output, check_regular, check_regular_or_absent
 from distbp.plot import FORMATS, display_name, figure, read_run, save
 
-__all__ = ["DEFAULT_NAME", "picture_format", "plot_files", "run_names"]
+__all__ = ["DEFAULT_NAME", "check_picture", "picture_format", "plot_files", "run_names",
+           "write_picture"]
 
 DEFAULT_NAME = "metrics.png"
 # How each format's files begin (an SVG after an optional BOM and white space).
@@ -42,6 +43,17 @@ def plot_files(inputs: Sequence[str], out: str | None, metrics: Sequence[str],
     runs = [read_run(f, name) for f, name in zip(files, run_names(files))]
     _write(target, figure(runs, metrics, log), fmt, option)
     return target
+
+
+def check_picture(out: Path, option: str) -> str:
+    """The format a picture written to `out` will have, after refusing (UsageError, one line)
+    what `distbp plot -o` refuses; call it before the work that draws the picture."""
+    return _check_target(out, (), option)
+
+
+def write_picture(fig, out: Path, option: str) -> None:
+    """Matplotlib Figure `fig` into `out` (checked again: time has passed), atomically."""
+    _write(out, fig, _check_target(out, (), option), option)
 
 
 def picture_format(out: Path, option: str = "-o") -> str:
@@ -97,6 +109,7 @@ def _check_target(out: Path, inputs: Sequence[Path], option: str) -> str:
         if os.path.samefile(out, given):
             raise UsageError(f"{option} '{out}' is the metrics file '{given}' being plotted; "
                              "give another file name")
+    check_output(out, f"{option} '{out}'")  # no symlink, no shared directory
     fmt = picture_format(out, option)
     if not exists:
         return fmt

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["ALGORITHMS", "RANKS", "StepModel", "allreduce_terms", "fit_alpha_beta", "fit_line",
-           "measure_allreduce", "measure_forward_backward", "plot_efficiency", "table"]
+           "measure_allreduce", "measure_forward_backward", "efficiency_figure", "table"]
 
 ALGORITHMS = ("rabenseifner", "ring", "recursive-doubling")
 RANKS = tuple(2 ** k for k in range(13))  # 1 .. 4096
@@ -155,9 +155,9 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_efficiency(strong: list[dict], weak: list[dict], out: str) -> None:
-    """Parallel efficiency against ranks, strong and weak scaling, into `out` (format by its
-    extension), with matplotlib (the `plot` extra)."""
+def efficiency_figure(strong: list[dict], weak: list[dict]):
+    """A matplotlib Figure (the `plot` extra) of parallel efficiency against ranks, strong and
+    weak scaling."""
     from matplotlib.figure import Figure  # optional: only `--plot` needs it
 
     fig = Figure(figsize=(7, 4.5))
@@ -173,4 +173,4 @@ def plot_efficiency(strong: list[dict], weak: list[dict], out: str) -> None:
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(out)
+    return fig

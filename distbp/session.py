@@ -82,7 +82,7 @@ def build_session(cfg: TrainConfig, local_size: int = 1, rank: int = 0, size: in
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir '{ckpt_dir}' exists and is not a directory")
     metrics_path = Path(cfg.metrics_file)
-    for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
+    for named, directory in _locked_dirs(cfg, ckpt_dir, metrics_path):
         paths.RunLock.check_free(directory, named, ConfigError)  # before reading checkpoints
     resume, notes = _find_resume(cfg, ckpt_dir)
     if resume is not None:
@@ -139,27 +139,44 @@ def _output_dirs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> list[t
                                      ("--metrics", cfg.metrics, metrics_path.parent))]
 
 
+def _locked_dirs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path) -> list[tuple[str, Path]]:
+    """The directories a run locks: its output directories and the --trace file's."""
+    trace = [(f"--trace {cfg.trace!r}", Path(cfg.trace).parent)] if cfg.trace else []
+    return _output_dirs(cfg, ckpt_dir, metrics_path) + trace
+
+
 def _check_outputs(cfg: TrainConfig, ckpt_dir: Path, metrics_path: Path,
                    resumed: Path | None) -> None:
     """Refuse now (exit 2, naming the option), creating nothing, outputs that cannot be created
-    or written, directories others may write into, a metrics file that is no regular file or is
-    an input. `claim_outputs` creates them once every rank agreed: a refused run leaves none."""
+    or written, directories others may write into, a metrics file or trace that breaks
+    paths.check_output's rules, is an input, is the other, or takes a name the checkpoints use.
+    `claim_outputs` creates them once every rank agreed: a refused run leaves none."""
     for named, directory in _output_dirs(cfg, ckpt_dir, metrics_path):
         _probe_directory(directory, named)
         paths.check_private_directory(directory, named, ConfigError)
     named = (f"--metrics {cfg.metrics!r}" if cfg.metrics is not None
              else f"--run-dir {cfg.run_dir!r}")
-    if metrics_path.is_dir():
-        raise ConfigError(f"{named}: metrics file '{metrics_path}' is a directory")
     label = f"{named}: metrics file '{metrics_path}'"
-    if metrics_path.is_symlink():
-        raise ConfigError(f"{label}: is a symbolic link; distbp never writes through one: "
-                          "give the file's own name or another")
-    if not paths.check_regular_or_absent(metrics_path, label, ConfigError):
-        return
-    paths.check_not_input(metrics_path, run_inputs(cfg, resumed), label, ConfigError)
-    if not os.access(metrics_path, os.W_OK):
+    if paths.check_output(metrics_path, label, run_inputs(cfg, resumed), (), ConfigError) \
+            and not os.access(metrics_path, os.W_OK):
         raise ConfigError(f"{label}: not writable")
+    _outside_checkpoint_names(metrics_path, ckpt_dir, label)
+    if cfg.trace is not None:
+        label = f"--trace '{cfg.trace}'"
+        if not Path(cfg.trace).parent.is_dir():
+            raise ConfigError(f"{label}: directory '{Path(cfg.trace).parent}' does not exist")
+        paths.check_output(cfg.trace, label, run_inputs(cfg, resumed),
+                           (("metrics file", metrics_path),), ConfigError)
+        _outside_checkpoint_names(Path(cfg.trace), ckpt_dir, label)
+
+
+def _outside_checkpoint_names(path: Path, ckpt_dir: Path, label: str) -> None:
+    """ConfigError if `path`, in the checkpoint directory, has a name the checkpoints take (it
+    would be replaced by a checkpoint, rotated away or set aside)."""
+    if os.path.realpath(path.parent) == os.path.realpath(ckpt_dir) \
+            and checkpoint.is_checkpoint_name(path.name):
+        raise ConfigError(f"{label}: '{path.name}' in the checkpoint directory is a name the "
+                          f"checkpoints use: give another name")
 
 
 def run_inputs(cfg: TrainConfig, resumed: Path | None) -> tuple[tuple[str, object], ...]:
@@ -190,7 +207,7 @@ def _probe_directory(directory: Path, named: str) -> None:
 
 def claim_outputs(s: Session, rank: int) -> list[paths.RunLock]:
     """Rank 0, once every rank accepted the setup: create the checkpoint and metrics
-    directories and lock each (paths.RunLock) for the run's lifetime, so a second run into them
+    directories and lock them and the --trace file's (paths.RunLock) for the run's lifetime, so a second run into them
     is refused (exit 2, naming the holder). Other ranks write nothing and lock nothing. Give the
     locks back with `release_outputs` (or exit: the kernel drops them)."""
     if rank != 0:
@@ -201,6 +218,7 @@ def claim_outputs(s: Session, rank: int) -> list[paths.RunLock]:
         except OSError as e:
             raise ConfigError(f"{named}: cannot create directory '{directory}': "
                               f"{e.strerror or e}") from None
+    for named, directory in _locked_dirs(s.cfg, s.checkpoint_dir, s.metrics_path):
         if all(os.path.realpath(directory) != os.path.realpath(lock.path.parent)
                for lock in s.locks):
             s.locks.append(paths.RunLock.acquire(directory, named, ConfigError))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from distbp.durable import replace_durably, umask
+from distbp.errors import ConfigError
 
 __all__ = ["ALLREDUCE", "COMPUTE", "MAX_EVENTS", "RUN", "Tracer"]
 
@@ -79,12 +80,15 @@ class Tracer:
         for n in sizes:
             events += json.loads(every[at:at + n].tobytes())
             at += int(n)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        path, tmp = Path(path), None
         try:  # an exclusive, unpredictable name: a planted symlink is never followed
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
             os.fchmod(fd, 0o666 & ~umask())
             with os.fdopen(fd, "w") as f:
                 json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
             replace_durably(tmp, path)
+        except OSError as e:  # a full disk: one line (exit 2), no file left
+            raise ConfigError(f"--trace '{path}': cannot write ({e.strerror or e})") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)  # gone already after the rename
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)  # gone already after the rename

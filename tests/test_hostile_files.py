@@ -298,3 +298,29 @@ def test_a_checkpoint_directory_writable_by_all_needs_the_sticky_bit(files, tmp_
     refused(distbp(*args), "is writable by every user (mode 777) without the sticky bit")
     os.chmod(shared, 0o1777)  # /scratch, /tmp: others cannot replace what distbp writes
     assert distbp(*args).returncode == 0
+
+
+def test_files_distbp_data_and_bench_write_follow_the_output_rules(files, tmp_path):
+    """--out of distbp data and bench --plot: never a FIFO or device (it would be replaced by
+    a file), never through a symlink, never into a directory others may write without the
+    sticky bit; the target is left as it was."""
+    good = files["good"]
+    kept = good.read_bytes()
+    link = tmp_path / "link.h5"
+    link.symlink_to(good)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    synthetic = ("data", "synthetic", "--n", "10", "--features", "3", "--classes", "2", "--out")
+    for out, phrase in ((files["fifo"], "not a regular file (a FIFO)"),
+                        (link, "is a symbolic link"),
+                        (shared / "s.h5", "writable by every user")):
+        refused(distbp(*synthetic, out), phrase)
+    assert files["fifo"].is_fifo() and good.read_bytes() == kept and not list(shared.iterdir())
+    png = tmp_path / "model.png"
+    png.symlink_to(good)
+    bench = ("bench", "--layers", "3,2", "--batch-size", "4", "--gemm-size", "8", "--steps", "1",
+             "--warmup", "0", "--model", "--plot")
+    for out, phrase in ((png, "is a symbolic link"), (shared / "m.png", "writable by every user")):
+        refused(distbp(*bench, out), phrase)
+    assert good.read_bytes() == kept and not list(shared.iterdir())

@@ -108,11 +108,11 @@ def test_output_never_replaces_an_input_or_a_file_that_is_not_its_format(runs, c
     for out in (run / "metrics.jsonl", run / "link.svg"):
         _fails(capsys, ["plot", str(run), "-o", str(out)], f"-o '{out}' is the metrics file "
                f"'{run / 'metrics.jsonl'}' being plotted")
-    for out, fmt in ((ckpt.with_suffix(".png"), "PNG"), (tmp_path / "notes.svg", "SVG"),
-                     (tmp_path / "real.pdf", "PDF")):
-        if not out.exists():  # the checkpoint under a picture's name
-            out.symlink_to(ckpt)
+    for out, fmt in ((tmp_path / "notes.svg", "SVG"), (tmp_path / "real.pdf", "PDF")):
         _fails(capsys, ["plot", str(run), "-o", str(out)], f"-o '{out}' exists and is not a {fmt}")
+    link = ckpt.with_suffix(".png")  # the checkpoint under a picture's name
+    link.symlink_to(ckpt)
+    _fails(capsys, ["plot", str(run), "-o", str(link)], "is a symbolic link")
     (run / "metrics.png").write_bytes(b"GIF89a")  # the default output too
     _fails(capsys, ["plot", str(run)], f"output '{run / 'metrics.png'}' exists and is not a PNG "
            "(it starts with b'GIF89a')")

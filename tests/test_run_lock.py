@@ -73,6 +73,15 @@ def test_second_run_into_a_running_directory_is_refused_naming_the_holder(tmp_pa
                 f"distbp: error: --run-dir '{run_dir}': '{run_dir / 'checkpoints'}' is in use "
                 f"by another run (host {socket.gethostname()} pid {first.pid}); wait for it "
                 "to end or give another directory"], err
+        for target in (run_dir / "metrics.jsonl", run_dir / "checkpoints" / "t.json"):
+            # a trace written into a running run's directory: refused too (it is locked)
+            second = train("--data", data, "--layers", "8,16,3", "--steps", "10", "--run-dir",
+                           tmp_path / "other", "--trace", target)
+            out, err = second.communicate(timeout=60)
+            assert second.returncode == 2, err
+            assert f"is in use by another run (host {socket.gethostname()} pid {first.pid})" \
+                in err and f"--trace '{target}'" in err, err
+        assert (run_dir / "metrics.jsonl").read_text().startswith('{"kind"')
         assert not list(run_dir.rglob("superseded-*")), "the second run moved nothing aside"
     finally:
         first.send_signal(signal.SIGTERM)

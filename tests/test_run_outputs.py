@@ -52,3 +52,27 @@ def test_the_checkpoint_resume_auto_picks_is_never_an_output(tmp_path):
         (line,) = proc.stderr.strip().splitlines()
         assert option in line and "is the checkpoint resumed from" in line, line
         assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+
+
+def test_a_runs_outputs_never_replace_each_other_or_its_checkpoints(tmp_path):
+    """The trace is not the metrics file; neither takes a name the checkpoints (or the run
+    lock) use in the checkpoint directory; each refusal is one line and writes nothing."""
+    data = write_data(tmp_path / "d.h5", n=66)
+    run = tmp_path / "run"
+    ok(train(0, data, run, "--steps", "2"))
+    ckpts = run / "checkpoints"
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cases = [
+        (("--trace", ckpts / "ckpt-00000004.h5"), "is a name the checkpoints use"),
+        (("--metrics", ckpts / "ckpt-00000003.h5"), "is a name the checkpoints use"),
+        (("--trace", run / "metrics.jsonl"), "is also the metrics file"),
+        (("--trace", ckpts / ".distbp.lock"), "is the name of distbp's run lock"),
+        (("--metrics", ckpts / "superseded-x"), "is a name the checkpoints use"),
+    ]
+    for option, phrase in cases:
+        proc = train(0, data, run, "--steps", "4", "--resume", "auto", "--checkpoint-every", "1",
+                     *map(str, option))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert option[0] in line and phrase in line, line
+        assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -33,8 +33,8 @@ from distbp.data import shard_bounds
 from distbp.errors import UsageError
 from distbp.launch import agree
 from distbp.plot import require_matplotlib
-from distbp.plot_files import picture_format
-from distbp.scaling import ALGORITHMS, plot_efficiency, table
+from distbp.plot_files import check_picture, write_picture
+from distbp.scaling import ALGORITHMS, efficiency_figure, table
 
 __all__ = ["add_command"]
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, job) -> int:
     median phase times and the derived figures."""
     layers = parse_layers(args.layers)
     if args.plot is not None:  # refused now, not after the measurement
-        picture_format(Path(args.plot), "--plot")
+        check_picture(Path(args.plot), "--plot")
         require_matplotlib()
     if args.baseline and args.activation not in ("relu", "sigmoid"):
         raise UsageError(f"--baseline: the bare loop has relu and sigmoid hidden layers, not "
@@ -186,7 +186,7 @@ def _model(args: argparse.Namespace, net, comm, med: np.ndarray, rows: int) -> d
         model = model.with_compute_rate(bench.executed_flops(net, 1), 1e9 * args.gflops)
     strong, weak = model.strong(args.batch_size), model.weak(rows)
     if args.plot and comm.rank == 0:
-        plot_efficiency(strong, weak, args.plot)
+        write_picture(efficiency_figure(strong, weak), Path(args.plot), "--plot")
     return {"terms": dataclasses.asdict(model), "ranks": comm.size,
             "measured_step_s": float(med[3]), "predicted_step_s": model.step(comm.size, rows),
             "strong": strong, "weak": weak}
