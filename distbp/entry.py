@@ -2,7 +2,9 @@
 
 `distbp train` installs its SIGTERM/SIGUSR1/SIGINT handler here, before NumPy, h5py, MPI and the
 argument parser are imported (0.3-0.8 s on a busy node), so a signal sent to a rank that is
-still starting sets the stop flag instead of killing it: the first step sees the flag, rank 0
+still starting is caught instead of killing it: once the rank has its communicator it says so
+and the job exits 75 at once (nothing was trained or written yet; distbp.stopflag); once
+training is about to begin the signal sets the stop flag, the next step sees it, rank 0
 checkpoints and every rank exits 75. Other commands keep the default action (terminate).
 """
 

@@ -30,9 +30,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from distbp.comm import get_comm
+from distbp.stopflag import StopBeforeTraining, stop_at_once
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S
 from distbp.errors import (
     EXIT_ERROR,
+    EXIT_PREEMPTED,
     EXIT_STDOUT_CLOSED,
     EXIT_USAGE,
     CollectiveTimeout,
@@ -62,6 +64,7 @@ class Job:
         """The communicator (MPI under a launcher, else serial), with BLAS threads set (`end`
         puts back what they were: a library call must not change its caller's process)."""
         self.comm = get_comm(timeout=timeout)
+        stop_at_once()  # a stop signal from now (or held until now) ends start-up: exit 75
         self._blas = threadpool_limits(limits=None)  # remembers the limits in force
         self.threads = set_threads(threads, self.comm.local_size)
         return self.comm
@@ -176,6 +179,8 @@ def exit_code(job: Job, e: BaseException) -> int:
         return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: error: {e}")
     if isinstance(e, KeyboardInterrupt):
         return _abort(job, EXIT_ERROR, f"distbp: rank {job.rank}: interrupted")
+    if isinstance(e, StopBeforeTraining):  # no step was taken anywhere: end every rank now
+        return _abort(job, EXIT_PREEMPTED, e.line(job.rank))
     if isinstance(e, BrokenPipeError):  # `distbp ... | head`: the reader has what it wanted
         return _stdout_closed(job)
     return _abort(job, EXIT_ERROR, _crash_report(job, e))

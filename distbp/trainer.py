@@ -141,6 +141,7 @@ class Trainer:
         if fresh and s.steps_per_epoch >= MIN_JUDGED_EPOCH and s.net.output == "softmax" \
                 and len(s.train.y_shape) == 1:
             self._baseline = self._class_entropy()
+        self.stop.at_once = False  # from here on a stop signal is a checkpoint at a step
         if self.rank0:
             moved = checkpoint.set_aside_newer(s.checkpoint_dir, s.start_step,
                                                [s.metrics_path] if fresh else [])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -324,3 +326,31 @@ def test_files_distbp_data_and_bench_write_follow_the_output_rules(files, tmp_pa
     for out, phrase in ((png, "is a symbolic link"), (shared / "m.png", "writable by every user")):
         refused(distbp(*bench, out), phrase)
     assert good.read_bytes() == kept and not list(shared.iterdir())
+
+
+def test_sigterm_during_a_long_start_up_ends_it_at_once(tmp_path):
+    """An 80 GB sparse data file (12 KB on disk) takes minutes to check; a stop signal during
+    that start-up ends the run at once with exit 75 and one line, writing nothing."""
+    path = tmp_path / "sparse.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", (2**31, 8), np.float32)[0] = 1.0
+        f.create_dataset("y", (2**31,), np.int64)[0] = 1
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", "--data", str(path),
+                             "--layers", "8,16,3", "--steps", "5", "--run-dir",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        time.sleep(3)  # well into the data check
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - sent < 5, "the signal waited for the rest of the start-up"
+    assert proc.returncode == 75, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("distbp: rank 0: stopped by SIGTERM before training began")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir())

@@ -239,11 +239,13 @@ def wait_for_handler_before_numpy(pid: int, timeout: float = 20) -> None:
 @pytest.mark.parametrize(("entry", "delay"), [
     ("module", 0.0), ("module", 0.1), ("module", 0.25), ("module", 0.5),
     ("script", 0.0), ("script", 0.2)])
-def test_stop_signal_during_start_up_checkpoints_and_exits_75_instead_of_killing(
+def test_stop_signal_during_start_up_exits_75_instead_of_killing(
         mpiexec, data, tmp_path, entry, delay):
     # USR1 to both ranks `delay` s after they exec: during the imports, MPI init or the data
     # checks. Only the interpreter's own start-up (before distbp's first line) is uncovered, so
-    # the signal waits until the kernel shows the handler, which must come before NumPy.
+    # the signal waits until the kernel shows the handler, which must come before NumPy. Before
+    # training begins the ranks stop at once, saying so (nothing to save); after, the first
+    # step checkpoints; either way the job exits 75 (or 0 when it was over already).
     env, run_dir = job_env(), tmp_path / "run"
     how = ("-m", "distbp") if entry == "module" else (str(console_script(tmp_path)),)
     cmd = wrapped(mpiexec, data, run_dir, *PREEMPT, entry=how)
@@ -263,9 +265,16 @@ def test_stop_signal_during_start_up_checkpoints_and_exits_75_instead_of_killing
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
-    codes = rank_codes(stderr)
-    assert codes in ({0: 75, 1: 75}, {0: 0, 1: 0}), f"{codes}\n{stdout[-2000:]}\n{stderr}"
+    shown = f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr}"
     saved = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    if "before training began" in stderr:  # stopped in start-up: at once, nothing written
+        assert proc.returncode == 75, shown
+        assert re.search(r"distbp: rank \d: stopped by SIGUSR1 before training began: nothing "
+                         r"was trained or saved", stderr), shown
+        assert saved == [] and "Traceback" not in stderr, shown
+        return
+    codes = rank_codes(stderr)
+    assert codes in ({0: 75, 1: 75}, {0: 0, 1: 0}), f"{codes}\n{shown}"
     assert len(saved) == 1, saved
     checkpoint.load(saved[0])
     if codes[0] == 75:
