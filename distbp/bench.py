@@ -29,7 +29,7 @@ from distbp.scaling import (
     measure_allreduce,
     measure_forward_backward,
 )
-from distbp.session import ARRAYS_LABEL, build_session
+from distbp.session import ARRAYS_LABEL, build_session, check_model_memory
 from distbp.step import TAIL
 from distbp.trainer import Trainer
 
@@ -47,6 +47,7 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
     the epoch's shuffle, done once per epoch, stays out of most steps; plain SGD (the default) at
     lr 0.01, no checkpoint or check in between. `micro_batches`: in reproducible mode, with that
     many micro-batches (the caller runs it on one BLAS thread, as `distbp train` does)."""
+    check_model_memory(layers, dtype, batch, comm.local_size)  # before the rows are made
     rng = np.random.default_rng(0)
     n = batch * max(1, min(64, DATA_BYTES // (batch * layers[0] * np.dtype(dtype).itemsize)))
     x = rng.standard_normal((n, layers[0])).astype(dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -124,7 +125,7 @@ def read_fields(f: h5py.File, path: Path) -> dict:
     prep = member(f, "preprocess", path, h5py.Group)
     metrics_group = member(f, "metrics", path, h5py.Group)
     metrics = verified_text(metrics_group, "jsonl", path)
-    params = _read_params(model, layers, dtype, path)
+    params = _read_params_checked(model, layers, dtype, path)
     return dict(  # in Checkpoint's order, which is also the order the checks run in
         step=int_value(attr(f, "step", path), "/step", path, 10**8 - 1), epoch=epoch,
         step_in_epoch=int_value(verified_array(rng, "step_in_epoch", path), "/rng/step_in_epoch",
@@ -177,13 +178,26 @@ def _layers(value, path: Path) -> tuple[int, ...]:
 
 
 def _optimizer_state(opt: h5py.Group, n: int, path: Path) -> dict[str, np.ndarray]:
-    """Each state buffer: one value per parameter (n,) or a 0-d scalar (Adam's t)."""
+    """Each state buffer: one value per parameter (n,) or a 0-d scalar (Adam's t), finite and,
+    for counts (integers) and second moments ("v"), never negative: what an optimizer writes."""
     state = {k: verified_array(opt, k, path) for k in opt}
     for k, a in state.items():
         if a.shape not in ((), (n,)):
             raise error(path, f"/optimizer/{k} has shape {a.shape}; state buffers are () or "
                               f"({n},), one value per parameter")
+        nonneg = a.dtype.kind in "iu" or k == "v"  # a step count, a second moment
+        if a.size and (not np.isfinite(a).all() or (nonneg and a.min() < 0)):
+            what = "non-finite or negative" if nonneg else "non-finite"
+            raise error(path, f"/optimizer/{k} holds {what} values, which no optimizer writes")
     return state
+
+
+def _read_params_checked(model: h5py.Group, layers, dtype: str, path: Path) -> np.ndarray:
+    """The flat parameters, which a checkpoint only ever holds finite (save refuses others)."""
+    params = _read_params(model, layers, dtype, path)
+    if not np.isfinite(params).all():
+        raise error(path, "/model holds non-finite parameters (distbp never saves them)")
+    return params
 
 
 def _config(text: str, path: Path) -> dict:
@@ -221,9 +235,19 @@ _RECORD_NUMBERS = {"val": ("loss", "accuracy"), "train": ("loss", "accuracy", "l
 def _record_ok(r: dict) -> bool:
     counts = all(type(r[k]) is int and r[k] >= 0 for k in ("step", "epoch") if k in r)
     kind = isinstance(r.get("kind", ""), str)
-    scalars = all(v is None or isinstance(v, (str, int, float)) for v in r.values())
-    numbers = all(type(r.get(k)) in (int, float) for k in _RECORD_NUMBERS.get(r.get("kind"), ()))
+    scalars = all(v is None or isinstance(v, (str, float)) or _int64(v) for v in r.values())
+    numbers = all(_finite(r.get(k)) for k in _RECORD_NUMBERS.get(r.get("kind"), ()))
     return counts and kind and scalars and numbers
+
+
+def _finite(v) -> bool:
+    """A number a float holds, finite (not a bool, not an int beyond int64)."""
+    return (type(v) is int and _int64(v)) or (type(v) is float and math.isfinite(v))
+
+
+def _int64(v) -> bool:
+    """An int (or bool) an int64 holds: JSON integers have no bound, floats and NumPy do."""
+    return isinstance(v, int) and -2**63 <= v < 2**63
 
 
 def _read_interval(metrics: h5py.Group, path: Path) -> dict[str, float]:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from distbp.errors import DataError
 from distbp.ordered_sum import OrderedSum
 
 __all__ = ["KEYS", "STATS_BLOCK", "Inputs", "apply", "check", "feature_stats"]
@@ -66,7 +67,8 @@ class Inputs:
 def check(params: Mapping[str, np.ndarray], n_inputs: int) -> None:
     """Raise ValueError naming the problem unless `params` is preprocessing `apply` understands
     for n_inputs features: known keys only (an unknown step silently skipped would give wrong
-    inputs), a single scale, and mean and std together with one value per feature."""
+    inputs), a single scale, mean and std together with one value per feature, every value
+    finite and scale and std positive."""
     unknown = sorted(set(params) - set(KEYS))
     if unknown:
         raise ValueError(f"unknown preprocessing step(s) {', '.join(unknown)} "
@@ -80,6 +82,13 @@ def check(params: Mapping[str, np.ndarray], n_inputs: int) -> None:
         if key in params and np.shape(params[key]) != (n_inputs,):
             raise ValueError(f"preprocessing {key} has shape {np.shape(params[key])}, the "
                              f"network has {n_inputs} inputs")
+    for key in KEYS:  # x · scale and (x − mean) / std must stay finite numbers
+        values = np.asarray(params.get(key, 1.0))
+        if values.dtype.kind not in "iuf" or not np.isfinite(values).all() or (
+                key != "mean" and not (values > 0).all()):
+            rule = "finite" if key == "mean" else "finite and positive"
+            raise ValueError(f"preprocessing {key} must be {rule}, got "
+                             f"{np.ravel(values)[:4].tolist()}...")
 
 
 STATS_BLOCK = 4096  # rows per part of feature_stats' sums
@@ -108,7 +117,11 @@ def feature_stats(ds, comm, scale: float | None, dtype) -> tuple[np.ndarray, np.
     summed.reduce(squares, total)
     var = total / max(n, 1)
     std = np.where(var > 1e-12, np.sqrt(var), 1.0)
-    return mean.astype(dtype), std.astype(dtype)
+    mean, std = mean.astype(dtype), std.astype(dtype)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DataError(f"data file {ds.source!r}: --standardize: the features' mean or spread "
+                        f"overflows {np.dtype(dtype).name} (values too large to standardize)")
+    return mean, std
 
 
 def _block(ds, m: int, scale: float | None) -> np.ndarray:

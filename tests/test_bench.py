@@ -56,6 +56,7 @@ def test_bench_rejects_bad_layers_with_one_line():
     (["--model", "--beta", "0"], "argument --beta: must be a finite number > 0, got '0'"),
     (["--model", "--gflops", "nan"], "argument --gflops: must be a finite number > 0"),
     (["--layers", "8,3000000000,2"], "needs about"),
+    (["--batch-size", "99999999999999"], "99999999999999 rows a pass) needs about"),
 ])
 def test_bench_rejects_bad_options_with_one_line(flags, phrase):
     out = run_py(["-m", "distbp", "bench", "--layers", "8,4,2", "--steps", "1", *flags],

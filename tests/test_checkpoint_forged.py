@@ -80,6 +80,23 @@ FORGERIES = {
     "preprocess_mean_wrong_shape": (lambda f: (put_array(f, "preprocess/mean", np.zeros(5)),
                                                put_array(f, "preprocess/std", np.ones(5))),
                                     "preprocessing mean has shape (5,)"),
+    "preprocess_std_zero": (lambda f: (put_array(f, "preprocess/mean", np.zeros(8, "f4")),
+                                       put_array(f, "preprocess/std", np.zeros(8, "f4"))),
+                            "preprocessing std must be finite and positive"),
+    "preprocess_scale_nan": (lambda f: put_array(f, "preprocess/scale", np.array(np.nan, "f4")),
+                             "preprocessing scale must be finite and positive"),
+    "parameters_nan": (lambda f: put_array(f, "model/W1", np.full_like(f["model/W1"][()],
+                                                                       np.nan)),
+                       "/model holds non-finite parameters"),
+    "adam_v_negative": (lambda f: put_array(f, "optimizer/v", -np.ones_like(
+        f["optimizer/v"][()])), "/optimizer/v holds non-finite or negative values"),
+    "adam_step_negative": (lambda f: put_array(f, "optimizer/step", np.array(-5, np.int64)),
+                           "/optimizer/step holds non-finite or negative values"),
+    "adam_m_inf": (lambda f: put_array(f, "optimizer/m", np.full_like(
+        f["optimizer/m"][()], np.inf)), "/optimizer/m holds non-finite values"),
+    "metrics_loss_beyond_float": (lambda f: put_text(
+        f, "metrics/jsonl", '{"kind": "val", "step": 2, "loss": 1' + "0" * 400 +
+                            ', "accuracy": 1}\n'), "/metrics/jsonl line 1 is not a metrics record"),
 }
 
 

@@ -142,11 +142,17 @@ def test_spiral_arms_are_balanced_and_wind_one_and_a_half_turns():
 def test_synthetic_bad_sizes_exit_2(tmp_path, capsys):
     out = str(tmp_path / "s.h5")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "0", "--features", "2",
-                    "--classes", "2"], "--n", "positive integer")
+                    "--classes", "2"], "--n", "must be an integer from 1 to")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "1",
                     "--classes", "2", "--kind", "spiral"], "features >= 2")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                     "--classes", "1"], "classes >= 2")
+    _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", str(2**40),
+                    "--classes", "2"], "--features", "from 1 to 1048576")
+    _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
+                    "--classes", str(2**40)], "--classes", "from 1 to 65536")
+    _fails(capsys, ["data", "synthetic", "--out", out, "--n", str(2**50), "--features", "3",
+                    "--classes", "2"], "GiB, more than the", "free there")
     for seed in ("-1", str(2**63)):
         _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                         "--classes", "2", "--seed", seed], "--seed", "from 0 to")

@@ -98,6 +98,7 @@ def test_error_above_tolerance_exits_1():
     (["--eps=-1e-6"], "argument --eps: must be a finite number > 0, got '-1e-6'"),
     (["--eps", "nan"], "argument --eps: must be a finite number > 0, got 'nan'"),
     (["--tolerance=-1e-7"], "argument --tolerance: must be a finite number >= 0, got '-1e-7'"),
+    (["--eps", "1e308"], "argument --eps: must be at most 1, got '1e308'"),
     (["--layers", "4,3000000000,2"], "needs about"),
     (["--layers", "3,2.5,2"], "--layers must be comma-separated integers"),
     (["--activation", "swish"], "argument --activation: invalid choice: 'swish'"),

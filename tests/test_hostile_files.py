@@ -354,3 +354,15 @@ def test_sigterm_during_a_long_start_up_ends_it_at_once(tmp_path):
     assert line.startswith("distbp: rank 0: stopped by SIGTERM before training began")
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_values_whose_spread_overflows_cannot_be_standardized(tmp_path):
+    """float64 values near its largest: their squared deviations overflow, so --standardize
+    would divide by an infinite std and train on zeros; refused, one line."""
+    ds = synthetic_teacher(N, 8, 3, seed=1)
+    x = ds.x.astype(np.float64)
+    x[::2, 0], x[1::2, 0] = 1e308, -1e308
+    path = write_h5(tmp_path / "huge.h5", lambda f: f.update(x=x, y=ds.y))
+    proc = distbp("train", "--data", path, "--layers", "8,16,3", "--dtype", "float64",
+                  "--standardize", "--steps", "2", "--run-dir", tmp_path / "run")
+    refused(proc, "--standardize: the features' mean or spread overflows float64")

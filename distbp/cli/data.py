@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 
 from distbp import data
-from distbp.cli.args import positive_int, seed_int
+from distbp.cli.args import int_range, positive_int, seed_int
+from distbp.config_schema import MAX_ROWS
 from distbp.data.describe import describe
 from distbp.data_import import (
     CHUNK_BYTES,
@@ -32,6 +35,8 @@ from distbp.data_import import (
 from distbp.errors import EXIT_OK, UsageError
 
 __all__ = ["add_command", "add_info_options", "run_info"]
+
+MAX_FEATURES, MAX_CLASSES = 1 << 20, 1 << 16  # synthetic data: what its generator can serve
 
 
 def _print_info(info: dict) -> None:
@@ -128,9 +133,11 @@ def _add_synthetic(cmds) -> None:
                                     "fixed random tanh network) or 'spiral' (interleaved arms "
                                     "in the first two features, noise in the rest).")
     q.add_argument("--out", required=True, metavar="FILE.h5")
-    q.add_argument("--n", type=positive_int, required=True, help="rows")
-    q.add_argument("--features", type=positive_int, required=True)
-    q.add_argument("--classes", type=positive_int, required=True)
+    q.add_argument("--n", type=int_range(1, MAX_ROWS), required=True, help="rows")
+    q.add_argument("--features", type=int_range(1, MAX_FEATURES), required=True,
+                   help=f"1 to {MAX_FEATURES}")
+    q.add_argument("--classes", type=int_range(1, MAX_CLASSES), required=True,
+                   help=f"1 to {MAX_CLASSES}")
     q.add_argument("--seed", type=seed_int, default=0, help="0 to 2**63 - 1 (default 0)")
     q.add_argument("--kind", choices=("teacher", "spiral"), default="teacher")
     _add_write_options(q)
@@ -140,6 +147,15 @@ def _add_synthetic(cmds) -> None:
 def _run_synthetic(args: argparse.Namespace, job) -> int:
     if not _rank0(job):
         return EXIT_OK
+    need = args.n * (4 * args.features + 8)  # float32 x and int64 y, before compression
+    there = Path(args.out).absolute().parent
+    while not there.is_dir() and there != there.parent:  # the directory --out will be made in
+        there = there.parent
+    free = shutil.disk_usage(there).free
+    if need > free:
+        raise UsageError(f"--out '{args.out}': {args.n} rows of {args.features} features need "
+                         f"about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                         f"free there")
     shape = (args.kind, args.n, args.features, args.classes, args.seed)
     blocks = data.synthetic_blocks(*shape)  # generated as written: memory is one block
     source = data.synthetic_source(*shape)
