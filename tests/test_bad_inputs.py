@@ -119,7 +119,7 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
                              r"--metrics '.*plain_file/m\.jsonl': '.*plain_file' exists and is "
                              r"not a directory"),
     "metrics_is_a_directory": (("--metrics", "{d}/folder.h5"),
-                               r"--metrics '.*folder\.h5': metrics file '.*folder\.h5' is a "
+                               r"--metrics '.*folder\.h5': metrics file '.*folder\.h5': is a "
                                r"directory"),
     "metrics_is_the_data_file": (("--metrics", "{good}"), r"'.*good\.h5': is the --data '.*good"),
     "metrics_is_a_fifo": (("--metrics", "{d}/fifo.h5"), r"fifo\.h5': not a regular file \(a FIFO"),

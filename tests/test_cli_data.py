@@ -152,7 +152,7 @@ def test_synthetic_bad_sizes_exit_2(tmp_path, capsys):
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                     "--classes", str(2**40)], "--classes", "from 1 to 65536")
     _fails(capsys, ["data", "synthetic", "--out", out, "--n", str(2**50), "--features", "3",
-                    "--classes", "2"], "GiB, more than the", "free there")
+                    "--classes", "2"], "MiB, more than the", "free there")
     for seed in ("-1", str(2**63)):
         _fails(capsys, ["data", "synthetic", "--out", out, "--n", "5", "--features", "3",
                         "--classes", "2", "--seed", seed], "--seed", "from 0 to")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from conftest import child_env, mpiexec_path
 
@@ -105,11 +107,25 @@ def test_predictions_on_a_full_disk_end_with_one_line_and_leave_no_file(small_di
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
-def test_data_files_written_on_a_full_disk_end_with_one_line_and_leave_no_file(small_disk):
+def test_data_files_written_on_a_full_disk_end_with_one_line_and_leave_no_file(small_disk,
+                                                                                tmp_path):
+    """An IDX import whose HDF5 file does not fit fails in the middle of HDF5's writes: one
+    line, exit 2, no file left. (distbp data synthetic checks the free space first.)"""
+    rng = np.random.default_rng(1)
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    x, y = rng.integers(0, 256, (4000, 28, 28), dtype=np.uint8), rng.integers(0, 10, 4000)
+    images.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", *x.shape) + x.tobytes())
+    labels.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", len(y)) +
+                       y.astype(np.uint8).tobytes())
     (small_disk / "filler").write_bytes(bytes(2 * 1024 * 1024 - 4096))
+    proc = subprocess.run([sys.executable, "-m", "distbp", "data", "import-idx", str(images),
+                           str(labels), "--out", str(small_disk / "d.h5"), "--compression",
+                           "none"], capture_output=True, text=True, timeout=120, env=child_env())
+    assert_one_line_exit_2(proc, "No space left on device")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
     proc = subprocess.run([sys.executable, "-m", "distbp", "data", "synthetic", "--out",
                            str(small_disk / "s.h5"), "--n", "20000", "--features", "8",
-                           "--classes", "3", "--compression", "none"],
-                          capture_output=True, text=True, timeout=120, env=child_env())
-    assert_one_line_exit_2(proc, "No space left on device")
+                           "--classes", "3"], capture_output=True, text=True, timeout=120,
+                          env=child_env())
+    assert_one_line_exit_2(proc, "free there")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

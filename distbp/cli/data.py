@@ -154,7 +154,7 @@ def _run_synthetic(args: argparse.Namespace, job) -> int:
     free = shutil.disk_usage(there).free
     if need > free:
         raise UsageError(f"--out '{args.out}': {args.n} rows of {args.features} features need "
-                         f"about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                         f"about {need / 2**20:,.1f} MiB, more than the {free / 2**20:,.1f} MiB "
                          f"free there")
     shape = (args.kind, args.n, args.features, args.classes, args.seed)
     blocks = data.synthetic_blocks(*shape)  # generated as written: memory is one block
