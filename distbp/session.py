@@ -257,11 +257,13 @@ def _open_data(cfg: TrainConfig, local_size: int,
             notes.append(note)
         return ds
 
-    train = place(data.open_dataset(cfg.data, cfg.x_name, cfg.y_name, split="train"))
+    train = place(data.open_dataset(cfg.data, cfg.x_name, cfg.y_name, split="train",
+                                    local_size=local_size))
     if cfg.val_fraction is not None:
         return data.split_validation(train, cfg.val_fraction, cfg.seed)
     if cfg.val_data is not None:
-        return train, place(data.open_dataset(cfg.val_data, cfg.x_name, cfg.y_name))
+        return train, place(data.open_dataset(cfg.val_data, cfg.x_name, cfg.y_name,
+                                              local_size=local_size))
     if cfg.data is None:  # the bundled digits come with their test split
         return train, data.open_dataset(None, split="test")
     return train, None

@@ -221,3 +221,17 @@ def test_synthetic_teacher_is_deterministic_and_learnable():
     coef, *_ = np.linalg.lstsq(design[:1000], np.eye(4)[a.y[:1000]], rcond=None)
     accuracy = np.mean((design[1000:] @ coef).argmax(axis=1) == a.y[1000:])
     assert accuracy > 0.6, accuracy
+
+
+def test_an_npz_every_rank_of_a_node_loads_must_fit_their_share_of_memory(tmp_path, monkeypatch):
+    """Each rank loads an NPZ whole, x and y together: refused when the node's ranks would
+    not fit (the machine's memory made small here), accepted for fewer ranks."""
+    from distbp.data import files
+
+    path = tmp_path / "d.npz"
+    x, y = np.zeros((1000, 8), np.float32), np.zeros(1000, np.int64)
+    np.savez(path, x=x, y=y)
+    monkeypatch.setattr(files, "_memory", lambda: int(1.5 * (x.nbytes + y.nbytes)))
+    assert files.open_dataset(path, local_size=1).n == 1000
+    with pytest.raises(DataError, match=r"its arrays need 40000 bytes on each of the 2 rank\(s\)"):
+        files.open_dataset(path, local_size=2)

@@ -28,20 +28,28 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _load_npz(path: str, x_name: str, y_name: str | None) -> ArrayDataset:
+def _load_npz(path: str, x_name: str, y_name: str | None, local_size: int) -> ArrayDataset:
     """An NPZ archive's x and y (y_name None: x only), loaded whole (NPZ cannot be read by rows;
-    use HDF5 for large data)."""
+    use HDF5 for large data), by every one of the node's `local_size` ranks: together they must
+    fit in the machine's memory shared by those ranks."""
     names = [x_name] if y_name is None else [x_name, y_name]
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise data_error(path, "not an NPZ archive (a single .npy array?)")
         with archive:
+            need = 0
             for name in names:
                 if name not in archive.files:
                     raise data_error(path, f"array {name!r} not found "
                                            f"(arrays: {', '.join(archive.files) or 'none'})")
-                check_npy_size(archive.zip, f"{name}.npy", path)
+                shape, dtype = check_npy_size(archive.zip, f"{name}.npy", path)
+                need += math.prod(shape) * dtype.itemsize
+            share = _memory() // max(1, local_size)
+            if need > share:
+                raise data_error(path, f"its arrays need {need} bytes on each of the {local_size} "
+                                       f"rank(s) of this node, more than their share of its "
+                                       f"memory ({share}); store large data as HDF5")
             x, y = archive[x_name], None if y_name is None else archive[y_name]
     except DataError:
         raise
@@ -68,11 +76,16 @@ def check_npy_size(archive: zipfile.ZipFile, member: str, path: str
         raise data_error(path, f"array {member[:-4]!r} claims shape {shape} ({need} bytes) but "
                                f"the archive holds {info.file_size} bytes of it (damaged or "
                                "forged header?)")
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = _memory()
     if need > memory:
         raise data_error(path, f"array {member[:-4]!r} needs {need} bytes, more than this "
                                f"machine's memory ({memory}); store large data as HDF5")
     return shape, dtype
+
+
+def _memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _bundled_digits(split: str, labels: bool) -> ArrayDataset:
@@ -88,12 +101,13 @@ def _bundled_digits(split: str, labels: bool) -> ArrayDataset:
 
 
 def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str | None = "y",
-                 split: str = "train") -> Dataset:
+                 split: str = "train", local_size: int = 1) -> Dataset:
     """The data source for `path`: None -> bundled digits `split` ("train"/"test"); .h5, .hdf5,
     .hdf -> HDF5Dataset; .npz -> ArrayDataset; other names are recognised by signature.
 
     `y_name` None opens the inputs alone (prediction): the file need hold no y, and x is checked
-    and read exactly as with labels. Otherwise a missing y is a DataError naming it."""
+    and read exactly as with labels. Otherwise a missing y is a DataError naming it.
+    `local_size`: the ranks on this node that each open it (an NPZ is loaded whole by each)."""
     if path is None:
         return _bundled_digits(split, labels=y_name is not None)
     path = str(path)
@@ -102,7 +116,7 @@ def open_dataset(path: str | Path | None, x_name: str = "x", y_name: str | None 
     if suffix in HDF5_SUFFIXES:
         return HDF5Dataset(path, x_name, y_name)
     if suffix == ".npz" or zipfile.is_zipfile(path):
-        return _load_npz(path, x_name, y_name)
+        return _load_npz(path, x_name, y_name, local_size)
     if h5py.is_hdf5(path):
         return HDF5Dataset(path, x_name, y_name)
     raise data_error(path, "not an HDF5 or NPZ file (expected .h5/.hdf5/.hdf or .npz)")
