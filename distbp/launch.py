@@ -21,6 +21,7 @@ the others, so a lone early return hangs the job), and returns 0 only when the w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -151,6 +152,10 @@ def _threads_from_cpus(local_size: int) -> tuple[int, str]:
     return max(1, mine // max(local_size, 1)), f"{mine} CPUs / {local_size} rank(s) on this node"
 
 
+# A file system that is full or a file size limit: the user's environment, one line (exit 2).
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def guarded(job: Job, work: Callable[[], int]) -> int:
     """Run `work()` and return its exit code; a failure becomes `exit_code(job, e)`."""
     try:
@@ -183,6 +188,10 @@ def exit_code(job: Job, e: BaseException) -> int:
         return _abort(job, EXIT_PREEMPTED, e.line(job.rank))
     if isinstance(e, BrokenPipeError):  # `distbp ... | head`: the reader has what it wanted
         return _stdout_closed(job)
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:  # e.g. stdout into a full file system
+        _quiet_stdout()  # its buffered rest would fail again at exit
+        where = f" '{e.filename}'" if e.filename else ""
+        return _bad_input(job, UsageError(f"cannot write{where}: {os.strerror(e.errno)}"))
     return _abort(job, EXIT_ERROR, _crash_report(job, e))
 
 
@@ -191,17 +200,22 @@ def ranks_may_diverge(job: Job) -> bool:
     return job.comm is not None and job.comm.size > 1
 
 
-def _stdout_closed(job: Job) -> int:
-    """Exit 141 (EXIT_STDOUT_CLOSED) without a traceback when stdout's reader went away: quietly
-    for one process; with several ranks the rest of the job is aborted with that code, like any
-    failure of a rank (it cannot go on alone)."""
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    try:  # so the interpreter's final flush does not fail again
+    try:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout
         pass
     finally:
         os.close(devnull)
+
+
+def _stdout_closed(job: Job) -> int:
+    """Exit 141 (EXIT_STDOUT_CLOSED) without a traceback when stdout's reader went away: quietly
+    for one process; with several ranks the rest of the job is aborted with that code, like any
+    failure of a rank (it cannot go on alone)."""
+    _quiet_stdout()
     if not ranks_may_diverge(job):
         return EXIT_STDOUT_CLOSED
     return _abort(job, EXIT_STDOUT_CLOSED, f"distbp: rank {job.rank}: error: stdout was closed")

@@ -129,3 +129,21 @@ def test_data_files_written_on_a_full_disk_end_with_one_line_and_leave_no_file(s
                           env=child_env())
     assert_one_line_exit_2(proc, "free there")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_output_beyond_a_file_size_limit_is_one_line_not_a_traceback(tmp_path):
+    """stdout redirected to a file that may not grow (ulimit -f: EFBIG, like a full disk):
+    one line, exit 2."""
+    import resource
+
+    done = run(1, ["--data", data_file(tmp_path), "--run-dir", tmp_path / "run", "--layers",
+                   "8,16,3", "--steps", "2"])
+    assert done.returncode == 0, done.stderr
+    ckpt = checkpoint.checkpoint_path(tmp_path / "run" / "checkpoints", 2)
+    with open(tmp_path / "out.json", "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "distbp", "inspect", "--json", str(ckpt)],
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=child_env(), preexec_fn=lambda: resource.setrlimit(
+                                  resource.RLIMIT_FSIZE, (512, 512)))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["distbp: error: cannot write: File too large"]
