@@ -50,6 +50,8 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
                           r"dataset 'x' not found \(datasets: features, y\)"),
     "dataset_named_by_option_missing": (("--y-name", "labels"),
                                         r"dataset 'labels' not found \(datasets: x, y\)"),
+    "dataset_name_not_a_name": (("--y-name", "."),
+                                r"dataset '\.' is not a dataset name \(datasets: x, y\)"),
     "features_differ_from_input_layer": (("--layers", "5,16,3"),
                                          r"x has 8 features but the network's input layer has 5"),
     "label_negative": (("--data", "{d}/neg_label.h5"),

@@ -85,6 +85,10 @@ def check_storage(ds: h5py.Dataset, file_bytes: int, source: str) -> None:
 def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
     """`name` opened with a CHUNK_CACHE_BYTES chunk cache. The cache is set per dataset at its
     first open (a file-wide setting would need h5py.File arguments), so open it low-level."""
+    parts = [p for p in name.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):  # HDF5 has no such path components
+        raise data_error(source, f"dataset {name!r} is not a dataset name "
+                                 f"(datasets: {_dataset_names(file)})")
     check_links(file, name, source)
     if file.get(name, getclass=True) is h5py.Dataset:   # class only: nothing opened yet
         dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
@@ -92,12 +96,15 @@ def _h5_dataset(file: h5py.File, name: str, source: str) -> h5py.Dataset:
         # readonly, as h5py's own File[name] says it: lets h5py cache its selection readers
         return h5py.Dataset(h5py.h5d.open(file.id, name.encode(), dapl),
                             readonly=file.mode == "r")
-    obj = file.get(name)
+    what = "not found" if file.get(name) is None else "is not a dataset"
+    raise data_error(source, f"dataset {name!r} {what} (datasets: {_dataset_names(file)})")
+
+
+def _dataset_names(file: h5py.File) -> str:
+    """'x, y': the file's datasets, the first 20."""
     names: list[str] = []
     file.visititems(lambda key, o: names.append(key) if isinstance(o, h5py.Dataset) else None)
-    listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
-    what = "not found" if obj is None else "is not a dataset"
-    raise data_error(source, f"dataset {name!r} {what} (datasets: {listed})")
+    return ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
 
 
 def _h5_scale(file: h5py.File, x: h5py.Dataset, source: str) -> float | None:
