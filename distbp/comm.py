@@ -34,8 +34,11 @@ __all__ = ["Comm", "MPIComm", "SerialComm", "get_comm", "host_names"]
 # progress), then sleep with exponential backoff so a long wait (straggler, hung peer) does not
 # burn a core. MPICH progresses a nonblocking collective only inside Test, so sleeping while a
 # large one is in flight slows it (+20% for 32 MB with a fixed 1 ms spin): the spin lasts
-# max(1 ms, 2 x the previous collective's duration), capped. A blocking call spins all along.
-_SPIN_MIN_S = 1e-3
+# max(3 ms, 2 x the previous collective's duration), capped. At least 3 ms, over twice the
+# longest sleep: a peer that slept through its last wait is up to _SLEEP_MAX_S late, and with a
+# shorter spin two ranks fall into taking turns sleeping (measured with reproducible mode's two
+# collectives a step: 2.5 ms a step instead of 0.4 with a 1 ms spin). A blocking call spins.
+_SPIN_MIN_S = 3e-3
 _SPIN_MAX_S = 0.1
 _SLEEP_FIRST_S = 2e-5
 _SLEEP_MAX_S = 1e-3
