@@ -104,16 +104,17 @@ def write_data_file(out: str | Path, n: int, x_row: tuple[int, ...], x_dtype: np
         if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, UsageError):
             # a full disk or a file size limit (h5py says RuntimeError for some): one line,
             # and HDF5 is not trusted after it
-            raise OutputError(str(_cannot_write(out, err))) from None
+            raise _cannot_write(out, err, OutputError) from None
         raise
     return out
 
 
-def _cannot_write(out: Path, err: Exception) -> UsageError:
-    """The one-line error for an `--out` whose directory refuses the file."""
+def _cannot_write(out: Path, err: Exception, kind: type[UsageError] = UsageError
+                  ) -> UsageError:
+    """The one-line error (of `kind`) for an `--out` that cannot be written."""
     errno = getattr(err, "errno", None)
     why = os.strerror(errno) if errno else one_line(err)  # not HDF5's paragraph
-    return UsageError(f"--out '{out}': cannot write there ({why})")
+    return kind(f"--out '{out}': cannot write there ({why})")
 
 
 def _temp_beside(out: Path) -> str:

@@ -344,10 +344,13 @@ _PARAM_COPIES, _ACTIVATION_COPIES, _ORDERED_COPIES = 8, 4, 3
 def _rows_per_pass(cfg: TrainConfig, size: int, n: int) -> int:
     """The most rows one forward/backward pass takes over `n` training rows: a micro-batch
     (--reproducible), else a rank's shard, or its piece with --accumulate."""
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
     batch = min(cfg.batch_size, n)
     if cfg.reproducible:
-        return -(-batch // cfg.micro_batches)
-    return -(-(-(-batch // size)) // cfg.accumulate)
+        return ceil_div(batch, cfg.micro_batches)
+    return ceil_div(ceil_div(batch, size), cfg.accumulate)
 
 
 def check_model_memory(layers, dtype, rows: int, local_size: int = 1, extra: int = 0) -> None:

@@ -134,14 +134,15 @@ class Step:
 
         def micro_batch(m: int, buf: np.ndarray) -> None:
             a, b = cuts[m - first], cuts[m - first + 1]
+            grad = buf[:size]
             t = time.perf_counter()
-            buf[size + LOSS_SUM] = net.forward_loss(x[a:b], y[a:b], buf[:size])
+            buf[size + LOSS_SUM] = net.forward_loss(x[a:b], y[a:b], grad)
             buf[size + CORRECT] = net.count_correct(net.last_output, y[a:b]) if b > a else 0
             buf[size + ROWS] = b - a
             buf[size + STOP] = m == first and self.stop.signum is not None
             t = trace.span("forward", t, time.perf_counter())
             for j in range(net.depth, 0, -1):
-                net.backward_layer(j, buf[:size])
+                net.backward_layer(j, grad)
                 t = trace.span(trace.layer_names[j], t, time.perf_counter())
 
         self.ordered.reduce(micro_batch, self.buf)
