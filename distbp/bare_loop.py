@@ -7,7 +7,9 @@ dtype. Nothing else: no data reading, no preprocessing, no metrics, no checks.
 
 `distbp bench --baseline` times it in the same process as `Trainer.step` and prints distbp's
 step as a ratio of it. Written separately from distbp.network on purpose: it is the hardware's
-cost of the arithmetic, against which the trainer's own code is measured.
+cost of the arithmetic, against which the trainer's own code is measured. It keeps the layers'
+values transposed, (n_j, rows), as distbp.network does (the faster layout for few rows), so the
+ratio measures the trainer's overhead, not a difference in how the products are laid out.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class BareLoop:
         self.gW, self.gb = param_views(self.grad, layers)
         for b in self.b:
             b.fill(0)
-        self.a = [rng.standard_normal((rows, layers[0])).astype(dtype)]
-        self.a += [np.empty((rows, n), dtype) for n in layers[1:]]
-        self.delta = [np.empty((rows, n), dtype) for n in layers[1:]]
-        self.tmp = [np.empty((rows, n), dtype) for n in layers[1:]]  # g′(z) of hidden layers
-        self.row_max = np.empty((rows, 1), dtype)
+        x = rng.standard_normal((rows, layers[0])).astype(dtype)
+        self.a = [x.T] + [np.empty((n, rows), dtype) for n in layers[1:]]  # a_jᵀ (n_j, rows)
+        self.delta = [np.empty((n, rows), dtype) for n in layers[1:]]  # δ_jᵀ
+        self.tmp = [np.empty((n, rows), dtype) for n in layers[1:]]  # g′(z) of hidden layers
+        self.col_max = np.empty((1, rows), dtype)
         self.labels = rng.integers(0, layers[-1], rows)
         self.rows = np.arange(rows)
 
@@ -54,9 +56,9 @@ class BareLoop:
         """The gradient of the summed loss over this rank's rows into `grad`."""
         a, W, b = self.a, self.W, self.b
         last = len(W) - 1
-        for j in range(len(W)):  # z_j = a_k W_jᵀ + b_j, then g in place
-            np.matmul(a[j], W[j].T, out=a[j + 1])
-            a[j + 1] += b[j]
+        for j in range(len(W)):  # z_jᵀ = W_j a_kᵀ + b_j, then g in place
+            np.matmul(W[j], a[j], out=a[j + 1])
+            a[j + 1] += b[j][:, None]
             if j < last:
                 if self.relu:
                     np.maximum(a[j + 1], 0, out=a[j + 1])
@@ -65,22 +67,22 @@ class BareLoop:
                     np.exp(a[j + 1], out=a[j + 1])
                     a[j + 1] += 1
                     np.reciprocal(a[j + 1], out=a[j + 1])
-        out = a[-1]  # softmax, then δ_L = softmax − one-hot
-        out -= np.max(out, axis=1, keepdims=True, out=self.row_max)
+        out = a[-1]  # softmax down each column, then δ_L = softmax − one-hot
+        out -= np.max(out, axis=0, keepdims=True, out=self.col_max)
         np.exp(out, out=out)
-        out /= np.sum(out, axis=1, keepdims=True, out=self.row_max)
+        out /= np.sum(out, axis=0, keepdims=True, out=self.col_max)
         self.delta[-1][...] = out
-        self.delta[-1][self.rows, self.labels] -= 1
+        self.delta[-1][self.labels, self.rows] -= 1
         self._backward()
 
     def _backward(self) -> None:
         a, W, delta = self.a, self.W, self.delta
         for j in range(len(W) - 1, -1, -1):
-            np.matmul(delta[j].T, a[j], out=self.gW[j])  # ΔW_j = δ_jᵀ a_k
-            np.sum(delta[j], axis=0, out=self.gb[j])
+            np.matmul(delta[j], a[j].T, out=self.gW[j])  # ΔW_j = δ_jᵀ a_k
+            np.sum(delta[j], axis=1, out=self.gb[j])
             if j == 0:
                 break
-            np.matmul(delta[j], W[j], out=delta[j - 1])  # Δa_k = δ_j W_j, then ⊙ g′(z_k)
+            np.matmul(W[j].T, delta[j], out=delta[j - 1])  # Δa_kᵀ = W_jᵀ δ_jᵀ, then ⊙ g′(z_k)
             slope = self.tmp[j - 1]
             if self.relu:
                 np.greater(a[j], 0, out=slope)

@@ -10,6 +10,8 @@ layer j takes the activations a_k of the layer k before it,
     Δb_j = Σ_rows δ_j                          (n_j,)
     Δa_k = δ_j W_j                             (B, n_k)      Δa_k = w_{k→j}ᵀ | (Δa_j | g′ z_j)
 
+The code computes the transposes of the (B, n_j) arrays, z_jᵀ = W_j a_kᵀ + b_j and so on, so
+that every GEMM reads contiguous memory (see _Workspace); the equations are the same.
 ΔW_j and Δb_j are SUMS over the rows, written straight into views of one flat gradient buffer laid
 out like `params`; callers divide once by the number of samples (the global batch, under MPI).
 `loss_grad_sum` runs the whole pass; a caller that acts on each layer's gradient as soon as it
@@ -35,13 +37,21 @@ _RELU_FAMILY = ("relu", "leaky_relu")
 
 
 class _Workspace:
-    """Everything one forward + backward pass over B rows needs, allocated once per B."""
+    """Everything one forward + backward pass over B rows needs, allocated once per B.
+
+    z_j, a_j and δ_j are stored feature-major, as their transposes (n_j, B) C-contiguous: every
+    GEMM of the pass then reads contiguous operands (W_j a_kᵀ rather than a_k W_jᵀ), 5-14 %
+    faster for the 32-128 rows a rank or a micro-batch often has (docs/notation.md).
+    `z`, `a`, `delta` are the (B, n_j) views the equations are written in."""
 
     def __init__(self, layers: Sequence[int], batch: int, dtype: np.dtype):
         self.x = np.empty((batch, layers[0]), dtype)  # x cast to the network's dtype, if needed
-        self.a = [self.x] + [np.empty((batch, n), dtype) for n in layers[1:]]  # a[0]: x
-        self.z = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
-        self.delta = [None] + [np.empty((batch, n), dtype) for n in layers[1:]]
+        self.zT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
+        self.aT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
+        self.deltaT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
+        self.z = [None] + [m.T for m in self.zT[1:]]
+        self.a = [self.x] + [m.T for m in self.aT[1:]]  # a[0]: x
+        self.delta = [None] + [m.T for m in self.deltaT[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
         self.rows = np.arange(batch)
         self.flat = np.empty(batch, np.intp)  # one-hot positions, for _targets
@@ -77,6 +87,7 @@ class Network:
         self.dtype = _check_dtype(dtype)
         self.params = np.zeros(n_params(self.layers), self.dtype)
         self.weights, self.biases = param_views(self.params, self.layers)
+        self._bias_columns = [b[:, None] for b in self.biases]  # b_j as (n_j, 1), for z_jᵀ
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
         # views (dW, db) of the gradient buffers forward_loss was given, by memory address; each
@@ -199,11 +210,10 @@ class Network:
         L = len(self.layers) - 1
         for j in range(1, L + 1):
             k = j - 1
-            W, b = self.weights[k], self.biases[k]
-            np.matmul(ws.a[k], W.T, out=ws.z[j])  # z_j = a_k W_jᵀ          (B, n_j)
-            ws.z[j] += b  #                           + b_j
+            np.matmul(self.weights[k], ws.a[k].T, out=ws.zT[j])  # z_jᵀ = W_j a_kᵀ    (n_j, B)
+            ws.zT[j] += self._bias_columns[k]  #                            + b_j
             if j < L:
-                self.g.g(ws.z[j], ws.a[j])  # a_j = g(z_j)               (B, n_j)
+                self.g.g(ws.zT[j], ws.aT[j])  # a_j = g(z_j)               (n_j, B)
         output_forward(self.output, ws.z[L], ws.a[L], ws.scratch)  # a_L = g_out(z_L)
         self.last_output = ws.a[L]  # (B, n_L) view, valid until the next pass
         return ws.a[L]
@@ -216,13 +226,13 @@ class Network:
             return
         _, dW, db = self._views
         k = j - 1
-        delta = ws.delta[j]  # δ_j                                      (B, n_j)
-        np.matmul(delta.T, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k             (n_j, n_k)
-        np.sum(delta, axis=0, out=db[k])  # Δb_j = Σ_rows δ_j                (n_j,)
+        delta = ws.deltaT[j]  # δ_jᵀ                                     (n_j, B)
+        np.matmul(delta, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k               (n_j, n_k)
+        np.sum(delta, axis=1, out=db[k])  # Δb_j = Σ_rows δ_j                (n_j,)
         if k > 0:
-            np.matmul(delta, self.weights[k], out=ws.delta[k])  # Δa_k = δ_j W_j       (B, n_k)
-            self.g.gprime(ws.z[k], ws.a[k], ws.z[k])  # g′(z_k), over z_k (no longer needed)
-            ws.delta[k] *= ws.z[k]  # δ_k = Δa_k ⊙ g′(z_k)              (B, n_k)
+            np.matmul(self.weights[k].T, delta, out=ws.deltaT[k])  # Δa_kᵀ = W_jᵀ δ_jᵀ (n_k, B)
+            self.g.gprime(ws.zT[k], ws.aT[k], ws.zT[k])  # g′(z_k), over z_k (no longer needed)
+            ws.deltaT[k] *= ws.zT[k]  # δ_k = Δa_k ⊙ g′(z_k)             (n_k, B)
 
     # ---------------------------------------------------------------- helpers
 

@@ -12,7 +12,10 @@ per tree level). Then, for each rank's slice of the vector (shard_bounds(n, q, s
 its owner receives every rank's node sums of that slice (one Alltoallv), finishes the tree over
 them, and one Allgatherv gives every rank the whole sum. The tree and every addition in it are the
 same on any number of ranks, so are the bits; x + y = y + x in IEEE arithmetic, so who adds a pair
-does not matter. The traffic is that of a ring allreduce: each rank sends and receives about
+does not matter. Two ranks holding one node each are the one exception to the exchange: their
+total is ONE addition per element, node [0, mid) + node [mid, parts), which is what any allreduce
+of two operands computes (x + y = y + x), so they use the plain Allreduce(SUM), cheaper than the
+two collectives. The traffic is that of a ring allreduce: each rank sends and receives about
 (size − 1)/size of the vector in each of the two collectives (more when a rank's run is not one
 tree node: when size does not divide parts into powers of two).
 
@@ -69,12 +72,14 @@ class OrderedSum:
         self.first, self.stop = shard_bounds(parts, r, p)  # the parts this rank computes
         covers = [tree_cover(parts, *shard_bounds(parts, q, p)) for q in range(p)]
         self.nodes = covers[r]
+        # two ranks, one node each: the total is their one addition, an Allreduce(SUM) does it
+        self.pair = p == 2 and all(len(c) == 1 for c in covers)
         self.slices = [shard_bounds(n, q, p) for q in range(p)]  # owner q sums elements lo..hi
         lo, hi = self.slices[r]
         # what this rank sends, owner by owner: its node sums' slices q; and what it receives
         self.send_counts = [len(self.nodes) * (b - a) for a, b in self.slices]
         self.recv_counts = [len(c) * (hi - lo) for c in covers]
-        alone = p == 1  # nothing to exchange: the tree is summed into `out` itself
+        alone = p == 1 or self.pair  # no exchange buffers: the node is summed into `out`
         self.send = np.empty(0 if alone else sum(self.send_counts), self.dtype)
         self.recv = np.empty(0 if alone else sum(self.recv_counts), self.dtype)
         self.received: dict[Node, np.ndarray] = {}
@@ -98,10 +103,13 @@ class OrderedSum:
 
     def compute(self, leaf: Callable[[int, np.ndarray], None], out: np.ndarray) -> None:
         """reduce's first half, no collective in it (a caller may check that every rank got
-        through it before the exchange): this rank's node sums; on one rank, the total in out."""
+        through it before the exchange): this rank's node sums; on one rank, the total in out
+        (two ranks of one node each: the rank's node in out)."""
         t0 = time.perf_counter()
         if self.comm.size == 1:
             self._node_sum(0, self.parts, leaf, out, 0)
+        elif self.pair:
+            self._node_sum(*self.nodes[0], leaf, out, 0)
         elif len(self.nodes) == 1:  # one node: its sum, owner by owner, IS the send buffer
             self._node_sum(*self.nodes[0], leaf, self.send, 0)
         else:
@@ -114,6 +122,9 @@ class OrderedSum:
     def exchange(self, out: np.ndarray) -> None:
         """reduce's second half, on every rank: out (n,) = the sum of every part."""
         if self.comm.size == 1:
+            return
+        if self.pair:
+            self.comm.allreduce_sum(out)
             return
         self.comm.alltoallv(self.send, self.send_counts, self.recv, self.recv_counts)
         np.copyto(self.own, self._slice_total(0, self.parts, 0))

@@ -17,7 +17,7 @@ def test_the_bare_loops_gradient_is_the_networks(activation):
     loop = BareLoop(layers, activation, 11, "float64", SerialComm())
     net = Network(layers, activation=activation, dtype="float64")
     net.params[...] = loop.params
-    x, y = loop.a[0].copy(), loop.labels.copy()
+    x, y = loop.a[0].T.copy(), loop.labels.copy()  # a[0] holds the rows transposed
     loss, grad = net.loss_and_grad(x, y)  # mean over the rows
     loop.forward_backward()
     np.testing.assert_allclose(loop.grad / 11, grad, rtol=1e-12, atol=1e-14)

@@ -18,15 +18,16 @@ TABLE_HEADING = "## The seed's equations in the code"
 # README row (a text unique to it) -> the code that computes its equation, which must lie inside
 # the function the row names. Compared with runs of whitespace squashed to one space.
 EQUATIONS = {
-    "z_j = a_k W_jᵀ + b_j": ["np.matmul(ws.a[k], W.T, out=ws.z[j])", "ws.z[j] += b"],
-    "a_j = g(z_j)": ["self.g.g(ws.z[j], ws.a[j])"],
+    "z_j = a_k W_jᵀ + b_j": ["np.matmul(self.weights[k], ws.a[k].T, out=ws.zT[j])",
+                             "ws.zT[j] += self._bias_columns[k]"],
+    "a_j = g(z_j)": ["self.g.g(ws.zT[j], ws.aT[j])"],
     "a_L = g_out(z_L)": ["np.subtract(z, s.row, out=a)", "np.exp(a, out=a)", "a /= s.row2"],
     "δ_L = a·ΣT − T": ["np.multiply(a, s.row, out=delta)", "delta -= t"],
-    "ΔW_j = δ_jᵀ a_k": ["np.matmul(delta.T, ws.a[k], out=dW[k])"],
-    "Δb_j = Σ_rows δ_j": ["np.sum(delta, axis=0, out=db[k])"],
-    "Δa_k = δ_j W_j": ["np.matmul(delta, self.weights[k], out=ws.delta[k])"],
-    "δ_k = Δa_k ⊙ g′(z_k)": ["self.g.gprime(ws.z[k], ws.a[k], ws.z[k])",
-                             "ws.delta[k] *= ws.z[k]"],
+    "ΔW_j = δ_jᵀ a_k": ["np.matmul(delta, ws.a[k], out=dW[k])"],
+    "Δb_j = Σ_rows δ_j": ["np.sum(delta, axis=1, out=db[k])"],
+    "Δa_k = δ_j W_j": ["np.matmul(self.weights[k].T, delta, out=ws.deltaT[k])"],
+    "δ_k = Δa_k ⊙ g′(z_k)": ["self.g.gprime(ws.zT[k], ws.aT[k], ws.zT[k])",
+                             "ws.deltaT[k] *= ws.zT[k]"],
     "grad /= count": ["self.buckets.wait()", "self.grad /= count"],
     "w = w − α·u": ["np.multiply(u, dt(lr), out=s2)", "params -= s2"],
 }
