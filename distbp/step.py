@@ -85,7 +85,7 @@ class Step:
         count = float(self.tail[ROWS])
         lr = s.schedule.lr_at(step)
         if self._fold_mean:  # w − (α/N)·ΣΔw: the mean's divide folded into the update's multiply
-            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr / count)
+            s.optimizer.step(s.net.params, self.grad, s.opt_state, lr / count, spend_grad=True)
         else:
             self.grad /= count  # the exact mean over the global batch
             if self._sq is not None:  # the same bits on every rank: the mean is the same

@@ -196,6 +196,23 @@ def test_step_leaves_grad_untouched(opt):
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_step_that_may_spend_grad_gives_the_same_bits(opt, dtype):
+    """spend_grad lets plain SGD form α·Δw in grad itself (the trainer's reduced buffer, which
+    it no longer needs): the parameters and state are bitwise those of the read-only step."""
+    w, grads = problem(dtype)
+    kept, spent = w.copy(), w.copy()
+    kept_state, spent_state = opt.init(kept), opt.init(spent)
+    for g, lr in zip(grads, LRS):
+        opt.step(kept, g, kept_state, lr)
+        opt.step(spent, g.copy(), spent_state, lr, spend_grad=True)
+        np.testing.assert_array_equal(spent, kept)
+    for key, value in spent_state.items():
+        if not key.startswith("_"):
+            np.testing.assert_array_equal(value, kept_state[key])
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
 def test_steps_after_the_first_keep_every_state_array_in_place(opt):
     w, grads = problem(np.float64)
     params = w.copy()
