@@ -39,18 +39,21 @@ _RELU_FAMILY = ("relu", "leaky_relu")
 class _Workspace:
     """Everything one forward + backward pass over B rows needs, allocated once per B.
 
-    z_j, a_j and δ_j are stored feature-major, as their transposes (n_j, B) C-contiguous: every
-    GEMM of the pass then reads contiguous operands (W_j a_kᵀ rather than a_k W_jᵀ), 5-14 %
-    faster for the 32-128 rows a rank or a micro-batch often has (docs/notation.md).
+    z_j, a_j and δ_j are stored feature-major, as their transposes (n_j, B) C-contiguous (but the
+    output a_L, which only the loss reads, row-major): every GEMM of the pass then reads
+    contiguous operands (W_j a_kᵀ rather than a_k W_jᵀ), 5-14 % faster for the 32-128 rows a
+    rank or a micro-batch often has (docs/notation.md).
     `z`, `a`, `delta` are the (B, n_j) views the equations are written in."""
 
     def __init__(self, layers: Sequence[int], batch: int, dtype: np.dtype):
         self.x = np.empty((batch, layers[0]), dtype)  # x cast to the network's dtype, if needed
         self.zT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
-        self.aT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
+        self.aT = [None] + [np.empty((n, batch), dtype) for n in layers[1:-1]] + [None]
         self.deltaT = [None] + [np.empty((n, batch), dtype) for n in layers[1:]]
         self.z = [None] + [m.T for m in self.zT[1:]]
-        self.a = [self.x] + [m.T for m in self.aT[1:]]  # a[0]: x
+        # a[0]: x; the output a_L row-major, (B, n_L): count_correct's argmax along its rows
+        # then needs no copy
+        self.a = [self.x] + [m.T for m in self.aT[1:-1]] + [np.empty((batch, layers[-1]), dtype)]
         self.delta = [None] + [m.T for m in self.deltaT[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
         self.rows = np.arange(batch)
