@@ -62,6 +62,7 @@ class Comm(Protocol):
     def start_allreduce_sum(self, buf: np.ndarray) -> Any: ...
     def test(self, request: Any) -> bool: ...
     def wait_all(self, pending: Sequence[Any]) -> None: ...
+    def progress(self) -> None: ...
     def allreduce_max(self, buf: np.ndarray) -> None: ...
     def allreduce_min(self, buf: np.ndarray) -> None: ...
     def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
@@ -147,6 +148,9 @@ class SerialComm:
     def wait_all(self, pending: Sequence[Any]) -> None:
         pass
 
+    def progress(self) -> None:
+        pass
+
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         _check_buffer(buf)
         if root != 0:
@@ -199,6 +203,8 @@ class MPIComm:
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
+        # nothing is ever sent on this copy: `progress` probes it only to enter MPI's engine
+        self._idle = self._comm.Dup()
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
         self.hostname = socket.gethostname()
 
@@ -230,6 +236,13 @@ class MPIComm:
             return
         for req in pending:
             self._wait(req)
+
+    def progress(self) -> None:
+        """Move pending nonblocking operations on, touching none of their requests (so another
+        thread may do it while this one computes or tests them; mpi4py asks for
+        MPI_THREAD_MULTIPLE): MPICH progresses only inside MPI calls, and a probe of a
+        communicator nothing is sent on is such a call that matches nothing."""
+        self._idle.Iprobe(source=self._MPI.ANY_SOURCE, tag=self._MPI.ANY_TAG)
 
     def allreduce_max(self, buf: np.ndarray) -> None:
         self._allreduce(buf, self._MPI.MAX)

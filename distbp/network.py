@@ -23,7 +23,7 @@ first call with a given B a step allocates no arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -221,17 +221,24 @@ class Network:
         self.last_output = ws.a[L]  # (B, n_L) view, valid until the next pass
         return ws.a[L]
 
-    def backward_layer(self, j: int, grad: np.ndarray) -> None:
+    def backward_layer(self, j: int, grad: np.ndarray,
+                       gradient_ready: Callable[[int], None] | None = None) -> None:
         """Layer j's gradient sums ΔW_j, Δb_j into `grad` (the buffer forward_loss was given)
-        and, below the first layer, δ_k of the layer k = j − 1 under it."""
+        and, below the first layer, δ_k of the layer k = j − 1 under it. `gradient_ready(j)` is
+        called as soon as ΔW_j and Δb_j are written, before δ_k (the trainer starts sending
+        them meanwhile)."""
         ws = self._pass
         if ws is None:  # no rows
+            if gradient_ready is not None:
+                gradient_ready(j)
             return
         _, dW, db = self._views
         k = j - 1
         delta = ws.deltaT[j]  # δ_jᵀ                                     (n_j, B)
         np.matmul(delta, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k               (n_j, n_k)
         np.sum(delta, axis=1, out=db[k])  # Δb_j = Σ_rows δ_j                (n_j,)
+        if gradient_ready is not None:
+            gradient_ready(j)
         if k > 0:
             np.matmul(self.weights[k].T, delta, out=ws.deltaT[k])  # Δa_kᵀ = W_jᵀ δ_jᵀ (n_k, B)
             self.g.gprime(ws.zT[k], ws.aT[k], ws.zT[k])  # g′(z_k), over z_k (no longer needed)

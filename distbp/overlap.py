@@ -5,14 +5,18 @@ The step's one reduced buffer is [W_1 b_1 … W_L b_L | loss sum, rows, correct,
 produces the layers' gradients last layer first, so the buffer is cut into buckets at layer
 boundaries from its END: bucket 0 holds layer L (and the scalars, known after the forward pass),
 each bucket at least `bucket_bytes` unless it reaches layer 1. As soon as backward has written
-the lowest layer of a bucket, the bucket's in-place Iallreduce starts; between layers the
-pending ones are progressed; `wait` returns when all are done, before the update.
+the lowest layer of a bucket (its ΔW and Δb: before the layer's δ goes down to the next), the
+bucket's in-place Iallreduce starts. MPICH moves a nonblocking collective on only inside MPI
+calls, so while buckets are pending a progress thread enters MPI every PROGRESS_S
+(`Comm.progress`) as the main thread computes (the GEMMs release the GIL); it sleeps in
+between, so on a node with one core per rank it takes little from the computation (MPICH's own
+progress thread spins: MPIR_CVAR_ASYNC_PROGRESS=1 measured slower). `wait` stops the thread and
+returns when all are done, before the update; no thread outlives a step.
 
     buckets = Buckets(trainer.buf, net.layers, bucket_bytes=1 << 20, comm=comm)
     loss = net.forward_loss(x, y, grad)          # then the scalars into the buffer's tail
     for j in range(net.depth, 0, -1):
-        net.backward_layer(j, grad)
-        buckets.layer_done(j)                    # starts the bucket that layer j completes
+        net.backward_layer(j, grad, buckets.layer_done)  # starts the bucket j completes
     buckets.wait()                               # the buffer holds the sums, as one allreduce's
 
 Each element is summed across the same ranks as by one allreduce of the whole buffer: on two
@@ -22,6 +26,7 @@ algorithm for another message size).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -29,7 +34,9 @@ import numpy as np
 from distbp.network import n_params
 from distbp.trace import ALLREDUCE, Tracer
 
-__all__ = ["Buckets", "bucket_bounds", "bucket_bytes"]
+__all__ = ["Buckets", "PROGRESS_S", "bucket_bounds", "bucket_bytes"]
+
+PROGRESS_S = 2e-4  # the progress thread's pause between entries into MPI
 
 
 def bucket_bytes(cfg, comm) -> int | None:
@@ -71,6 +78,8 @@ class Buckets:
         self.names = {j: f"allreduce of layer {j}" if j == top else
                       f"allreduce of layers {j}-{top}" for j, top in zip(lows, tops)}
         self.pending: list = []  # [request, name, started, completed or None]
+        self._progress: threading.Thread | None = None  # while buckets are pending
+        self._done = threading.Event()  # tells the progress thread to end
 
     def layer_done(self, j: int) -> None:
         """Backward has written layer j: start the bucket it completes, progress the others."""
@@ -80,6 +89,11 @@ class Buckets:
         if bucket is not None:
             request = self.comm.start_allreduce_sum(self.buf[bucket])
             self.pending.append([request, self.names[j], time.perf_counter(), None])
+            if self._progress is None:
+                self._done.clear()
+                self._progress = threading.Thread(target=self._progress_loop,
+                                                  name="distbp-progress", daemon=True)
+                self._progress.start()
         for p in self.pending:
             if p[3] is None and self.comm.test(p[0]):
                 p[3] = time.perf_counter()
@@ -91,9 +105,23 @@ class Buckets:
             self.comm.allreduce_sum(self.buf)  # the step's one collective
             self.trace.span("allreduce", start, time.perf_counter(), ALLREDUCE)
             return
+        self.stop_progress()
         for p in self.pending:
             if p[3] is None:
                 self.comm.wait_all([p[0]])
                 p[3] = time.perf_counter()
             self.trace.span(p[1], p[2], p[3], ALLREDUCE)
         self.pending.clear()
+
+    def _progress_loop(self) -> None:
+        """The progress thread: enter MPI, pause, until `wait` says the step's buckets are done
+        with (it waits for them itself)."""
+        while not self._done.wait(PROGRESS_S):
+            self.comm.progress()
+
+    def stop_progress(self) -> None:
+        """End the progress thread, if one runs (`wait` does; a failed step must)."""
+        if self._progress is not None:
+            self._done.set()
+            self._progress.join()
+            self._progress = None

@@ -55,6 +55,7 @@ class Step:
         self.ordered = OrderedSum(comm, self.buf.size, cfg.micro_batches, net.dtype) \
             if cfg.reproducible else None
         self.pieces = cfg.accumulate  # without it: pieces of this rank's shard, one by one
+        self._at_piece = 0  # the piece backward is in
         self._piece = np.empty_like(self.grad) if self.pieces > 1 else None  # a piece's sums
         self.layer_spans = {j: slice(n_params(net.layers[:j]), n_params(net.layers[:j + 1]))
                             for j in range(1, net.depth + 1)}  # layer j's W_j, b_j in grad
@@ -77,7 +78,11 @@ class Step:
             self._ordered_sums(self.inputs(x), y, cuts)
             t1 = t0 + self.ordered.compute_s
         else:
-            self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
+            try:
+                self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
+            except BaseException:  # (the run ends) no progress thread may outlive the step
+                self.buckets.stop_progress()
+                raise
             t1 = time.perf_counter()
             self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
         t2 = time.perf_counter()
@@ -107,23 +112,29 @@ class Step:
         for k in range(self.pieces):
             a, b = shard_bounds(len(y), k, self.pieces) if self.pieces > 1 else (0, len(y))
             xk, yk = x[a:b], y[a:b]
+            self._at_piece = k
             into = self.grad if k == 0 else self._piece
             t = time.perf_counter()
             loss_sum += net.forward_loss(xk, yk, into)
             correct += net.count_correct(net.last_output, yk) if len(yk) else 0
             t = trace.span("forward", t, time.perf_counter())
-            last = k == self.pieces - 1
-            if last:  # element by element: no temporary array per step
+            if k == self.pieces - 1:  # element by element: no temporary array per step
                 tail[LOSS_SUM], tail[ROWS], tail[CORRECT] = loss_sum, len(y), correct
                 tail[STOP] = self.stop.signum is not None
             for j in range(net.depth, 0, -1):
-                net.backward_layer(j, into)
-                if k:
-                    at = self.layer_spans[j]
-                    self.grad[at] += self._piece[at]
+                net.backward_layer(j, into, self._layer_ready)
                 t = trace.span(trace.layer_names[j], t, time.perf_counter())
-                if last:
-                    self.buckets.layer_done(j)
+
+    def _layer_ready(self, j: int) -> None:
+        """Backward wrote layer j's gradient (of piece `_at_piece`): add a later piece's into
+        the step's sums; in the last piece, hand the layer to the buckets (which may start its
+        allreduce while backward goes on below)."""
+        k = self._at_piece
+        if k:
+            at = self.layer_spans[j]
+            self.grad[at] += self._piece[at]
+        if k == self.pieces - 1:
+            self.buckets.layer_done(j)
 
     def _ordered_sums(self, x: np.ndarray, y: np.ndarray, cuts: tuple[int, ...]) -> None:
         """Reproducible mode: the rank's micro-batches, one forward/backward each, into the
