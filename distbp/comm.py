@@ -70,8 +70,17 @@ class Comm(Protocol):
                root: int | None = 0) -> None: ...
     def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
                   recv_counts: Sequence[int]) -> None: ...
+    def swap(self, send: np.ndarray, recv: np.ndarray, peer: int) -> None: ...
     def barrier(self) -> None: ...
     def abort(self, code: int = 1) -> NoReturn: ...
+
+
+def _check_swap(send: np.ndarray, recv: np.ndarray, peer: int, size: int) -> None:
+    _check_buffer(recv)
+    if not isinstance(send, np.ndarray) or send.shape != recv.shape or send.dtype != recv.dtype:
+        raise ValueError("swap: send and recv must be arrays of one shape and dtype")
+    if not 0 <= peer < size:
+        raise ValueError(f"swap: peer {peer} out of range for {size} rank(s)")
 
 
 def _check_buffer(buf: Any) -> None:
@@ -168,6 +177,10 @@ class SerialComm:
         _check_alltoallv(send, send_counts, recv, recv_counts, 1)
         recv[...] = send
 
+    def swap(self, send: np.ndarray, recv: np.ndarray, peer: int) -> None:
+        _check_swap(send, recv, peer, 1)
+        recv[...] = send
+
     def barrier(self) -> None:
         pass
 
@@ -205,6 +218,7 @@ class MPIComm:
         node.Free()
         # nothing is ever sent on this copy: `progress` probes it only to enter MPI's engine
         self._idle = self._comm.Dup()
+        self._pairs = self._comm.Dup()  # `swap`'s messages only
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
         self.hostname = socket.gethostname()
 
@@ -282,6 +296,17 @@ class MPIComm:
             self._comm.Alltoallv(*args)
         else:
             self._wait(self._comm.Ialltoallv(*args))
+
+    def swap(self, send: np.ndarray, recv: np.ndarray, peer: int) -> None:
+        """Send `send` to rank `peer` and receive its `send` into `recv` (the same size), a
+        point-to-point exchange on a communicator of its own (no other message can match)."""
+        _check_swap(send, recv, peer, self.size)
+        if self._timeout is None:
+            self._pairs.Sendrecv(send, dest=peer, recvbuf=recv, source=peer)
+            return
+        receiving = self._pairs.Irecv(recv, source=peer)
+        self._wait(self._pairs.Isend(send, dest=peer))
+        self._wait(receiving)
 
     def barrier(self) -> None:
         if self._timeout is None:

@@ -9,7 +9,8 @@ Each metrics record is one JSON object per line, for example
 `step` counts optimizer steps taken so far. The same records go into every checkpoint, so a resumed
 run rewrites the file up to the checkpoint and continues it: no duplicated or missing lines. The
 sums behind the train record in progress (Interval.state()) go into checkpoints too, so the first
-record after a resume is the one an uninterrupted run writes, timings aside. With
+record after a resume is the one an uninterrupted run writes, timings aside (a --reproducible
+run's records have none: TIMINGS). With
 --clip-grad-norm, train records also carry "grad_norm": the norm of their last step's averaged
 gradient before clipping.
 """
@@ -27,7 +28,11 @@ from typing import TextIO
 from distbp.ckpt_integrity import INTERVAL_KEYS
 from distbp.errors import UsageError, one_line
 
-__all__ = ["Interval", "MetricsLog", "Progress", "RunLog", "format_train"]
+__all__ = ["Interval", "MetricsLog", "Progress", "RunLog", "TIMINGS", "format_train"]
+
+# The wall-clock fields of a train record: left out of the records of a --reproducible run,
+# whose metrics file is then byte-identical on any number of ranks (progress lines show them).
+TIMINGS = ("samples_per_s", "compute_ms", "comm_ms", "time")
 
 
 class MetricsLog:
@@ -151,11 +156,14 @@ class RunLog:
     """A run's account as it goes. On every rank: `interval`, the sums since the last train
     record (they ride in checkpoints, so every rank must agree on them). On rank 0 (`metrics`
     not None): a train record every `record_every` steps, a progress line every `print_every`
-    steps (each with its record), the bar, and the closing summary."""
+    steps (each with its record), the bar, and the closing summary. `timings` False: the
+    records leave out TIMINGS."""
 
     def __init__(self, metrics: MetricsLog | None, progress: Progress, total: int,
-                 record_every: int, print_every: int, interval: Interval) -> None:
+                 record_every: int, print_every: int, interval: Interval,
+                 timings: bool = True) -> None:
         self.metrics, self.progress, self.total = metrics, progress, total
+        self.timings = timings
         self.record_every, self.print_every, self.interval = record_every, print_every, interval
         self.started = time.perf_counter()  # the run's clock
         self.samples = self.loss_sum = 0.0  # over the steps this process trained
@@ -181,9 +189,13 @@ class RunLog:
         record = self.interval.record(step, epoch, lr, time.perf_counter() - self.started)
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        line = format_train(record, self.total)
+        if not self.timings:
+            for key in TIMINGS:
+                del record[key]
         self.metrics.write(record)
         if printed:
-            self.progress.line(format_train(record, self.total))
+            self.progress.line(line)
         self.interval.reset()
 
     def summary(self, step: int, start: int, checkpoint) -> str:

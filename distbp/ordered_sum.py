@@ -12,12 +12,15 @@ per tree level). Then, for each rank's slice of the vector (shard_bounds(n, q, s
 its owner receives every rank's node sums of that slice (one Alltoallv), finishes the tree over
 them, and one Allgatherv gives every rank the whole sum. The tree and every addition in it are the
 same on any number of ranks, so are the bits; x + y = y + x in IEEE arithmetic, so who adds a pair
-does not matter. Two ranks holding one node each are the one exception to the exchange: their
-total is ONE addition per element, node [0, mid) + node [mid, parts), which is what any allreduce
-of two operands computes (x + y = y + x), so they use the plain Allreduce(SUM), cheaper than the
-two collectives. The traffic is that of a ring allreduce: each rank sends and receives about
+does not matter. The traffic is that of a ring allreduce: each rank sends and receives about
 (size − 1)/size of the vector in each of the two collectives (more when a rank's run is not one
 tree node: when size does not divide parts into powers of two).
+
+Two ranks holding one node each (any even number of parts) skip the collectives: their total is
+ONE addition per element, node [0, mid) + node [mid, parts). They swap their nodes (one
+Sendrecv each way: a ring allreduce's bytes, one message instead of two collectives) and each
+computes that addition itself, left node first as the tree does, so even a NaN's payload has
+the same bits on both (an MPI allreduce adds in an order, and with arithmetic, of its own).
 
     total = np.empty(n)
     OrderedSum(comm, n, parts, dtype).reduce(lambda m, out: ..., total)  # out = part m's sum
@@ -72,7 +75,7 @@ class OrderedSum:
         self.first, self.stop = shard_bounds(parts, r, p)  # the parts this rank computes
         covers = [tree_cover(parts, *shard_bounds(parts, q, p)) for q in range(p)]
         self.nodes = covers[r]
-        # two ranks, one node each: the total is their one addition, an Allreduce(SUM) does it
+        # two ranks, one node each: the total is their one addition, after one swap
         self.pair = p == 2 and all(len(c) == 1 for c in covers)
         self.slices = [shard_bounds(n, q, p) for q in range(p)]  # owner q sums elements lo..hi
         lo, hi = self.slices[r]
@@ -80,6 +83,7 @@ class OrderedSum:
         self.send_counts = [len(self.nodes) * (b - a) for a, b in self.slices]
         self.recv_counts = [len(c) * (hi - lo) for c in covers]
         alone = p == 1 or self.pair  # no exchange buffers: the node is summed into `out`
+        self._other = np.empty(n if self.pair else 0, self.dtype)  # the peer's node
         self.send = np.empty(0 if alone else sum(self.send_counts), self.dtype)
         self.recv = np.empty(0 if alone else sum(self.recv_counts), self.dtype)
         self.received: dict[Node, np.ndarray] = {}
@@ -123,8 +127,12 @@ class OrderedSum:
         """reduce's second half, on every rank: out (n,) = the sum of every part."""
         if self.comm.size == 1:
             return
-        if self.pair:
-            self.comm.allreduce_sum(out)
+        if self.pair:  # out holds this rank's node: left + right, in the tree's order
+            self.comm.swap(out, self._other, 1 - self.comm.rank)
+            if self.comm.rank == 0:
+                out += self._other
+            else:
+                np.add(self._other, out, out=out)
             return
         self.comm.alltoallv(self.send, self.send_counts, self.recv, self.recv_counts)
         np.copyto(self.own, self._slice_total(0, self.parts, 0))

@@ -153,7 +153,7 @@ class Trainer:
         every = cfg.log_every or max(1, s.total_steps // 20)
         records = cfg.record_every or max(1, s.total_steps // 200)
         return RunLog(metrics, Progress(s.total_steps, every, mode=cfg.progress), s.total_steps,
-                      records, every, Interval(s.interval))
+                      records, every, Interval(s.interval), timings=not cfg.reproducible)
 
     def _class_entropy(self) -> float:
         """−Σ p log p of the training labels' frequencies (ranks count shares; one allreduce)."""

@@ -5,8 +5,11 @@ formed, each step's phases nested in the step, each bucket's allreduce on its ow
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 from helpers.trainruns import ok, train, write_data
 
 LANES = {0: "step: compute", 1: "step: allreduce", 2: "validation, checkpoints"}
@@ -69,6 +72,29 @@ def test_with_overlap_the_buckets_allreduces_start_while_backward_runs(traced):
     first_buckets = [e for e in comm if e["name"] == "allreduce of layer 3"]
     for layer1, bucket in zip(last_layer, first_buckets):
         assert bucket["ts"] <= layer1["ts"]  # started before backward's last layer began
+    # a layer's bucket starts once its ΔW and Δb are written, before its δ goes down
+    for layer in (3, 2):
+        backward = [e for e in compute if e["name"] == f"backward layer {layer}"]
+        buckets = [e for e in comm if e["name"] == f"allreduce of layer {layer}"]
+        for b, bucket in zip(backward, buckets):
+            assert b["ts"] <= bucket["ts"] < b["ts"] + b["dur"]
+
+
+def test_the_timeline_script_draws_a_trace_and_refuses_what_is_none(traced, tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "trace_timeline.py")]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(traced))
+    done = subprocess.run([*script, str(trace), str(tmp_path / "t.png"), "--steps", "3:6"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for args, message in (([str(trace), str(tmp_path / "u.png"), "--steps", "40:45"],
+                           "no step in 40..44"),
+                          ([str(ROOT / "README.md"), str(tmp_path / "v.png")],
+                           "not a distbp trace")):
+        done = subprocess.run([*script, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_validation_and_checkpoints_are_on_their_own_lane(traced):
