@@ -99,12 +99,14 @@ def test_adam_cosine_clipping_and_standardize_on_several_blocks_of_statistics(tm
     assert got[0] == got[2] == got[3]
 
 
-def test_a_resume_on_another_number_of_ranks_continues_the_same_bits(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_resume_on_another_number_of_ranks_continues_the_same_bits(tmp_path, dtype):
     data = write_data(tmp_path / "d.h5", n=203)
-    options = (*REPRO, "--steps", "20", "--checkpoint-every", "8", "--val-fraction", "0.2")
+    options = (*REPRO, "--dtype", dtype, "--steps", "20", "--checkpoint-every", "8",
+               "--val-fraction", "0.2")
     ok(train(3, data, tmp_path / "whole", *options))
-    ok(train(2, data, tmp_path / "parts", *REPRO, "--steps", "8", "--val-fraction", "0.2",
-             "--checkpoint-every", "8"))
+    ok(train(2, data, tmp_path / "parts", *REPRO, "--dtype", dtype, "--steps", "8",
+             "--val-fraction", "0.2", "--checkpoint-every", "8"))
     proc = ok(train(3, data, tmp_path / "parts", *options, "--resume", "auto"))
     assert "resumed from" in proc.stdout and "at step 8" in proc.stdout
     assert " samples/s compute " in proc.stdout  # the progress lines keep the timings
@@ -112,11 +114,13 @@ def test_a_resume_on_another_number_of_ranks_continues_the_same_bits(tmp_path):
     assert records(tmp_path / "whole") == records(tmp_path / "parts")
 
 
-def test_one_rank_accumulating_equals_four_ranks(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_rank_accumulating_equals_four_ranks(tmp_path, dtype):
     """Reproducible mode: 1 rank works through the 4 micro-batches one after the other, 4 ranks
     take one each; the bits are the same."""
     data = write_data(tmp_path / "d.h5", n=203)
-    options = ("--reproducible", "--micro-batches", "4", "--batch-size", "24", "--steps", "12")
+    options = ("--reproducible", "--micro-batches", "4", "--batch-size", "24", "--steps", "12",
+               "--dtype", dtype)
     ok(train(1, data, tmp_path / "one", *options))
     ok(train(4, data, tmp_path / "four", *options))
     assert digests(ckpt_file(tmp_path / "one", 12)) == digests(ckpt_file(tmp_path / "four", 12))
