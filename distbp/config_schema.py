@@ -178,8 +178,8 @@ class TrainConfig:
     overlap: str = _opt("auto", "allreduce the gradient in buckets while backward runs (auto: "
                                 "when the ranks span several nodes)", CHOICE,
                         choices=("auto", "on", "off"))
-    bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut at layer "
-                                 "boundaries)", FLOAT, check="positive", most=1e6)
+    bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut where backward "
+                                 "has written a block of a layer's rows)", FLOAT, check="positive", most=1e6)
     accumulate: int = _opt(1, "each rank works through its share of a global batch in N "
                               "pieces, one after the other, before the one allreduce (memory "
                               "per rank falls; the update is the same)", INT, check="positive",

@@ -30,9 +30,14 @@ import numpy as np
 from distbp.activations import get_hidden
 from distbp.losses import Scratch, check_output_loss, loss_delta, output_forward
 
-__all__ = ["DTYPES", "Network", "n_params", "param_views"]
+__all__ = ["DTYPES", "DW_BLOCK_ELEMS", "Network", "n_params", "param_views"]
 
 DTYPES = ("float32", "float64")
+# ΔW_j is computed in blocks of rows of at most this many elements (a layer up to 1 MiB of
+# float32 in one GEMM), the last block first: backward reports each block as it is written, so
+# the trainer can start sending a large layer's gradient before the whole layer is done. The
+# blocks are the same whether anyone listens, so are the bits.
+DW_BLOCK_ELEMS = 1 << 18
 _RELU_FAMILY = ("relu", "leaky_relu")
 
 
@@ -91,6 +96,11 @@ class Network:
         self.params = np.zeros(n_params(self.layers), self.dtype)
         self.weights, self.biases = param_views(self.params, self.layers)
         self._bias_columns = [b[:, None] for b in self.biases]  # b_j as (n_j, 1), for z_jᵀ
+        # ΔW_j's row blocks, in the order backward writes them (last first), with the offset
+        # in the flat gradient where each block begins
+        self._dw_blocks = [[(lo, hi, n_params(self.layers[:k + 1]) + lo * n_in)
+                            for lo, hi in reversed(_row_blocks(n_out, n_in))]
+                           for k, (n_out, n_in) in enumerate(w.shape for w in self.weights)]
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
         # views (dW, db) of the gradient buffers forward_loss was given, by memory address; each
@@ -158,6 +168,11 @@ class Network:
         """L: the layers with weights (one fewer than the widths)."""
         return len(self.layers) - 1
 
+    def ready_offsets(self) -> list[int]:
+        """The offsets into the flat gradient that `backward_layer(j, grad, gradient_ready)`
+        reports for j = L .. 1, in that order: from each on, the gradient is complete."""
+        return [at for j in range(self.depth, 0, -1) for _, _, at in self._dw_blocks[j - 1]]
+
     def forward_loss(self, x: np.ndarray, y: np.ndarray, grad: np.ndarray) -> float:
         """The forward pass over the rows of x and the output layer's δ_L; returns the loss
         summed over the rows. `backward_layer(j, grad)` for j = L down to 1 (each needs δ_j from
@@ -224,21 +239,24 @@ class Network:
     def backward_layer(self, j: int, grad: np.ndarray,
                        gradient_ready: Callable[[int], None] | None = None) -> None:
         """Layer j's gradient sums ΔW_j, Δb_j into `grad` (the buffer forward_loss was given)
-        and, below the first layer, δ_k of the layer k = j − 1 under it. `gradient_ready(j)` is
-        called as soon as ΔW_j and Δb_j are written, before δ_k (the trainer starts sending
-        them meanwhile)."""
+        and, below the first layer, δ_k of the layer k = j − 1 under it. ΔW_j is written in
+        blocks of rows (DW_BLOCK_ELEMS), the last first; after each, `gradient_ready(offset)`
+        says that grad[offset:] is complete (ready_offsets lists them), before δ_k is formed
+        (the trainer starts sending meanwhile)."""
         ws = self._pass
-        if ws is None:  # no rows
+        k = j - 1
+        if ws is None:  # no rows: forward_loss zeroed grad
             if gradient_ready is not None:
-                gradient_ready(j)
+                for _, _, at in self._dw_blocks[k]:
+                    gradient_ready(at)
             return
         _, dW, db = self._views
-        k = j - 1
         delta = ws.deltaT[j]  # δ_jᵀ                                     (n_j, B)
-        np.matmul(delta, ws.a[k], out=dW[k])  # ΔW_j = δ_jᵀ a_k               (n_j, n_k)
         np.sum(delta, axis=1, out=db[k])  # Δb_j = Σ_rows δ_j                (n_j,)
-        if gradient_ready is not None:
-            gradient_ready(j)
+        for lo, hi, at in self._dw_blocks[k]:  # ΔW_j = δ_jᵀ a_k, by rows (n_j, n_k)
+            np.matmul(delta[lo:hi], ws.a[k], out=dW[k][lo:hi])
+            if gradient_ready is not None:
+                gradient_ready(at)
         if k > 0:
             np.matmul(self.weights[k].T, delta, out=ws.deltaT[k])  # Δa_kᵀ = W_jᵀ δ_jᵀ (n_k, B)
             self.g.gprime(ws.zT[k], ws.aT[k], ws.zT[k])  # g′(z_k), over z_k (no longer needed)
@@ -306,6 +324,13 @@ class Network:
         np.multiply(ws.rows, k, out=ws.flat)  # flat index of (row, y[row]) in T
         ws.flat += y
         ws.t.reshape(-1).put(ws.flat, 1.0)
+
+
+def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """[lo, hi) row blocks of a (rows, cols) matrix, each at most DW_BLOCK_ELEMS elements (at
+    least one row), as even as can be, in increasing order."""
+    count = min(rows, -(-rows * cols // DW_BLOCK_ELEMS))
+    return [(rows * i // count, rows * (i + 1) // count) for i in range(count)]
 
 
 def _check_dtype(dtype) -> np.dtype:

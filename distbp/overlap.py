@@ -2,21 +2,24 @@
 computation, as Horovod and DDP do, for ranks whose links are slow (several nodes).
 
 The step's one reduced buffer is [W_1 b_1 … W_L b_L | loss sum, rows, correct, stop]. Backward
-produces the layers' gradients last layer first, so the buffer is cut into buckets at layer
-boundaries from its END: bucket 0 holds layer L (and the scalars, known after the forward pass),
-each bucket at least `bucket_bytes` unless it reaches layer 1. As soon as backward has written
-the lowest layer of a bucket (its ΔW and Δb: before the layer's δ goes down to the next), the
-bucket's in-place Iallreduce starts. MPICH moves a nonblocking collective on only inside MPI
-calls, so while buckets are pending a progress thread enters MPI every PROGRESS_S
-(`Comm.progress`) as the main thread computes (the GEMMs release the GIL); it sleeps in
-between, so on a node with one core per rank it takes little from the computation (MPICH's own
-progress thread spins: MPIR_CVAR_ASYNC_PROGRESS=1 measured slower). `wait` stops the thread and
-returns when all are done, before the update; no thread outlives a step.
+produces the gradient from the END of the buffer down: layer L first, and within a layer Δb_j,
+then ΔW_j in blocks of rows, the last block first (distbp.network.DW_BLOCK_ELEMS); after each
+block it reports the offset from which the buffer is complete (`Network.ready_offsets`). The
+buffer is cut into buckets at those offsets from its end: bucket 0 holds the top of layer L
+(and the scalars, known after the forward pass), each bucket at least `bucket_bytes` unless it
+reaches the buffer's start. As soon as backward has reported a bucket's lowest offset, the
+bucket's in-place Iallreduce starts (before the layer's δ goes down to the next). MPICH moves a
+nonblocking collective on only inside MPI calls, so while buckets are pending a progress thread
+enters MPI every PROGRESS_S (`Comm.progress`) as the main thread computes (the GEMMs release
+the GIL); it sleeps in between, so on a node with one core per rank it takes little from the
+computation (MPICH's own progress thread spins: MPIR_CVAR_ASYNC_PROGRESS=1 measured slower).
+`wait` stops the thread and returns when all are done, before the update; no thread outlives a
+step.
 
-    buckets = Buckets(trainer.buf, net.layers, bucket_bytes=1 << 20, comm=comm)
+    buckets = Buckets(trainer.buf, net, bucket_bytes=1 << 20, comm=comm)
     loss = net.forward_loss(x, y, grad)          # then the scalars into the buffer's tail
     for j in range(net.depth, 0, -1):
-        net.backward_layer(j, grad, buckets.layer_done)  # starts the bucket j completes
+        net.backward_layer(j, grad, buckets.ready)   # starts each bucket as it completes
     buckets.wait()                               # the buffer holds the sums, as one allreduce's
 
 Each element is summed across the same ranks as by one allreduce of the whole buffer: on two
@@ -34,7 +37,7 @@ import numpy as np
 from distbp.network import n_params
 from distbp.trace import ALLREDUCE, Tracer
 
-__all__ = ["Buckets", "PROGRESS_S", "bucket_bounds", "bucket_bytes"]
+__all__ = ["Buckets", "PROGRESS_S", "bucket_bounds", "bucket_bytes", "bucket_name"]
 
 PROGRESS_S = 2e-4  # the progress thread's pause between entries into MPI
 
@@ -48,47 +51,58 @@ def bucket_bytes(cfg, comm) -> int | None:
     return max(1, int(cfg.bucket_mb * (1 << 20))) if on else None
 
 
-def bucket_bounds(layers, itemsize: int, bucket_bytes: int, size: int) -> dict[int, slice]:
-    """{layer j: the slice of the buffer (`size` elements, the scalars after the gradient) that
-    becomes complete when backward has produced layer j}, buckets cut at layer boundaries from
-    the end, each of at least `bucket_bytes` unless it reaches layer 1."""
-    starts = [n_params(layers[:j + 1]) for j in range(len(layers))]  # layer j+1 begins here
-    bounds, stop, gathered = {}, size, 0
-    for j in range(len(layers) - 1, 0, -1):
-        gathered += (starts[j] - starts[j - 1]) * itemsize
-        if gathered >= bucket_bytes or j == 1:
-            bounds[j] = slice(starts[j - 1], stop)
-            stop, gathered = starts[j - 1], 0
+def bucket_bounds(offsets, itemsize: int, bucket_bytes: int, size: int) -> dict[int, slice]:
+    """{offset: the slice of the buffer (`size` elements, the scalars after the gradient) that
+    is complete once backward has reported `offset`}, for the decreasing ready `offsets` (the
+    last is 0): buckets cut at them from the end, each of at least `bucket_bytes` unless it
+    reaches the buffer's start."""
+    bounds, stop, gathered, above = {}, size, 0, size
+    for at in offsets:
+        gathered += (above - at) * itemsize
+        above = at
+        if gathered >= bucket_bytes or at == 0:
+            bounds[at] = slice(at, stop)
+            stop, gathered = at, 0
     return bounds
 
 
-class Buckets:
-    """The pending bucket allreduces of one step over `buf` (C-contiguous, 1-D). With one bucket
-    (`bucket_bytes` None: no overlap) nothing starts early and `wait` is one blocking allreduce
-    of the whole buffer, the step's one collective as without buckets. Each bucket's allreduce
-    goes into `tracer` from its start to when this rank saw it complete."""
+def bucket_name(bucket: slice, starts: list[int], grad_size: int) -> str:
+    """"allreduce of layers 2-3" for a bucket, from the layers' start offsets in the gradient;
+    "(part)" when it begins inside its lowest layer's ΔW."""
+    low = max(j for j, at in enumerate(starts, 1) if at <= bucket.start)
+    top = max(j for j, at in enumerate(starts, 1) if at < min(bucket.stop, grad_size))
+    name = f"allreduce of layer {low}" if low == top else f"allreduce of layers {low}-{top}"
+    return name + (" (part)" if bucket.start != starts[low - 1] else "")
 
-    def __init__(self, buf: np.ndarray, layers, bucket_bytes: int | None, comm,
+
+class Buckets:
+    """The pending bucket allreduces of one step over `buf` (C-contiguous, 1-D; `net`'s gradient
+    then the scalars). With one bucket (`bucket_bytes` None: no overlap) nothing starts early
+    and `wait` is one blocking allreduce of the whole buffer, the step's one collective as
+    without buckets. Each bucket's allreduce goes into `tracer` from its start to when this
+    rank saw it complete."""
+
+    def __init__(self, buf: np.ndarray, net, bucket_bytes: int | None, comm,
                  tracer: Tracer | None = None):
         self.buf, self.comm, self.trace = buf, comm, tracer or Tracer(False)
-        self.bounds = bucket_bounds(layers, buf.itemsize, bucket_bytes or buf.nbytes, buf.size)
+        self.bounds = bucket_bounds(net.ready_offsets(), buf.itemsize,
+                                    bucket_bytes or buf.nbytes, buf.size)
         self.overlap = len(self.bounds) > 1
-        lows = sorted(self.bounds, reverse=True)  # each bucket's lowest layer, last first
-        tops = [len(layers) - 1] + [j - 1 for j in lows[:-1]]
-        self.names = {j: f"allreduce of layer {j}" if j == top else
-                      f"allreduce of layers {j}-{top}" for j, top in zip(lows, tops)}
+        starts = [n_params(net.layers[:j]) for j in range(1, net.depth + 1)]
+        self.names = {at: bucket_name(b, starts, net.params.size) for at, b in self.bounds.items()}
         self.pending: list = []  # [request, name, started, completed or None]
         self._progress: threading.Thread | None = None  # while buckets are pending
         self._done = threading.Event()  # tells the progress thread to end
 
-    def layer_done(self, j: int) -> None:
-        """Backward has written layer j: start the bucket it completes, progress the others."""
+    def ready(self, at: int) -> None:
+        """Backward has completed the buffer from offset `at` on: start the bucket that makes
+        complete, progress the others."""
         if not self.overlap:
             return
-        bucket = self.bounds.get(j)
+        bucket = self.bounds.get(at)
         if bucket is not None:
             request = self.comm.start_allreduce_sum(self.buf[bucket])
-            self.pending.append([request, self.names[j], time.perf_counter(), None])
+            self.pending.append([request, self.names[at], time.perf_counter(), None])
             if self._progress is None:
                 self._done.clear()
                 self._progress = threading.Thread(target=self._progress_loop,

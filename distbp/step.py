@@ -1,8 +1,8 @@
 """One optimizer step over this rank's shard of the global batch, as data flows through it:
 
     rows -> inputs (preprocessing) -> forward -> δ_L -> backward, layer by layer, each layer's
-    gradient SUMS into one flat buffer [gradient | loss sum, rows, correct, stop], its bucket's
-    allreduce started as soon as the layer is done (distbp.overlap; without overlap: ONE
+    gradient SUMS into one flat buffer [gradient | loss sum, rows, correct, stop], a bucket's
+    allreduce started as soon as backward has written it (distbp.overlap; without overlap: ONE
     Allreduce(SUM) after backward) -> divide by the global count -> clip -> update (plain SGD:
     the divide folded into the update, w − (α/N)·ΣΔw)
 
@@ -24,7 +24,6 @@ import numpy as np
 from distbp import preprocess
 from distbp.errors import NonFiniteError
 from distbp.data import shard_bounds
-from distbp.network import n_params
 from distbp.optim import clip_grad_norm
 from distbp.ordered_sum import OrderedSum
 from distbp.overlap import Buckets, bucket_bytes
@@ -48,7 +47,7 @@ class Step:
         self.buf = np.zeros(net.params.size + TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
         # reduced in buckets while backward runs (distbp.overlap), or all at once
-        self.buckets = Buckets(self.buf, net.layers, bucket_bytes(session.cfg, comm), comm,
+        self.buckets = Buckets(self.buf, net, bucket_bytes(session.cfg, comm), comm,
                                tracer)
         cfg = session.cfg
         # reproducible mode: micro-batches summed along one tree whatever the rank count
@@ -57,8 +56,7 @@ class Step:
         self.pieces = cfg.accumulate  # without it: pieces of this rank's shard, one by one
         self._at_piece = 0  # the piece backward is in
         self._piece = np.empty_like(self.grad) if self.pieces > 1 else None  # a piece's sums
-        self.layer_spans = {j: slice(n_params(net.layers[:j]), n_params(net.layers[:j + 1]))
-                            for j in range(1, net.depth + 1)}  # layer j's W_j, b_j in grad
+        self._complete_from = net.params.size  # in a piece's backward: grad[this:] is written
         self._sq = np.empty_like(self.grad) if cfg.clip_grad_norm else None  # scratch
         # plain SGD (w − α·Δw, no momentum, decay or clipping) takes the mean in its multiply
         self._fold_mean = (cfg.optimizer == "sgd" and not cfg.momentum and not cfg.weight_decay
@@ -112,7 +110,7 @@ class Step:
         for k in range(self.pieces):
             a, b = shard_bounds(len(y), k, self.pieces) if self.pieces > 1 else (0, len(y))
             xk, yk = x[a:b], y[a:b]
-            self._at_piece = k
+            self._at_piece, self._complete_from = k, net.params.size
             into = self.grad if k == 0 else self._piece
             t = time.perf_counter()
             loss_sum += net.forward_loss(xk, yk, into)
@@ -125,16 +123,17 @@ class Step:
                 net.backward_layer(j, into, self._layer_ready)
                 t = trace.span(trace.layer_names[j], t, time.perf_counter())
 
-    def _layer_ready(self, j: int) -> None:
-        """Backward wrote layer j's gradient (of piece `_at_piece`): add a later piece's into
-        the step's sums; in the last piece, hand the layer to the buckets (which may start its
-        allreduce while backward goes on below)."""
+    def _layer_ready(self, at: int) -> None:
+        """Backward wrote piece `_at_piece`'s gradient from offset `at` on: add a later piece's
+        new part into the step's sums; in the last piece, hand it to the buckets (which may
+        start an allreduce while backward goes on)."""
         k = self._at_piece
         if k:
-            at = self.layer_spans[j]
-            self.grad[at] += self._piece[at]
+            done = slice(at, self._complete_from)
+            self.grad[done] += self._piece[done]
+        self._complete_from = at
         if k == self.pieces - 1:
-            self.buckets.layer_done(j)
+            self.buckets.ready(at)
 
     def _ordered_sums(self, x: np.ndarray, y: np.ndarray, cuts: tuple[int, ...]) -> None:
         """Reproducible mode: the rank's micro-batches, one forward/backward each, into the

@@ -9,25 +9,59 @@ import pytest
 from conftest import ROOT, run_mpi
 from helpers.trainruns import clean_env, final, ok, rel_diff, train, write_data
 
-from distbp.overlap import bucket_bounds
+from distbp import network
+from distbp.network import Network
+from distbp.overlap import bucket_bounds, bucket_name
 
 PROG = str(ROOT / "tests" / "mpi_progs" / "overlap_prog.py")
 LAYERS = (8, 32, 16, 3)  # layer 1: 288 parameters, layer 2: 528, layer 3: 51
 
 
 @pytest.mark.parametrize("bucket_bytes,expected", [
-    (1, {3: (816, 871), 2: (288, 816), 1: (0, 288)}),      # one bucket per layer
-    (8 * 500, {2: (288, 871), 1: (0, 288)}),                # layers 3+2 reach 500 floats
-    (8 * 10_000, {1: (0, 871)}),                             # everything in one bucket
+    (1, {816: (816, 871), 288: (288, 816), 0: (0, 288)}),   # one bucket per layer
+    (8 * 500, {288: (288, 871), 0: (0, 288)}),                # layers 3+2 reach 500 floats
+    (8 * 10_000, {0: (0, 871)}),                               # everything in one bucket
 ])
 def test_buckets_are_cut_at_layer_boundaries_from_the_end_and_cover_the_buffer(bucket_bytes,
                                                                               expected):
     size = 867 + 4  # the gradient, then the step's four scalars (in the first bucket)
-    bounds = bucket_bounds(LAYERS, 8, bucket_bytes, size)
-    assert {j: (b.start, b.stop) for j, b in bounds.items()} == expected
+    net = Network(LAYERS, dtype="float64")
+    assert net.ready_offsets() == [816, 288, 0]  # each layer's ΔW in one block
+    bounds = bucket_bounds(net.ready_offsets(), 8, bucket_bytes, size)
+    assert {at: (b.start, b.stop) for at, b in bounds.items()} == expected
     covered = sorted((b.start, b.stop) for b in bounds.values())
     assert covered[0][0] == 0 and covered[-1][1] == size
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+def test_a_large_layers_gradient_is_reported_and_cut_in_blocks_of_rows(monkeypatch):
+    """Blocks of at most DW_BLOCK_ELEMS: backward reports each as it writes it, the last rows
+    first, and buckets may end inside a layer."""
+    monkeypatch.setattr(network, "DW_BLOCK_ELEMS", 100)
+    net = Network(LAYERS, dtype="float64")
+    # W_3 (3x16) one block; W_2 (16x32, from 288) rows 13, 10, 8, 5, 2, 0; W_1 (32x8) 21, 10, 0
+    offsets = [816, 704, 608, 544, 448, 352, 288, 168, 80, 0]
+    assert net.ready_offsets() == offsets
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 8)), rng.integers(0, 3, 5)
+    grad, reported = np.full(net.params.size, np.nan), []
+
+    def ready(at: int) -> None:  # everything from `at` on is written, nothing below yet
+        assert not np.isnan(grad[at:]).any() and (at == 0 or np.isnan(grad[at - 1]))
+        reported.append(at)
+
+    net.forward_loss(x, y, grad)
+    for j in range(net.depth, 0, -1):
+        net.backward_layer(j, grad, ready)
+    assert reported == offsets
+    np.testing.assert_allclose(grad, Network(LAYERS, dtype="float64").loss_and_grad(x, y)[1] * 5,
+                               rtol=1e-12)
+    bounds = bucket_bounds(offsets, 8, 8 * 500, 871)
+    assert {at: (b.start, b.stop) for at, b in bounds.items()} == {352: (352, 871), 0: (0, 352)}
+    starts = [0, 288, 816]
+    assert bucket_name(bounds[352], starts, 867) == "allreduce of layers 2-3 (part)"
+    assert bucket_name(bounds[0], starts, 867) == "allreduce of layers 1-2"
+    assert bucket_name(slice(816, 871), starts, 867) == "allreduce of layer 3"
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
