@@ -68,7 +68,9 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
 def time_steps(trainer: Trainer, comm, warmup: int, steps: int) -> np.ndarray:
     """(steps, 4) seconds of this rank's forward+backward, allreduce and update, and of the whole
     `Trainer.step` (also its shard's read and preprocessing), one row per timed step after
-    `warmup` untimed ones (the loader must be open)."""
+    `warmup` untimed ones (the loader must be open), after --overlap auto's trial if any (its
+    steps alternate the modes it chooses between)."""
+    warmup += len(trainer.stepper.buckets.trial)
     times = np.zeros((steps, 4))
     for i in range(warmup + steps):
         comm.barrier()  # time each phase, not the waiting for a straggler's previous step

@@ -44,11 +44,18 @@ PROGRESS_S = 2e-4  # the progress thread's pause between entries into MPI
 
 def bucket_bytes(cfg, comm) -> int | None:
     """The smallest bucket for a run (--bucket-mb), or None: one allreduce after backward.
-    --overlap auto overlaps when the ranks span several nodes, where links are slower than
-    shared memory; on one node MPICH progresses a nonblocking allreduce only inside our Test
-    calls between layers, so one blocking allreduce is as fast."""
+    --overlap auto considers overlapping only when the ranks span several nodes (on one node
+    shared memory makes one blocking allreduce as fast) and then measures both (`Buckets`)."""
     on = cfg.overlap == "on" or (cfg.overlap == "auto" and comm.size > comm.local_size)
     return max(1, int(cfg.bucket_mb * (1 << 20))) if on else None
+
+
+# --overlap auto across nodes: after TRIAL_WARMUP steps, TRIAL_STEPS steps alternate with and
+# without overlap; the mode whose median step (the slowest rank's) was shorter stays. Whether
+# hiding the communication pays depends on the link and on spare CPU: measured on emulated
+# nodes of one core, overlap won 8-12 % on 1 Gbit/s links and lost 19-20 % on unshaped ones,
+# where moving the bytes takes the core the computation needs.
+TRIAL_WARMUP, TRIAL_STEPS = 2, 8
 
 
 def bucket_bounds(offsets, itemsize: int, bucket_bytes: int, size: int) -> dict[int, slice]:
@@ -83,16 +90,43 @@ class Buckets:
     rank saw it complete."""
 
     def __init__(self, buf: np.ndarray, net, bucket_bytes: int | None, comm,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, trial: bool = False, log=None):
         self.buf, self.comm, self.trace = buf, comm, tracer or Tracer(False)
         self.bounds = bucket_bounds(net.ready_offsets(), buf.itemsize,
                                     bucket_bytes or buf.nbytes, buf.size)
-        self.overlap = len(self.bounds) > 1
+        self.overlap = len(self.bounds) > 1  # this step's mode
+        # --overlap auto across nodes: the modes of the trial's steps, then the choice
+        self.trial = ([True] * TRIAL_WARMUP + [True, False] * (TRIAL_STEPS // 2)
+                      if trial and self.overlap else [])
+        self._trial_s: dict[bool, list[float]] = {True: [], False: []}
+        self._log = log or (lambda _: None)
         starts = [n_params(net.layers[:j]) for j in range(1, net.depth + 1)]
         self.names = {at: bucket_name(b, starts, net.params.size) for at, b in self.bounds.items()}
         self.pending: list = []  # [request, name, started, completed or None]
         self._progress: threading.Thread | None = None  # while buckets are pending
         self._done = threading.Event()  # tells the progress thread to end
+
+    def begin_step(self) -> None:
+        """Before a step's backward: in --overlap auto's trial, its mode."""
+        if self.trial:
+            self.overlap = self.trial[0]
+
+    def end_step(self, seconds: float) -> None:
+        """After a step's allreduce (`seconds`: its forward, backward and allreduce): in the
+        trial, record it; after the trial's last step, every rank takes the same mode (the
+        slowest rank's medians, one small allreduce)."""
+        if not self.trial:
+            return
+        if len(self.trial) <= TRIAL_STEPS:  # past the warm-up
+            self._trial_s[self.trial[0]].append(seconds)
+        self.trial.pop(0)
+        if not self.trial:
+            medians = np.array([np.median(self._trial_s[True]), np.median(self._trial_s[False])])
+            self.comm.allreduce_max(medians)
+            self.overlap = bool(medians[0] < medians[1])
+            self._log(f"overlap auto: {'on' if self.overlap else 'off'} (measured "
+                      f"{1e3 * medians[0]:.2f} ms a step with buckets during backward, "
+                      f"{1e3 * medians[1]:.2f} ms with one allreduce after it)")
 
     def ready(self, at: int) -> None:
         """Backward has completed the buffer from offset `at` on: start the bucket that makes

@@ -40,16 +40,16 @@ LOSS_SUM, ROWS, CORRECT, STOP = range(TAIL)  # the step's scalars, after the gra
 class Step:
     """The buffers of a run's steps (allocated once) and the step itself."""
 
-    def __init__(self, session: Session, comm, stop: StopFlag, tracer: Tracer):
+    def __init__(self, session: Session, comm, stop: StopFlag, tracer: Tracer, log=None):
         self.s, self.comm, self.stop, self.trace = session, comm, stop, tracer
         net = session.net
         # One flat buffer: the gradient, then the step's scalars; reduced by ONE allreduce.
         self.buf = np.zeros(net.params.size + TAIL, net.dtype)
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
         # reduced in buckets while backward runs (distbp.overlap), or all at once
-        self.buckets = Buckets(self.buf, net, bucket_bytes(session.cfg, comm), comm,
-                               tracer)
         cfg = session.cfg
+        self.buckets = Buckets(self.buf, net, bucket_bytes(cfg, comm), comm, tracer,
+                               trial=cfg.overlap == "auto" and not cfg.reproducible, log=log)
         # reproducible mode: micro-batches summed along one tree whatever the rank count
         self.ordered = OrderedSum(comm, self.buf.size, cfg.micro_batches, net.dtype) \
             if cfg.reproducible else None
@@ -76,6 +76,7 @@ class Step:
             self._ordered_sums(self.inputs(x), y, cuts)
             t1 = t0 + self.ordered.compute_s
         else:
+            self.buckets.begin_step()
             try:
                 self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
             except BaseException:  # (the run ends) no progress thread may outlive the step
@@ -83,6 +84,7 @@ class Step:
                 raise
             t1 = time.perf_counter()
             self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
+            self.buckets.end_step(time.perf_counter() - t0)
         t2 = time.perf_counter()
         self._check_finite(step)
         count = float(self.tail[ROWS])

@@ -46,7 +46,8 @@ class Trainer:
         self._vals = [r for r in session.history if r.get("kind") == "val"]  # on every rank
         self.stop = stop or catch_stop_signals()
         self.trace = Tracer(session.cfg.trace is not None, session.net.depth)
-        self.stepper = Step(session, comm, self.stop, self.trace)  # buffers, buckets, the step
+        self.stepper = Step(session, comm, self.stop, self.trace,  # buffers, buckets, the step
+                            log=log if comm.rank == 0 else None)
         self.loader: ShardLoader | MemoryLoader | None = None  # open while train() runs
         self.plan: BatchPlan | None = None  # the loader's
         self.last_checkpoint: Path | None = session.resumed_from

@@ -99,6 +99,24 @@ def test_two_nodes_train_bitwise_like_one_host_and_the_traffic_crosses_the_links
     assert_same_state(final_checkpoint(work / f"nodes2-ranks{ranks}", STEPS), reference)
 
 
+def test_overlap_auto_across_nodes_measures_both_modes_and_keeps_the_bits(cluster, work):
+    """Across nodes, --overlap auto times steps with and without buckets during backward and
+    keeps the faster; on two ranks either gives the bits of one host's run (a + b)."""
+    cluster.wait_idle()
+    proc = cluster.run("srun", "-N", "2", "-n", "2", PAIR, "distbp", "train",
+                       "--data", str(work / "data.h5"), "--run-dir", str(work / "auto"),
+                       *MODEL, "--bucket-mb", "0.1", "--steps", "30", timeout=180, cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = re.findall(r"^overlap auto: (on|off) \(measured ([\d.]+) ms a step with buckets "
+                        r"during backward, ([\d.]+) ms with one allreduce after it\)$",
+                        proc.stdout, re.M)
+    assert len(chosen) == 1, proc.stdout
+    mode, with_buckets, without = chosen[0]
+    assert (mode == "on") == (float(with_buckets) < float(without))
+    reference = host_train(2, work / "data.h5", work / "auto-host", 30, *MODEL)
+    assert_same_state(final_checkpoint(work / "auto", 30), reference)
+
+
 @pytest.mark.parametrize("per_node", [1, 2])
 def test_ranks_per_node_threads_and_hosts_come_from_the_node(cluster, work, per_node):
     """Plain srun without OMP_NUM_THREADS: each rank's threads are its node's CPUs divided by

@@ -11,7 +11,8 @@ from helpers.trainruns import clean_env, final, ok, rel_diff, train, write_data
 
 from distbp import network
 from distbp.network import Network
-from distbp.overlap import bucket_bounds, bucket_name
+from distbp.comm import SerialComm
+from distbp.overlap import TRIAL_STEPS, TRIAL_WARMUP, Buckets, bucket_bounds, bucket_name
 
 PROG = str(ROOT / "tests" / "mpi_progs" / "overlap_prog.py")
 LAYERS = (8, 32, 16, 3)  # layer 1: 288 parameters, layer 2: 528, layer 3: 51
@@ -85,3 +86,24 @@ def test_the_overlap_options_of_distbp_train_keep_two_rank_runs_bitwise(tmp_path
     a, b = final(tmp_path / "off", 10), final(tmp_path / "on", 10)
     assert a.params.tobytes() == b.params.tobytes()
     assert (a.config["overlap"], b.config["overlap"]) == ("off", "on")
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_overlap_auto_keeps_the_mode_whose_trial_steps_were_faster(faster):
+    """The trial: TRIAL_WARMUP steps, then TRIAL_STEPS alternating with and without buckets;
+    the mode of the smaller median stays, and is said once."""
+    told = []
+    net = Network(LAYERS, dtype="float64")
+    buckets = Buckets(np.zeros(871), net, 1, SerialComm(), trial=True, log=told.append)
+    seen = []
+    for _ in range(TRIAL_WARMUP + TRIAL_STEPS):
+        buckets.begin_step()
+        seen.append(buckets.overlap)
+        buckets.end_step(0.010 if buckets.overlap == faster else 0.012)
+    assert seen == [True] * TRIAL_WARMUP + [True, False] * (TRIAL_STEPS // 2)
+    assert buckets.trial == [] and buckets.overlap == faster
+    assert told == [f"overlap auto: {'on' if faster else 'off'} (measured "
+                    f"{10 if faster else 12:.2f} ms a step with buckets during backward, "
+                    f"{12 if faster else 10:.2f} ms with one allreduce after it)"]
+    buckets.begin_step()
+    assert buckets.overlap == faster  # from now on

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace, job) -> int:
     comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
     med = np.median(slowest, axis=0)
     r = bench.report(trainer.s.net, args.batch_size, comm, job.threads, med, -peaks[1])
-    r["buckets"] = len(trainer.stepper.buckets.bounds)  # 1: no overlap
+    buckets = trainer.stepper.buckets  # 1: no overlap (also when --overlap auto chose none)
+    r["buckets"] = len(buckets.bounds) if buckets.overlap else 1
     if args.baseline:
         r["baseline"] = _baseline(args, layers, comm, hi - lo, float(med[3]))
     if args.reproducible:
