@@ -22,6 +22,7 @@ import numpy as np
 from distbp import data
 from distbp.config_schema import TrainConfig
 from distbp.network import Network
+from distbp.overlap import TRIAL_STEPS, TRIAL_WARMUP
 from distbp.scaling import (
     StepModel,
     fit_alpha_beta,
@@ -42,8 +43,8 @@ DATA_BYTES = 64 << 20  # random inputs the bench trains on, at most
 def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir: Path,
                   steps: int, overlap: str = "auto", bucket_mb: float = 1.0,
                   micro_batches: int | None = None) -> Trainer:
-    """A Trainer of `steps` steps on random rows in memory (labels from the network's
-    classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so
+    """A Trainer of `steps` steps (and those of --overlap auto's trial) on random rows in memory
+    (labels from the network's classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so
     the epoch's shuffle, done once per epoch, stays out of most steps; plain SGD (the default) at
     lr 0.01, no checkpoint or check in between. `micro_batches`: in reproducible mode, with that
     many micro-batches (the caller runs it on one BLAS thread, as `distbp train` does)."""
@@ -54,7 +55,8 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
     y = rng.integers(0, layers[-1], n)
     options = {
         "data": f"{ARRAYS_LABEL}random>", "layers": list(layers), "activation": activation,
-        "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": "sgd",
+        "batch_size": batch, "dtype": dtype, "steps": steps + TRIAL_WARMUP + TRIAL_STEPS,
+        "optimizer": "sgd",
         "momentum": 0.0, "lr": 0.01, "run_dir": str(run_dir), "check_every": None,
         "progress": "lines", "overlap": overlap, "bucket_mb": bucket_mb}
     if micro_batches is not None:
