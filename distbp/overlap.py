@@ -102,6 +102,7 @@ class Buckets:
         self._log = log or (lambda _: None)
         starts = [n_params(net.layers[:j]) for j in range(1, net.depth + 1)]
         self.names = {at: bucket_name(b, starts, net.params.size) for at, b in self.bounds.items()}
+        self._views = {at: buf[b] for at, b in self.bounds.items()}  # made once, not per step
         self.pending: list = []  # [request, name, started, completed or None]
         self._progress: threading.Thread | None = None  # while buckets are pending
         self._done = threading.Event()  # tells the progress thread to end
@@ -135,7 +136,7 @@ class Buckets:
             return
         bucket = self.bounds.get(at)
         if bucket is not None:
-            request = self.comm.start_allreduce_sum(self.buf[bucket])
+            request = self.comm.start_allreduce_sum(self._views[at])
             self.pending.append([request, self.names[at], time.perf_counter(), None])
             if self._progress is None:
                 self._done.clear()
