@@ -176,7 +176,7 @@ class TrainConfig:
     in_memory: str = _opt("auto", "load the data into memory (auto: if it fits)", CHOICE,
                           choices=("auto", "yes", "no"))
     overlap: str = _opt("auto", "allreduce the gradient in buckets while backward runs (auto: "
-                                "when the ranks span several nodes)", CHOICE,
+                                "across nodes, if the first steps measure it faster)", CHOICE,
                         choices=("auto", "on", "off"))
     bucket_mb: float = _opt(1.0, "smallest bucket of --overlap, in MiB (cut where backward "
                                  "has written a block of a layer's rows)", FLOAT, check="positive", most=1e6)
