@@ -34,12 +34,16 @@ __all__ = ["Comm", "MPIComm", "SerialComm", "get_comm", "host_names"]
 # progress), then sleep with exponential backoff so a long wait (straggler, hung peer) does not
 # burn a core. MPICH progresses a nonblocking collective only inside Test, so sleeping while a
 # large one is in flight slows it (+20% for 32 MB with a fixed 1 ms spin): the spin lasts
-# max(3 ms, 2 x the previous collective's duration), capped. At least 3 ms, over twice the
+# max(3 ms, 2 x the longest recent collective), capped; "recent" fades by _SPIN_FADE a call, so
+# a short collective (a barrier, a step's last bucket) between long ones does not cut the next
+# long one's spin (it did: a 63 ms allreduce at 1 Gbit/s then slept between Tests, 3-5 % slower
+# a step). At least 3 ms, over twice the
 # longest sleep: a peer that slept through its last wait is up to _SLEEP_MAX_S late, and with a
 # shorter spin two ranks fall into taking turns sleeping (measured with reproducible mode's two
 # collectives a step: 2.5 ms a step instead of 0.4 with a 1 ms spin). A blocking call spins.
 _SPIN_MIN_S = 3e-3
 _SPIN_MAX_S = 0.1
+_SPIN_FADE = 0.9
 _SLEEP_FIRST_S = 2e-5
 _SLEEP_MAX_S = 1e-3
 _yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))
@@ -62,7 +66,6 @@ class Comm(Protocol):
     def start_allreduce_sum(self, buf: np.ndarray) -> Any: ...
     def test(self, request: Any) -> bool: ...
     def wait_all(self, pending: Sequence[Any]) -> None: ...
-    def progress(self) -> None: ...
     def allreduce_max(self, buf: np.ndarray) -> None: ...
     def allreduce_min(self, buf: np.ndarray) -> None: ...
     def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
@@ -157,9 +160,6 @@ class SerialComm:
     def wait_all(self, pending: Sequence[Any]) -> None:
         pass
 
-    def progress(self) -> None:
-        pass
-
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         _check_buffer(buf)
         if root != 0:
@@ -216,8 +216,6 @@ class MPIComm:
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
-        # nothing is ever sent on this copy: `progress` probes it only to enter MPI's engine
-        self._idle = self._comm.Dup()
         self._pairs = self._comm.Dup()  # `swap`'s messages only
         self.name = f"mpi ({_library_name(MPI.Get_library_version())})"
         self.hostname = socket.gethostname()
@@ -250,13 +248,6 @@ class MPIComm:
             return
         for req in pending:
             self._wait(req)
-
-    def progress(self) -> None:
-        """Move pending nonblocking operations on, touching none of their requests (so another
-        thread may do it while this one computes or tests them; mpi4py asks for
-        MPI_THREAD_MULTIPLE): MPICH progresses only inside MPI calls, and a probe of a
-        communicator nothing is sent on is such a call that matches nothing."""
-        self._idle.Iprobe(source=self._MPI.ANY_SOURCE, tag=self._MPI.ANY_TAG)
 
     def allreduce_max(self, buf: np.ndarray) -> None:
         self._allreduce(buf, self._MPI.MAX)
@@ -350,7 +341,7 @@ class MPIComm:
                 time.sleep(pause)
                 pause = min(2 * pause, _SLEEP_MAX_S)
         took = time.perf_counter() - start
-        self._spin_s = min(_SPIN_MAX_S, max(_SPIN_MIN_S, 2 * took))
+        self._spin_s = min(_SPIN_MAX_S, max(_SPIN_MIN_S, 2 * took, _SPIN_FADE * self._spin_s))
 
 
 # Bytes of a host name in host_names' gather (a DNS name has at most 253).

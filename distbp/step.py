@@ -77,11 +77,7 @@ class Step:
             t1 = t0 + self.ordered.compute_s
         else:
             self.buckets.begin_step()
-            try:
-                self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
-            except BaseException:  # (the run ends) no progress thread may outlive the step
-                self.buckets.stop_progress()
-                raise
+            self._forward_backward(self.inputs(x), y)  # buckets start as layers finish
             t1 = time.perf_counter()
             self.buckets.wait()  # the step's sums: ONE allreduce, or the last buckets' ends
             self.buckets.end_step(time.perf_counter() - t0)

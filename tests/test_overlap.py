@@ -1,6 +1,7 @@
 """Allreduce in buckets while backward runs (distbp.overlap): the buckets cover the reduced
-buffer exactly, cut at layer boundaries from its end, and training with them gives the results
-of one allreduce per step (bitwise on two ranks, within summation order on more)."""
+buffer exactly, cut from its end where backward reports blocks of a layer's rows written,
+training with them gives the results of one allreduce per step (bitwise on two ranks, within
+summation order on more), and --overlap auto keeps the mode its trial steps measured faster."""
 
 from __future__ import annotations
 
