@@ -41,7 +41,7 @@ DATA_BYTES = 64 << 20  # random inputs the bench trains on, at most
 
 
 def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir: Path,
-                  steps: int, overlap: str = "auto", bucket_mb: float = 1.0,
+                  steps: int, overlap: str = "auto", bucket_mb: float = TrainConfig.bucket_mb,
                   micro_batches: int | None = None) -> Trainer:
     """A Trainer of `steps` steps (and those of --overlap auto's trial) on random rows in memory
     (labels from the network's classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so

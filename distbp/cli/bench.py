@@ -27,7 +27,7 @@ from distbp.cli.args import (
     positive_float,
     positive_int,
 )
-from distbp.config_schema import MAX_STEPS, MAX_THREADS, OPTIONS
+from distbp.config_schema import MAX_STEPS, MAX_THREADS, OPTIONS, TrainConfig
 from distbp.config_values import parse_layers
 from distbp.data import shard_bounds
 from distbp.errors import UsageError
@@ -64,8 +64,9 @@ def add_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     p.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
                    help="allreduce in buckets during backward, as train --overlap (default auto)")
-    p.add_argument("--bucket-mb", type=positive_float, default=1.0,
-                   help="smallest bucket with --overlap, MiB (default 1)")
+    p.add_argument("--bucket-mb", type=positive_float, default=TrainConfig.bucket_mb,
+                   help=f"smallest bucket with --overlap, MiB (default {TrainConfig.bucket_mb:g}, "
+                   f"as train)")
     p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
                    "same shapes (forward, backward, one allreduce, plain SGD; random rows in "
                    "memory) and print distbp's step as a ratio of it")
