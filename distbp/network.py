@@ -33,10 +33,12 @@ from distbp.losses import Scratch, check_output_loss, loss_delta, output_forward
 __all__ = ["DTYPES", "DW_BLOCK_ELEMS", "Network", "n_params", "param_views"]
 
 DTYPES = ("float32", "float64")
-# ΔW_j is computed in blocks of rows of at most this many elements (a layer up to 1 MiB of
-# float32 in one GEMM), the last block first: backward reports each block as it is written, so
-# the trainer can start sending a large layer's gradient before the whole layer is done. The
-# blocks are the same whether anyone listens, so are the bits.
+# Across nodes (distbp.step), ΔW_j is computed in blocks of rows of at most this many elements
+# (a layer up to 1 MiB of float32 in one GEMM), the last block first: backward reports each
+# block as it is written, so the trainer can start sending a large layer's gradient before the
+# whole layer is done (distbp.overlap). Blocks cost 3-7 % of a pass of 784-1024-1024-10 (smaller
+# GEMMs) and change a GEMM's bits, so a network computes each ΔW whole unless
+# `use_row_blocks` asks.
 DW_BLOCK_ELEMS = 1 << 18
 _RELU_FAMILY = ("relu", "leaky_relu")
 
@@ -96,11 +98,7 @@ class Network:
         self.params = np.zeros(n_params(self.layers), self.dtype)
         self.weights, self.biases = param_views(self.params, self.layers)
         self._bias_columns = [b[:, None] for b in self.biases]  # b_j as (n_j, 1), for z_jᵀ
-        # ΔW_j's row blocks, in the order backward writes them (last first), with the offset
-        # in the flat gradient where each block begins
-        self._dw_blocks = [[(lo, hi, n_params(self.layers[:k + 1]) + lo * n_in)
-                            for lo, hi in reversed(_row_blocks(n_out, n_in))]
-                           for k, (n_out, n_in) in enumerate(w.shape for w in self.weights)]
+        self.use_row_blocks(None)
         self._init_params(seed)
         self._workspaces: dict[int, _Workspace] = {}
         # views (dW, db) of the gradient buffers forward_loss was given, by memory address; each
@@ -167,6 +165,15 @@ class Network:
     def depth(self) -> int:
         """L: the layers with weights (one fewer than the widths)."""
         return len(self.layers) - 1
+
+    def use_row_blocks(self, block_elems: int | None) -> None:
+        """Compute each ΔW_j in blocks of rows of at most `block_elems` elements (None: whole),
+        reported one by one to backward_layer's `gradient_ready`."""
+        # ΔW_j's row blocks, in the order backward writes them (last first), with the offset
+        # in the flat gradient where each block begins
+        self._dw_blocks = [[(lo, hi, n_params(self.layers[:k + 1]) + lo * n_in)
+                            for lo, hi in reversed(_row_blocks(n_out, n_in, block_elems))]
+                           for k, (n_out, n_in) in enumerate(w.shape for w in self.weights)]
 
     def ready_offsets(self) -> list[int]:
         """The offsets into the flat gradient that `backward_layer(j, grad, gradient_ready)`
@@ -240,7 +247,7 @@ class Network:
                        gradient_ready: Callable[[int], None] | None = None) -> None:
         """Layer j's gradient sums ΔW_j, Δb_j into `grad` (the buffer forward_loss was given)
         and, below the first layer, δ_k of the layer k = j − 1 under it. ΔW_j is written in
-        blocks of rows (DW_BLOCK_ELEMS), the last first; after each, `gradient_ready(offset)`
+        blocks of rows (`use_row_blocks`; one block by default), the last first; after each, `gradient_ready(offset)`
         says that grad[offset:] is complete (ready_offsets lists them), before δ_k is formed
         (the trainer starts sending meanwhile)."""
         ws = self._pass
@@ -326,10 +333,10 @@ class Network:
         ws.t.reshape(-1).put(ws.flat, 1.0)
 
 
-def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
-    """[lo, hi) row blocks of a (rows, cols) matrix, each at most DW_BLOCK_ELEMS elements (at
-    least one row), as even as can be, in increasing order."""
-    count = min(rows, -(-rows * cols // DW_BLOCK_ELEMS))
+def _row_blocks(rows: int, cols: int, block_elems: int | None) -> list[tuple[int, int]]:
+    """[lo, hi) row blocks of a (rows, cols) matrix, each at most `block_elems` elements (at
+    least one row; None: one block), as even as can be, in increasing order."""
+    count = 1 if block_elems is None else min(rows, -(-rows * cols // block_elems))
     return [(rows * i // count, rows * (i + 1) // count) for i in range(count)]
 
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from distbp import preprocess
+from distbp import network, preprocess
 from distbp.errors import NonFiniteError
 from distbp.data import shard_bounds
 from distbp.optim import clip_grad_norm
@@ -48,6 +48,11 @@ class Step:
         self.grad, self.tail = self.buf[:net.params.size], self.buf[net.params.size:]
         # reduced in buckets while backward runs (distbp.overlap), or all at once
         cfg = session.cfg
+        # ΔW in blocks of rows only across nodes, whatever --overlap says (so on and off give
+        # the same bits): blocks cost a little compute and change a GEMM's bits; never in
+        # reproducible mode, whose bits must not depend on where the ranks run
+        across = comm.size > comm.local_size and not cfg.reproducible
+        net.use_row_blocks(network.DW_BLOCK_ELEMS if across else None)
         self.buckets = Buckets(self.buf, net, bucket_bytes(cfg, comm), comm, tracer,
                                trial=cfg.overlap == "auto" and not cfg.reproducible, log=log)
         # reproducible mode: micro-batches summed along one tree whatever the rank count

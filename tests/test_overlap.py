@@ -10,7 +10,6 @@ import pytest
 from conftest import ROOT, run_mpi
 from helpers.trainruns import clean_env, final, ok, rel_diff, train, write_data
 
-from distbp import network
 from distbp.network import Network
 from distbp.comm import SerialComm
 from distbp.overlap import TRIAL_STEPS, TRIAL_WARMUP, Buckets, bucket_bounds, bucket_name
@@ -36,11 +35,11 @@ def test_buckets_are_cut_at_layer_boundaries_from_the_end_and_cover_the_buffer(b
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
 
-def test_a_large_layers_gradient_is_reported_and_cut_in_blocks_of_rows(monkeypatch):
-    """Blocks of at most DW_BLOCK_ELEMS: backward reports each as it writes it, the last rows
+def test_a_large_layers_gradient_is_reported_and_cut_in_blocks_of_rows():
+    """Blocks of at most 100 elements: backward reports each as it writes it, the last rows
     first, and buckets may end inside a layer."""
-    monkeypatch.setattr(network, "DW_BLOCK_ELEMS", 100)
     net = Network(LAYERS, dtype="float64")
+    net.use_row_blocks(100)
     # W_3 (3x16) one block; W_2 (16x32, from 288) rows 13, 10, 8, 5, 2, 0; W_1 (32x8) 21, 10, 0
     offsets = [816, 704, 608, 544, 448, 352, 288, 168, 80, 0]
     assert net.ready_offsets() == offsets
@@ -57,7 +56,7 @@ def test_a_large_layers_gradient_is_reported_and_cut_in_blocks_of_rows(monkeypat
         net.backward_layer(j, grad, ready)
     assert reported == offsets
     np.testing.assert_allclose(grad, Network(LAYERS, dtype="float64").loss_and_grad(x, y)[1] * 5,
-                               rtol=1e-12)
+                               rtol=1e-12)  # the same gradient as computed whole
     bounds = bucket_bounds(offsets, 8, 8 * 500, 871)
     assert {at: (b.start, b.stop) for at, b in bounds.items()} == {352: (352, 871), 0: (0, 352)}
     starts = [0, 288, 816]

@@ -1,7 +1,6 @@
 """Test program for distbp.overlap, run by tests/test_overlap.py under mpiexec: the same run
-trained with the whole buffer in one allreduce and with one bucket per block of a layer's rows
-(ΔW in blocks of at most 100 elements here; allreduces started while backward runs), final
-parameters of both saved by rank 0.
+trained with the whole buffer in one allreduce and with one bucket per layer (allreduces
+started while backward runs), final parameters of both saved by rank 0.
 
     mpiexec -n 3 python tests/mpi_progs/overlap_prog.py DATA.h5 OUT_DIR
 """
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp import network
 from distbp.comm import get_comm
 from distbp.config_schema import TrainConfig
 from distbp.session import build_session
@@ -25,17 +23,16 @@ def run(data: str, out: Path, overlap: str, comm) -> np.ndarray:
         "data": data, "layers": [8, 32, 16, 3], "activation": "tanh", "dtype": "float64",
         "batch_size": 16, "steps": 12, "momentum": 0.9, "seed": 5, "check_every": 4,
         "run_dir": str(out), "progress": "lines", "overlap": overlap,
-        "bucket_mb": 1e-6}, "overlap_prog")  # 1 byte: every block is a bucket of its own
+        "bucket_mb": 1e-6}, "overlap_prog")  # 1 byte: every layer is a bucket of its own
     s = build_session(cfg, local_size=comm.local_size, rank=comm.rank, size=comm.size)
     trainer = Trainer(s, comm, log=lambda *_: None)
-    assert len(trainer.stepper.buckets.bounds) == (10 if overlap == "on" else 1)
+    assert len(trainer.stepper.buckets.bounds) == (3 if overlap == "on" else 1)
     assert trainer.train() == 0
     return s.net.params.copy()
 
 
 def main(data: str, out: Path) -> None:
     comm = get_comm(timeout=60)
-    network.DW_BLOCK_ELEMS = 100  # W_1 in 3 blocks, W_2 in 6, W_3 in 1 (tests/test_overlap.py)
     whole = run(data, out / "whole", "auto", comm)  # one node: auto is one allreduce
     layered = run(data, out / "buckets", "on", comm)
     if comm.rank == 0:
