@@ -3,8 +3,9 @@ computation, as Horovod and DDP do, for ranks whose links are slow (several node
 
 The step's one reduced buffer is [W_1 b_1 … W_L b_L | loss sum, rows, correct, stop]. Backward
 produces the gradient from the END of the buffer down: layer L first, and within a layer Δb_j,
-then ΔW_j in blocks of rows, the last block first (distbp.network.DW_BLOCK_ELEMS); after each
-block it reports the offset from which the buffer is complete (`Network.ready_offsets`). The
+then ΔW_j, whole or (when the ranks span nodes: distbp.step) in blocks of rows, the last block
+first (`Network.use_row_blocks`); after each it reports the offset from which the buffer is
+complete (`Network.ready_offsets`). The
 buffer is cut into buckets at those offsets from its end: bucket 0 holds the top of layer L
 (and the scalars, known after the forward pass), each bucket at least `bucket_bytes` unless it
 reaches the buffer's start. As soon as backward has reported a bucket's lowest offset, the
