@@ -44,7 +44,8 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
                   steps: int, overlap: str = "auto", bucket_mb: float = TrainConfig.bucket_mb,
                   micro_batches: int | None = None) -> Trainer:
     """A Trainer of `steps` steps (and those of --overlap auto's trial) on random rows in memory
-    (labels from the network's classes): up to 64 global batches of `batch` rows per epoch (at most DATA_BYTES of x), so
+    (labels from the network's classes): up to 64 global batches of `batch` rows per epoch (at
+    most DATA_BYTES of x), so
     the epoch's shuffle, done once per epoch, stays out of most steps; plain SGD (the default) at
     lr 0.01, no checkpoint or check in between. `micro_batches`: in reproducible mode, with that
     many micro-batches (the caller runs it on one BLAS thread, as `distbp train` does)."""

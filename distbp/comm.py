@@ -37,10 +37,10 @@ __all__ = ["Comm", "MPIComm", "SerialComm", "get_comm", "host_names"]
 # max(3 ms, 2 x the longest recent collective), capped; "recent" fades by _SPIN_FADE a call, so
 # a short collective (a barrier, a step's last bucket) between long ones does not cut the next
 # long one's spin (it did: a 63 ms allreduce at 1 Gbit/s then slept between Tests, 3-5 % slower
-# a step). At least 3 ms, over twice the
-# longest sleep: a peer that slept through its last wait is up to _SLEEP_MAX_S late, and with a
-# shorter spin two ranks fall into taking turns sleeping (measured with reproducible mode's two
-# collectives a step: 2.5 ms a step instead of 0.4 with a 1 ms spin). A blocking call spins.
+# a step). At least 3 ms, over twice the longest sleep: a peer that slept through its last wait
+# is up to _SLEEP_MAX_S late, and with a shorter spin two ranks fall into taking turns sleeping
+# (measured with reproducible mode's two collectives a step: 2.5 ms a step instead of 0.4 with a
+# 1 ms spin). A blocking call spins.
 _SPIN_MIN_S = 3e-3
 _SPIN_MAX_S = 0.1
 _SPIN_FADE = 0.9

@@ -189,12 +189,12 @@ class RunLog:
         record = self.interval.record(step, epoch, lr, time.perf_counter() - self.started)
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        line = format_train(record, self.total)
+        line = format_train(record, self.total) if printed else None  # before TIMINGS go
         if not self.timings:
             for key in TIMINGS:
                 del record[key]
         self.metrics.write(record)
-        if printed:
+        if line is not None:
             self.progress.line(line)
         self.interval.reset()
 

@@ -247,9 +247,9 @@ class Network:
                        gradient_ready: Callable[[int], None] | None = None) -> None:
         """Layer j's gradient sums ΔW_j, Δb_j into `grad` (the buffer forward_loss was given)
         and, below the first layer, δ_k of the layer k = j − 1 under it. ΔW_j is written in
-        blocks of rows (`use_row_blocks`; one block by default), the last first; after each, `gradient_ready(offset)`
-        says that grad[offset:] is complete (ready_offsets lists them), before δ_k is formed
-        (the trainer starts sending meanwhile)."""
+        blocks of rows (`use_row_blocks`; one block by default), the last first; after each,
+        `gradient_ready(offset)` says that grad[offset:] is complete (ready_offsets lists them),
+        before δ_k is formed (the trainer starts sending meanwhile)."""
         ws = self._pass
         k = j - 1
         if ws is None:  # no rows: forward_loss zeroed grad

@@ -5,13 +5,13 @@ The step's one reduced buffer is [W_1 b_1 … W_L b_L | loss sum, rows, correct,
 produces the gradient from the END of the buffer down: layer L first, and within a layer Δb_j,
 then ΔW_j, whole or (when the ranks span nodes: distbp.step) in blocks of rows, the last block
 first (`Network.use_row_blocks`); after each it reports the offset from which the buffer is
-complete (`Network.ready_offsets`). The
-buffer is cut into buckets at those offsets from its end: bucket 0 holds the top of layer L
-(and the scalars, known after the forward pass), each bucket at least `bucket_bytes` unless it
-reaches the buffer's start. As soon as backward has reported a bucket's lowest offset, the
-bucket's in-place Iallreduce starts (before the layer's δ goes down to the next); each report
-also tests the pending ones, which is what moves them on (MPICH progresses a nonblocking
-collective only inside MPI calls; the blocks make those calls frequent). `wait` returns when all
+complete (`Network.ready_offsets`). The buffer is cut into buckets at those offsets from its
+end: bucket 0 holds the top of layer L (and the scalars, known after the forward pass), each
+bucket at least `bucket_bytes` unless it reaches the buffer's start. As soon as backward has
+reported a bucket's lowest offset, the bucket's in-place Iallreduce starts (before the layer's δ
+goes down to the next); each report also tests the pending ones, which is what moves them on
+(MPICH progresses a nonblocking collective only inside MPI calls; the blocks make those calls
+frequent). `wait` returns when all
 are done, before the update. (A progress thread entering MPI every 0.2 ms during the GEMMs was
 tried and measured: no faster at 1 Gbit/s than these tests, 1.4 ms a step slower on one-core
 nodes, and it needs MPI_THREAD_MULTIPLE; MPICH's own, MPIR_CVAR_ASYNC_PROGRESS=1, spins and was

@@ -21,9 +21,10 @@ import time
 
 import numpy as np
 
-from distbp import network, preprocess
+from distbp import preprocess
 from distbp.errors import NonFiniteError
 from distbp.data import shard_bounds
+from distbp.network import DW_BLOCK_ELEMS
 from distbp.optim import clip_grad_norm
 from distbp.ordered_sum import OrderedSum
 from distbp.overlap import Buckets, bucket_bytes
@@ -52,7 +53,7 @@ class Step:
         # the same bits): blocks cost a little compute and change a GEMM's bits; never in
         # reproducible mode, whose bits must not depend on where the ranks run
         across = comm.size > comm.local_size and not cfg.reproducible
-        net.use_row_blocks(network.DW_BLOCK_ELEMS if across else None)
+        net.use_row_blocks(DW_BLOCK_ELEMS if across else None)
         self.buckets = Buckets(self.buf, net, bucket_bytes(cfg, comm), comm, tracer,
                                trial=cfg.overlap == "auto" and not cfg.reproducible, log=log)
         # reproducible mode: micro-batches summed along one tree whatever the rank count

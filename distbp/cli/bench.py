@@ -83,12 +83,12 @@ def add_command(sub) -> None:
     m.add_argument("--algorithm", default="rabenseifner", choices=ALGORITHMS,
                    help="the allreduce's cost on p ranks (default rabenseifner, MPICH's for "
                    "large messages)")
-    m.add_argument("--alpha", type=nonneg_float, help="latency per message hop in seconds (default: "
-                   "measured; 0 with one rank), e.g. 2e-6 for InfiniBand")
+    m.add_argument("--alpha", type=nonneg_float, help="latency per message hop in seconds "
+                   "(default: measured; 0 with one rank), e.g. 2e-6 for InfiniBand")
     m.add_argument("--beta", type=positive_float, help="seconds per byte (default: measured), e.g. "
                    "8e-11 for 100 Gbit/s")
-    m.add_argument("--gflops", type=positive_float, help="forward+backward rate per rank in GFLOP/s "
-                   "(default: measured), to predict other nodes")
+    m.add_argument("--gflops", type=positive_float, help="forward+backward rate per rank in "
+                   "GFLOP/s (default: measured), to predict other nodes")
     m.add_argument("--plot", metavar="FILE", help="draw the predicted efficiencies (png, svg "
                    "or pdf; needs matplotlib)")
     p.set_defaults(run=run)
