@@ -33,8 +33,7 @@ from distbp.config import resolve_options
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainConfig
 from distbp.errors import ConfigError, NonFiniteError, SetupRefused
 from distbp.evaluation import batch_share, loss_sums, network_from_checkpoint, predict_rows
-from distbp.launch import (Job, agree, exit_code, ranks_may_diverge, set_threads,
-                           setup_timeout)
+from distbp.launch import Job, agree, exit_code, ranks_may_diverge, set_threads, setup_timeout
 from distbp.network import Network
 from distbp.session import (
     ARRAYS_LABEL,

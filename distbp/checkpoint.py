@@ -49,8 +49,8 @@ from distbp.errors import CheckpointError, one_line
 from distbp.network import n_params, param_views
 from distbp.version import __version__
 
-__all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "is_checkpoint_name", "latest_valid",
-           "list_checkpoints", "load", "save", "set_aside_newer"]
+__all__ = ["Checkpoint", "check_compatible", "checkpoint_path", "is_checkpoint_name",
+           "latest_valid", "list_checkpoints", "load", "save", "set_aside_newer"]
 
 _NAME = re.compile(r"ckpt-(\d{8})\.h5")
 _TEMP = re.compile(r"\.tmp-ckpt-\d{8}\.h5\.\w+")  # never matches _NAME: a crash leaves no ckpt-*

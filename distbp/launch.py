@@ -31,7 +31,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from distbp.comm import get_comm
-from distbp.stopflag import StopBeforeTraining, stop_at_once
 from distbp.config_schema import DEFAULT_COLLECTIVE_TIMEOUT_S
 from distbp.errors import (
     EXIT_ERROR,
@@ -45,6 +44,7 @@ from distbp.errors import (
     UsageError,
     env_rank,
 )
+from distbp.stopflag import StopBeforeTraining, stop_at_once
 
 __all__ = ["Job", "agree", "exit_code", "guarded", "ranks_may_diverge",
            "set_threads", "setup_timeout"]

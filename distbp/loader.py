@@ -20,8 +20,8 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 

@@ -207,9 +207,9 @@ def _probe_directory(directory: Path, named: str) -> None:
 
 def claim_outputs(s: Session, rank: int) -> list[paths.RunLock]:
     """Rank 0, once every rank accepted the setup: create the checkpoint and metrics
-    directories and lock them and the --trace file's (paths.RunLock) for the run's lifetime, so a second run into them
-    is refused (exit 2, naming the holder). Other ranks write nothing and lock nothing. Give the
-    locks back with `release_outputs` (or exit: the kernel drops them)."""
+    directories and lock them and the --trace file's (paths.RunLock) for the run's lifetime, so
+    a second run into them is refused (exit 2, naming the holder). Other ranks write nothing and
+    lock nothing. Give the locks back with `release_outputs` (or exit: the kernel drops them)."""
     if rank != 0:
         return []
     for named, directory in _output_dirs(s.cfg, s.checkpoint_dir, s.metrics_path):

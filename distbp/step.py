@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from distbp import preprocess
-from distbp.errors import NonFiniteError
 from distbp.data import shard_bounds
+from distbp.errors import NonFiniteError
 from distbp.network import DW_BLOCK_ELEMS
 from distbp.optim import clip_grad_norm
 from distbp.ordered_sum import OrderedSum

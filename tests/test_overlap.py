@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, run_mpi
 from helpers.trainruns import clean_env, final, ok, rel_diff, train, write_data
 
-from distbp.network import Network
 from distbp.comm import SerialComm
+from distbp.network import Network
 from distbp.overlap import TRIAL_STEPS, TRIAL_WARMUP, Buckets, bucket_bounds, bucket_name
 
 PROG = str(ROOT / "tests" / "mpi_progs" / "overlap_prog.py")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from threadpoolctl import threadpool_info, threadpool_limits
-
 from conftest import child_env, run_py
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from distbp.launch import set_threads
 

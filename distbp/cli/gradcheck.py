@@ -18,8 +18,8 @@ from distbp.cli.args import (
 from distbp.config_values import parse_layers
 from distbp.errors import EXIT_ERROR, EXIT_OK, UsageError
 from distbp.gradcheck import gradcheck
-from distbp.session import check_model_memory
 from distbp.losses import LOSSES
+from distbp.session import check_model_memory
 
 __all__ = ["add_command"]
 
