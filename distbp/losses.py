@@ -19,7 +19,8 @@ import numpy as np
 
 from distbp.activations import OUTPUTS, sigmoid
 
-__all__ = ["LOSSES", "OUTPUTS", "Scratch", "check_output_loss", "output_forward", "loss_delta"]
+__all__ = ["LOSSES", "OUTPUTS", "Scratch", "check_output_loss", "loss_delta", "output_forward",
+           "softmax_cross_entropy_labels"]
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -33,6 +34,8 @@ class Scratch:
         self.bk = np.empty((batch, width), dtype)  # (B, K)
         self.row = np.empty((batch, 1), dtype)  # (B, 1)
         self.row2 = np.empty((batch, 1), dtype)  # (B, 1)
+        self.m, self.sum = self.row[:, 0], self.row2[:, 0]  # the same, as (B,)
+        self.picked = np.empty(batch, dtype)  # one element per row
 
 
 def check_output_loss(output: str, loss: str) -> None:
@@ -47,11 +50,11 @@ def check_output_loss(output: str, loss: str) -> None:
 
 def output_forward(output: str, z: Array, a: Array, s: Scratch) -> Array:
     """a_L = g_out(z_L), row-wise for softmax. z, a: (B, K)."""
-    if output == "softmax":
-        np.max(z, axis=1, keepdims=True, out=s.row)  # m: (B, 1)
+    if output == "softmax":  # ufunc reductions called directly: np.max's wrapper costs a µs
+        np.maximum.reduce(z, axis=1, out=s.m)  # m: (B,)
         np.subtract(z, s.row, out=a)
         np.exp(a, out=a)
-        np.sum(a, axis=1, keepdims=True, out=s.row2)  # Σ_k e^(z−m): (B, 1)
+        np.add.reduce(a, axis=1, out=s.sum)  # Σ_k e^(z−m): (B,)
         a /= s.row2
     elif output == "sigmoid":
         sigmoid(z, a)
@@ -83,6 +86,26 @@ def _softmax_cross_entropy(z: Array, a: Array, t: Array, delta: Array, s: Scratc
     total = float(np.dot(s.row2[:, 0], s.row[:, 0])) - float(s.bk.sum())
     np.multiply(a, s.row, out=delta)
     delta -= t  # δ_L = a·ΣT − T
+    return total
+
+
+def softmax_cross_entropy_labels(z: Array, a: Array, at: Array, delta: Array, s: Scratch
+                                 ) -> float:
+    """Integer labels y, softmax output: L = Σ_rows [lse(z) − z_y], δ_L = a − onehot(y), the
+    one-hot targets never formed (the same δ_L and, up to rounding, the same L as loss_delta).
+    z and delta are (B, K) views of C-contiguous (K, B) arrays (the network's transposed
+    layout); at[r] = y_r·B + r is where element (r, y_r) lies in their memory. Must follow
+    `output_forward` on the same Scratch."""
+    z_flat, delta_flat = z.T.reshape(-1), delta.T.reshape(-1)  # views: (K, B) C-contiguous
+    z_flat.take(at, out=s.picked, mode="wrap")  # z_y per row (at is in range: the caller's)
+    np.log(s.sum, out=s.sum)
+    s.sum += s.m  # lse per row
+    s.sum -= s.picked
+    total = float(np.add.reduce(s.sum))
+    np.copyto(delta, a)
+    delta_flat.take(at, out=s.picked, mode="wrap")  # δ_L = a − onehot(y)
+    s.picked -= 1.0
+    delta_flat.put(at, s.picked, mode="wrap")
     return total
 
 
