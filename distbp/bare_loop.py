@@ -1,15 +1,20 @@
 """The yardstick for distbp's step: a bare NumPy loop of the same shapes, with one in-place
-allreduce of a flat gradient and plain SGD, on random rows already in memory in the network's
-dtype. Nothing else: no data reading, no preprocessing, no metrics, no checks.
+allreduce of a flat gradient and plain SGD, in the network's dtype. Nothing else: no
+preprocessing, no loss value, no accuracy count, no metrics, no checks, no checkpoints.
 
-    loop = BareLoop(layers, "relu", rows, "float32", comm)
+    loop = BareLoop(layers, "relu", rows, "float32", comm)              # one batch, kept in cache
+    loop = BareLoop(layers, "relu", rows, "float32", comm, data=(x, y))  # reads each step's rows
     seconds = loop.time(warmup=5, steps=30)       # (steps,) wall seconds per step, this rank
 
-`distbp bench --baseline` times it in the same process as `Trainer.step` and prints distbp's
-step as a ratio of it. Written separately from distbp.network on purpose: it is the hardware's
-cost of the arithmetic, against which the trainer's own code is measured. It keeps the layers'
-values transposed, (n_j, rows), as distbp.network does (the faster layout for few rows), so the
-ratio measures the trainer's overhead, not a difference in how the products are laid out.
+Two yardsticks, because they answer two questions. On one batch of random rows the loop is the
+hardware's cost of the arithmetic alone; given the rows of a data set in memory, each step first
+gathers its own `rows` rows of a shuffled order into the input buffer (one np.take), which any
+training step over a data set pays. `distbp bench --baseline` times both in the same process
+as `Trainer.step` and prints distbp's step as a ratio of each. Written separately from
+distbp.network on purpose: it is the cost of the arithmetic, against which the trainer's own
+code is measured. It keeps the layers' values transposed, (n_j, rows), as distbp.network does
+(the faster layout for few rows), so the ratio measures the trainer's overhead, not a
+difference in how the products are laid out.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class BareLoop:
     """Forward, backward (softmax cross-entropy on the output; relu or sigmoid hidden layers),
     one allreduce and w −= α·g over `rows` random rows, every buffer allocated once."""
 
-    def __init__(self, layers, activation: str, rows: int, dtype: str, comm, lr: float = 0.01):
+    def __init__(self, layers, activation: str, rows: int, dtype: str, comm, lr: float = 0.01,
+                 data: tuple[np.ndarray, np.ndarray] | None = None):
         if activation not in ("relu", "sigmoid"):
             raise ValueError(f"the bare loop has relu and sigmoid, not {activation}")
         self.relu, self.comm, self.lr = activation == "relu", comm, np.dtype(dtype).type(lr)
@@ -38,19 +44,41 @@ class BareLoop:
         self.gW, self.gb = param_views(self.grad, layers)
         for b in self.b:
             b.fill(0)
-        x = rng.standard_normal((rows, layers[0])).astype(dtype)
+        x = rng.standard_normal((rows, layers[0])).astype(dtype)  # the rows, or their buffer
         self.a = [x.T] + [np.empty((n, rows), dtype) for n in layers[1:]]  # a_jᵀ (n_j, rows)
         self.delta = [np.empty((n, rows), dtype) for n in layers[1:]]  # δ_jᵀ
         self.tmp = [np.empty((n, rows), dtype) for n in layers[1:]]  # g′(z) of hidden layers
         self.col_max = np.empty((1, rows), dtype)
         self.labels = rng.integers(0, layers[-1], rows)
         self.rows = np.arange(rows)
+        self.data = data  # (x (n, n_0) in the network's dtype, y (n,) labels) or None
+        if data is not None:
+            if len(data[0]) < rows * comm.size:
+                raise ValueError(f"the bare loop reads {rows * comm.size} rows a step, the data "
+                                 f"has {len(data[0])}")
+            self.labels = np.empty(rows, data[1].dtype)
+            self.order = rng.permutation(len(data[0]))  # the same on every rank: seed 1
+            self.cursor = 0  # where the next global batch starts in `order`
 
     def step(self) -> None:
+        if self.data is not None:
+            self.read_rows()
         self.forward_backward()
         self.comm.allreduce_sum(self.grad)  # the one collective
         self.grad *= self.lr / (len(self.rows) * self.comm.size)  # one pass: α·mean
         self.params -= self.grad
+
+    def read_rows(self) -> None:
+        """This rank's rows of the next global batch of the shuffled order into the input
+        buffer and the labels (a new pass over the order when too few are left)."""
+        batch = len(self.rows) * self.comm.size
+        if self.cursor + batch > len(self.order):
+            self.cursor = 0
+        lo = self.cursor + self.comm.rank * len(self.rows)
+        picked = self.order[lo:lo + len(self.rows)]
+        np.take(self.data[0], picked, axis=0, out=self.a[0].T, mode="wrap")  # in range
+        np.take(self.data[1], picked, out=self.labels, mode="wrap")
+        self.cursor += batch
 
     def forward_backward(self) -> None:
         """The gradient of the summed loss over this rank's rows into `grad`."""

@@ -124,14 +124,16 @@ class Progress:
         self.tty = mode == "bar" or (mode == "auto" and self.stream.isatty())
         self._last_draw = 0.0
 
-    def step(self, step: int, text: str) -> None:
-        """Called every step on rank 0; draws at most ten times a second on a terminal."""
+    def step(self, step: int, loss: float) -> None:
+        """Called every step on rank 0 with the step's mean loss; draws at most ten times a
+        second on a terminal (nothing is formatted otherwise)."""
         if not self.tty:
             return
         now = time.perf_counter()
         if now - self._last_draw < 0.1 and step < self.total:
             return
         self._last_draw = now
+        text = f"loss {loss:.4f}"
         width = 24
         filled = width * step // max(self.total, 1)
         bar = "#" * filled + "." * (width - filled)
@@ -180,7 +182,7 @@ class RunLog:
         printed = step % self.print_every == 0 or step == self.total
         if printed or step % self.record_every == 0:
             self.record(step, epoch, lr, grad_norm, printed)
-        self.progress.step(step, f"loss {sums[0] / max(sums[2], 1.0):.4f}")
+        self.progress.step(step, sums[0] / max(sums[2], 1.0))
 
     def record(self, step: int, epoch: int, lr: float, grad_norm: float | None,
                printed: bool = True) -> None:

@@ -97,8 +97,11 @@ def test_bench_baseline_times_a_bare_loop_of_the_same_shapes_and_gives_the_ratio
     b = json.loads(out.stdout)["baseline"]
     assert b["bare_step_ms"] > 0 and b["distbp_step_ms"] > 0
     assert b["speed_ratio"] == pytest.approx(b["bare_step_ms"] / b["distbp_step_ms"])
+    assert b["reading_speed_ratio"] == pytest.approx(b["bare_reading_step_ms"]
+                                                     / b["distbp_step_ms"])
     text = run_py([*ARGS[:-1], "--baseline", "--activation", "sigmoid"], timeout=120)
     assert text.returncode == 0 and "x the bare loop's speed" in text.stdout, text.stderr
+    assert "x the reading loop's)" in text.stdout
     refused = run_py([*ARGS, "--baseline", "--activation", "tanh"], timeout=60)
     assert refused.returncode == 2 and "--baseline" in refused.stderr
 

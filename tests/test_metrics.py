@@ -21,12 +21,12 @@ def test_progress_draws_a_bar_only_on_a_terminal_or_on_request():
         out = _Pipe()
         p = Progress(total=10, every=5, stream=out, mode=mode)
         for step in range(1, 11):
-            p.step(step, "loss 0.1")
+            p.step(step, 0.1)
             if step % 5 == 0:
                 p.line(f"step {step}/10")
         text = out.getvalue()
         assert text.count("step 5/10\n") == 1 and text.count("step 10/10\n") == 1
-        assert ("\r[" in text) is bar and ("10/10 loss 0.1" in text) is bar
+        assert ("\r[" in text) is bar and ("10/10 loss 0.1000" in text) is bar
 
 
 def test_train_prints_the_start_up_summary_once_under_mpi(tmp_path):
