@@ -68,17 +68,18 @@ def bench_trainer(layers, activation: str, batch: int, dtype: str, comm, run_dir
     return Trainer(s, comm)
 
 
-def time_steps(trainer: Trainer, comm, warmup: int, steps: int) -> np.ndarray:
+def time_steps(trainer: Trainer, comm, warmup: int, steps: int, start: int = 0) -> np.ndarray:
     """(steps, 4) seconds of this rank's forward+backward, allreduce and update, and of the whole
     `Trainer.step` (also its shard's read and preprocessing), one row per timed step after
     `warmup` untimed ones (the loader must be open), after --overlap auto's trial if any (its
-    steps alternate the modes it chooses between)."""
+    steps alternate the modes it chooses between). Steps `start` on: a later call goes on
+    where the last one ended (`start` = the steps run so far)."""
     warmup += len(trainer.stepper.buckets.trial)
     times = np.zeros((steps, 4))
     for i in range(warmup + steps):
         comm.barrier()  # time each phase, not the waiting for a straggler's previous step
         t0 = time.perf_counter()
-        trainer.step(i)
+        trainer.step(start + i)
         if i >= warmup:
             times[i - warmup] = (*trainer.stepper.phase_s, time.perf_counter() - t0)
     return times

@@ -350,11 +350,11 @@ class Network:
             y = y.view(np.uint8)  # same itemsize: a view, no copy; fancy indexing needs ints
         if y.dtype.kind not in "iu":
             raise ValueError(f"1-D y must hold integer class labels, got dtype {y.dtype}")
-        lo, hi = (int(y.min()), int(y.max())) if batch else (0, 0)
-        if k == 1:
-            if lo < 0 or hi > 1:
+        # one reduction: seen unsigned, a negative label is larger than any class
+        if batch and np.maximum.reduce(y.view(f"u{y.itemsize}")) >= max(k, 2):
+            lo, hi = int(y.min()), int(y.max())
+            if k == 1:
                 raise ValueError(f"labels for a single output must be 0 or 1, got {lo}..{hi}")
-        elif lo < 0 or hi >= k:
             raise ValueError(f"label out of range: labels must be in 0..{k - 1}, got {lo}..{hi}")
         return y
 

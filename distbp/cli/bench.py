@@ -107,15 +107,20 @@ def run(args: argparse.Namespace, job) -> int:
                          f"{args.activation}")
     comm = job.start(timeout=None, threads=args.threads)
     agree(comm, lambda: _check_micro_batches(args, comm.size))  # before anything is timed
+    lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
+    extra = _baseline_steps(args) if args.baseline else 0  # the baseline's own distbp steps
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as run_dir:
         trainer = bench.bench_trainer(layers, args.activation, args.batch_size, args.dtype,
-                                      comm, run_dir, args.warmup + args.steps, args.overlap,
-                                      args.bucket_mb)
+                                      comm, run_dir, args.warmup + args.steps + extra,
+                                      args.overlap, args.bucket_mb)
         comm.barrier()
-        lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
         peak = bench.gemm_peak(trainer.s.net, hi - lo, args.gemm_size)
+        trial = len(trainer.stepper.buckets.trial)  # --overlap auto's steps, run first
         with trainer.open_loader():
             slowest = bench.time_steps(trainer, comm, args.warmup, args.steps)
+            if args.baseline:
+                start = trial + args.warmup + args.steps
+                r_baseline = _baseline(args, layers, comm, hi - lo, trainer, start)
     comm.allreduce_max(slowest)
     peaks = np.array([peak, -peak])
     comm.allreduce_max(peaks)  # [best rank's peak, −worst rank's peak]
@@ -124,8 +129,7 @@ def run(args: argparse.Namespace, job) -> int:
     buckets = trainer.stepper.buckets  # 1: no overlap (also when --overlap auto chose none)
     r["buckets"] = len(buckets.bounds) if buckets.overlap else 1
     if args.baseline:
-        train = trainer.s.train  # the random rows the trainer read, in memory
-        r["baseline"] = _baseline(args, layers, comm, hi - lo, float(med[3]), (train.x, train.y))
+        r["baseline"] = r_baseline
     if args.reproducible:
         r["reproducible"] = _reproducible(args, layers, comm, float(med[3]))
     if args.model:
@@ -148,20 +152,39 @@ def run(args: argparse.Namespace, job) -> int:
     return 0
 
 
-def _baseline(args: argparse.Namespace, layers, comm, rows: int, step_s: float,
-              data: tuple[np.ndarray, np.ndarray]) -> dict:
-    """The bare loop's median step (slowest rank), on one batch and reading its rows from
-    `data` each step, and distbp's step speed as a ratio of each."""
+BASELINE_ROUNDS = 5  # --baseline alternates distbp's step and the bare loops this many times
+BASELINE_WARMUP = 2  # untimed steps of each, every round: caches refilled after the switch
+
+
+def _baseline_steps(args: argparse.Namespace) -> int:
+    """Trainer steps `_baseline` runs."""
+    return BASELINE_ROUNDS * (BASELINE_WARMUP + -(-args.steps // BASELINE_ROUNDS))
+
+
+def _baseline(args: argparse.Namespace, layers, comm, rows: int, trainer, start: int) -> dict:
+    """distbp's whole step and the bare loop's, on one batch in cache and reading its rows from
+    the trainer's rows in memory, side by side: BASELINE_ROUNDS rounds of --steps / rounds
+    steps of each, so that a drift in the machine's speed meets all three alike. The median
+    step of each (the slowest rank's) and distbp's speed as a ratio of each bare loop's."""
+    train = trainer.s.train  # the random rows the trainer reads, in memory
+    loops = [BareLoop(layers, args.activation, rows, args.dtype, comm, data=rows_from)
+             for rows_from in (None, (train.x, train.y))]
+    per_round = -(-args.steps // BASELINE_ROUNDS)
+    times: list[list[np.ndarray]] = [[], [], []]  # distbp, bare, bare reading
+    for _ in range(BASELINE_ROUNDS):
+        times[0].append(bench.time_steps(trainer, comm, BASELINE_WARMUP, per_round, start)[:, 3])
+        start += BASELINE_WARMUP + per_round
+        for loop, kept in zip(loops, times[1:]):
+            kept.append(loop.time(BASELINE_WARMUP, per_round))
     medians = []
-    for rows_from in (None, data):
-        loop = BareLoop(layers, args.activation, rows, args.dtype, comm, data=rows_from)
-        times = loop.time(args.warmup, args.steps)
-        comm.allreduce_max(times)
-        medians.append(float(np.median(times)))
-    bare, reading = medians
+    for kept in times:
+        slowest = np.concatenate(kept)
+        comm.allreduce_max(slowest)
+        medians.append(float(np.median(slowest)))
+    step, bare, reading = medians
     return {"bare_step_ms": 1e3 * bare, "bare_reading_step_ms": 1e3 * reading,
-            "distbp_step_ms": 1e3 * step_s, "speed_ratio": bare / step_s,
-            "reading_speed_ratio": reading / step_s}
+            "distbp_step_ms": 1e3 * step, "speed_ratio": bare / step,
+            "reading_speed_ratio": reading / step}
 
 
 def _check_micro_batches(args: argparse.Namespace, ranks: int) -> None:
