@@ -4,6 +4,7 @@ Everything here is a SUM over the rows of the batch; the caller divides once by 
 number of rows. With targets T (B, K) (one-hot rows for integer labels):
 
     cross_entropy, softmax:  L = Σ_rows [ lse(z)·ΣT − Σ_k T z ]      δ_L = a·ΣT − T   (= a − T)
+      with integer labels y:   L = Σ_rows [ lse(z) − z_y ]             δ_L = a − onehot(y)
     cross_entropy, sigmoid:  L = Σ [ softplus(z) − T z ]              δ_L = a − T
     mse, any output:         L = ½ Σ_rows ‖a − T‖²                    Δa_L = a − T,
                              δ_L = Δa_L ⊙ g′(z_L)    (softmax: a ⊙ (Δa_L − Σ_k a Δa_L))

@@ -24,7 +24,7 @@ EQUATIONS = {
     "a_L = g_out(z_L)": ["np.subtract(z, s.row, out=a)", "np.exp(a, out=a)", "a /= s.row2"],
     "δ_L = a·ΣT − T": ["np.multiply(a, s.row, out=delta)", "delta -= t"],
     "ΔW_j = δ_jᵀ a_k": ["np.matmul(delta[lo:hi], ws.a[k], out=dW[k][lo:hi])"],
-    "Δb_j = Σ_rows δ_j": ["np.sum(delta, axis=1, out=db[k])"],
+    "Δb_j = Σ_rows δ_j": ["np.add.reduce(delta, axis=1, out=db[k])"],
     "Δa_k = δ_j W_j": ["np.matmul(self.weights[k].T, delta, out=ws.deltaT[k])"],
     "δ_k = Δa_k ⊙ g′(z_k)": ["self.g.gprime(ws.zT[k], ws.aT[k], ws.zT[k])",
                              "ws.deltaT[k] *= ws.zT[k]"],
