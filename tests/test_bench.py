@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import error_lines, run_mpi, run_py
+from conftest import ROOT, error_lines, run_mpi, run_py
 from helpers.memory import peak_growth
 
 KEYS = {"step_ms", "compute_ms", "allreduce_ms", "update_ms", "gemm_peak_gflops", "mfu",
@@ -145,3 +145,15 @@ def test_the_trainers_step_allocates_no_array_after_warm_up(tmp_path, layers, ac
         np.setbufsize(old)
     assert 4 * batch * min(layers) >= 8192
     assert grown < 4096, grown  # a few Python objects (the loader's queue, step scalars)
+
+
+def test_train_vs_bare_times_whole_fit_runs_beside_both_bare_loops():
+    script = str(ROOT / "scripts" / "train_vs_bare.py")
+    out = run_mpi(2, [script, "--layers", "20,16,4", "--batch-size", "16", "--rows", "400",
+                      "--steps", "5,25", "--rounds", "2"], timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("distbp train ") for line in lines[:2])
+    ratios = [float(w[:-1]) for w in lines[2].replace(",", "").split() if w.endswith("x")]
+    assert lines[2].startswith("median of 2 rounds, 2 rank(s)") and len(ratios) == 2
+    assert all(0 < r < 100 for r in ratios)
