@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from distbp.data import shard_bounds
 from distbp.network import n_params, param_views
 
 __all__ = ["BareLoop"]
@@ -30,10 +31,12 @@ __all__ = ["BareLoop"]
 
 class BareLoop:
     """Forward, backward (softmax cross-entropy on the output; relu or sigmoid hidden layers),
-    one allreduce and w −= α·g over `rows` random rows, every buffer allocated once."""
+    one allreduce and w −= α·g over `rows` rows (one random batch, or with `data` this rank's
+    share of each global batch of `batch` rows, default rows × ranks), every buffer allocated
+    once."""
 
     def __init__(self, layers, activation: str, rows: int, dtype: str, comm, lr: float = 0.01,
-                 data: tuple[np.ndarray, np.ndarray] | None = None):
+                 data: tuple[np.ndarray, np.ndarray] | None = None, batch: int | None = None):
         if activation not in ("relu", "sigmoid"):
             raise ValueError(f"the bare loop has relu and sigmoid, not {activation}")
         self.relu, self.comm, self.lr = activation == "relu", comm, np.dtype(dtype).type(lr)
@@ -52,10 +55,15 @@ class BareLoop:
         self.labels = rng.integers(0, layers[-1], rows)
         self.rows = np.arange(rows)
         self.data = data  # (x (n, n_0) in the network's dtype, y (n,) labels) or None
-        if data is not None:
-            if len(data[0]) < rows * comm.size:
-                raise ValueError(f"the bare loop reads {rows * comm.size} rows a step, the data "
-                                 f"has {len(data[0])}")
+        if data is not None:  # this rank's `rows` of each global batch of `batch` rows
+            self.batch = batch or rows * comm.size
+            self.shard = shard_bounds(self.batch, comm.rank, comm.size)
+            if self.shard[1] - self.shard[0] != rows:
+                raise ValueError(f"rank {comm.rank} has {self.shard[1] - self.shard[0]} rows of "
+                                 f"a global batch of {self.batch}, not {rows}")
+            if len(data[0]) < self.batch:  # the same on every rank
+                raise ValueError(f"the bare loop reads {self.batch} rows a step, the data has "
+                                 f"{len(data[0])}")
             self.labels = np.empty(rows, data[1].dtype)
             self.order = rng.permutation(len(data[0]))  # the same on every rank: seed 1
             self.cursor = 0  # where the next global batch starts in `order`
@@ -71,14 +79,12 @@ class BareLoop:
     def read_rows(self) -> None:
         """This rank's rows of the next global batch of the shuffled order into the input
         buffer and the labels (a new pass over the order when too few are left)."""
-        batch = len(self.rows) * self.comm.size
-        if self.cursor + batch > len(self.order):
+        if self.cursor + self.batch > len(self.order):
             self.cursor = 0
-        lo = self.cursor + self.comm.rank * len(self.rows)
-        picked = self.order[lo:lo + len(self.rows)]
+        picked = self.order[self.cursor + self.shard[0]:self.cursor + self.shard[1]]
         np.take(self.data[0], picked, axis=0, out=self.a[0].T, mode="wrap")  # in range
         np.take(self.data[1], picked, out=self.labels, mode="wrap")
-        self.cursor += batch
+        self.cursor += self.batch
 
     def forward_backward(self) -> None:
         """The gradient of the summed loss over this rank's rows into `grad`."""

@@ -1,7 +1,8 @@
 """The output layer and the loss, together: a_L = g_out(z_L), L, and δ_L = ∂L/∂z_L.
 
 Everything here is a SUM over the rows of the batch; the caller divides once by the (global)
-number of rows. With targets T (B, K) (one-hot rows for integer labels):
+number of rows. With targets T (B, K) (one-hot rows for integer labels, except where the
+integer-label form below is used):
 
     cross_entropy, softmax:  L = Σ_rows [ lse(z)·ΣT − Σ_k T z ]      δ_L = a·ΣT − T   (= a − T)
       with integer labels y:   L = Σ_rows [ lse(z) − z_y ]             δ_L = a − onehot(y)
@@ -33,10 +34,10 @@ class Scratch:
 
     def __init__(self, batch: int, width: int, dtype: np.dtype):
         self.bk = np.empty((batch, width), dtype)  # (B, K)
-        self.row = np.empty((batch, 1), dtype)  # (B, 1)
-        self.row2 = np.empty((batch, 1), dtype)  # (B, 1)
-        self.m, self.sum = self.row[:, 0], self.row2[:, 0]  # the same, as (B,)
-        self.picked = np.empty(batch, dtype)  # one element per row
+        self.row = np.empty((batch, 1), dtype)  # (B, 1); softmax: m = max_k z
+        self.row2 = np.empty((batch, 1), dtype)  # (B, 1); softmax: Σ_k e^(z−m)
+        self.row_1d, self.row2_1d = self.row[:, 0], self.row2[:, 0]  # the same two, as (B,)
+        self.picked = np.empty(batch, dtype)  # one element of each row
 
 
 def check_output_loss(output: str, loss: str) -> None:
@@ -52,10 +53,10 @@ def check_output_loss(output: str, loss: str) -> None:
 def output_forward(output: str, z: Array, a: Array, s: Scratch) -> Array:
     """a_L = g_out(z_L), row-wise for softmax. z, a: (B, K)."""
     if output == "softmax":  # ufunc reductions called directly: np.max's wrapper costs a µs
-        np.maximum.reduce(z, axis=1, out=s.m)  # m: (B,)
+        np.maximum.reduce(z, axis=1, out=s.row_1d)  # m
         np.subtract(z, s.row, out=a)
         np.exp(a, out=a)
-        np.add.reduce(a, axis=1, out=s.sum)  # Σ_k e^(z−m): (B,)
+        np.add.reduce(a, axis=1, out=s.row2_1d)  # Σ_k e^(z−m)
         a /= s.row2
     elif output == "sigmoid":
         sigmoid(z, a)
@@ -90,23 +91,27 @@ def _softmax_cross_entropy(z: Array, a: Array, t: Array, delta: Array, s: Scratc
     return total
 
 
-def softmax_cross_entropy_labels(z: Array, a: Array, at: Array, delta: Array, s: Scratch
-                                 ) -> float:
+def softmax_cross_entropy_labels(zT: Array, a: Array, positions: Array, deltaT: Array,
+                                 s: Scratch) -> float:
     """Integer labels y, softmax output: L = Σ_rows [lse(z) − z_y], δ_L = a − onehot(y), the
     one-hot targets never formed (the same δ_L and, up to rounding, the same L as loss_delta).
-    z and delta are (B, K) views of C-contiguous (K, B) arrays (the network's transposed
-    layout); at[r] = y_r·B + r is where element (r, y_r) lies in their memory. Must follow
-    `output_forward` on the same Scratch."""
-    z_flat, delta_flat = z.T.reshape(-1), delta.T.reshape(-1)  # views: (K, B) C-contiguous
-    z_flat.take(at, out=s.picked, mode="wrap")  # z_y per row (at is in range: the caller's)
-    np.log(s.sum, out=s.sum)
-    s.sum += s.m  # lse per row
-    s.sum -= s.picked
-    total = float(np.add.reduce(s.sum))
-    np.copyto(delta, a)
-    delta_flat.take(at, out=s.picked, mode="wrap")  # δ_L = a − onehot(y)
+    zT and deltaT are z_L and δ_L held transposed, (K, B) C-contiguous (the network's layout);
+    a is (B, K); positions[r] = y_r·B + r is where element (r, y_r) lies in zT's and deltaT's
+    memory, in range (the caller checked the labels). Must follow `output_forward` on the same
+    Scratch."""
+    if not (zT.flags.c_contiguous and deltaT.flags.c_contiguous):
+        raise ValueError("softmax_cross_entropy_labels needs C-contiguous (K, B) zT and deltaT")
+    z_flat, delta_flat = zT.reshape(-1), deltaT.reshape(-1)  # views, no copy
+    z_flat.take(positions, out=s.picked, mode="wrap")  # z_y per row
+    lse = s.row2_1d
+    np.log(lse, out=lse)  # log Σ_k e^(z−m)
+    lse += s.row_1d  # + m: lse(z) per row
+    lse -= s.picked
+    total = float(np.add.reduce(lse))
+    np.copyto(deltaT.T, a)
+    delta_flat.take(positions, out=s.picked, mode="wrap")  # δ_L = a − onehot(y)
     s.picked -= 1.0
-    delta_flat.put(at, s.picked, mode="wrap")
+    delta_flat.put(positions, s.picked, mode="wrap")
     return total
 
 

@@ -70,7 +70,9 @@ class _Workspace:
         self.delta = [None] + [m.T for m in self.deltaT[1:]]
         self.t = np.empty((batch, layers[-1]), dtype)  # targets T
         self.rows = np.arange(batch)
-        self.flat = np.empty(batch, np.intp)  # the labels' positions (_output_loss)
+        # (row, label) positions: in T, row·n_L + y (_targets), or in the (n_L, B) memory of
+        # z_L and δ_L, y·B + row (_output_loss)
+        self.flat = np.empty(batch, np.intp)
         self.pred = np.empty(batch, np.intp)  # argmax per row, for count_correct
         self.hit = np.empty(batch, bool)
         self.scratch = Scratch(batch, layers[-1], dtype)
@@ -309,11 +311,11 @@ class Network:
         if (y.ndim == 1 and self.n_outputs > 1 and self.output == "softmax"
                 and self.loss == "cross_entropy"):
             y = self._labels(y, ws)
-            at = ws.flat  # where (row, y[row]) lies in the (n_L, B) memory of z_L and δ_L
-            np.multiply(y, len(y), out=at, dtype=np.intp)  # no overflow in a narrow y
-            at += ws.rows
-            return softmax_cross_entropy_labels(ws.z[-1], ws.a[-1], at, ws.delta[-1],
-                                                ws.scratch)
+            positions = ws.flat  # of (row, y[row]) in the (n_L, B) memory of z_L and δ_L
+            np.multiply(y, len(y), out=positions, dtype=np.intp)  # no overflow in a narrow y
+            positions += ws.rows
+            return softmax_cross_entropy_labels(ws.zT[-1], ws.a[-1], positions,
+                                                ws.deltaT[-1], ws.scratch)
         self._targets(y, ws)
         return loss_delta(self.output, self.loss, ws.z[-1], ws.a[-1], ws.t, ws.delta[-1],
                           ws.scratch)
@@ -350,8 +352,12 @@ class Network:
             y = y.view(np.uint8)  # same itemsize: a view, no copy; fancy indexing needs ints
         if y.dtype.kind not in "iu":
             raise ValueError(f"1-D y must hold integer class labels, got dtype {y.dtype}")
-        # one reduction: seen unsigned, a negative label is larger than any class
-        if batch and np.maximum.reduce(y.view(f"u{y.itemsize}")) >= max(k, 2):
+        classes = max(k, 2)  # one output: the labels 0 and 1
+        # one reduction: seen unsigned (same byte order), a negative label is at least
+        # 2^(bits−1), above any class a dtype that narrow can name; a wider K needs the minimum
+        wide = y.dtype.kind == "i" and classes > np.iinfo(y.dtype).max
+        if batch and (np.maximum.reduce(y.view(y.dtype.str.replace("i", "u"))) >= classes
+                      or wide and np.minimum.reduce(y) < 0):
             lo, hi = int(y.min()), int(y.max())
             if k == 1:
                 raise ValueError(f"labels for a single output must be 0 or 1, got {lo}..{hi}")

@@ -11,6 +11,7 @@ the same rows.
     mpiexec -n 2 .venv/bin/python scripts/train_vs_bare.py --layers 784,1024,1024,10 \\
         --activation sigmoid --batch-size 256 --steps 40,240
 
+One node: the runs' directory lies under rank 0's temporary directory, which rank 0 removes.
 The rows are random, their labels the argmax of a fixed random linear map of them (learnable).
 A first short run, untimed, takes the first call's costs. Rank 0 prints one line per round and
 the medians.
@@ -77,12 +78,14 @@ def main() -> None:
     args = p.parse_args()
     layers = [int(w) for w in args.layers.split(",")]
     short, long = (int(s) for s in args.steps.split(","))
+    if not 0 < short < long:
+        p.error(f"--steps: two lengths short,long with 0 < short < long, got {args.steps}")
     comm = get_comm()
     set_threads(None, comm.local_size)  # as fit sets them: the bare loops run alike
     x, y = rows(args.rows, layers[0], layers[-1], args.dtype)
     lo, hi = shard_bounds(args.batch_size, comm.rank, comm.size)
-    loops = [BareLoop(layers, args.activation, hi - lo, args.dtype, comm, data=data)
-             for data in (None, (x, y))]
+    loops = [BareLoop(layers, args.activation, hi - lo, args.dtype, comm, data=data,
+                      batch=args.batch_size) for data in (None, (x, y))]
     fit_seconds(layers, x, y, args, short, comm)  # first-call costs (imports, caches) go here
     results = []
     for _ in range(args.rounds):

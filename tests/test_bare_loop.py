@@ -55,3 +55,5 @@ def test_the_reading_loop_takes_each_steps_rows_from_a_shuffled_order_and_comput
     np.testing.assert_array_equal(loop.a[0].T, x[loop.order[:8]])
     with pytest.raises(ValueError, match="reads 8 rows a step"):
         BareLoop(layers, "relu", 8, "float64", SerialComm(), data=(x[:5], y[:5]))
+    with pytest.raises(ValueError, match="has 9 rows of a global batch of 9, not 8"):
+        BareLoop(layers, "relu", 8, "float64", SerialComm(), data=(x, y), batch=9)

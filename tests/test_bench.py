@@ -102,6 +102,10 @@ def test_bench_baseline_times_a_bare_loop_of_the_same_shapes_and_gives_the_ratio
     text = run_py([*ARGS[:-1], "--baseline", "--activation", "sigmoid"], timeout=120)
     assert text.returncode == 0 and "x the bare loop's speed" in text.stdout, text.stderr
     assert "x the reading loop's)" in text.stdout
+    uneven = [*ARGS, "--baseline"]  # 33 and 32 rows a rank: each bare loop reads its share
+    uneven[uneven.index("--batch-size") + 1] = "65"
+    out = run_mpi(2, uneven, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["baseline"]["bare_reading_step_ms"] > 0
     refused = run_py([*ARGS, "--baseline", "--activation", "tanh"], timeout=60)
     assert refused.returncode == 2 and "--baseline" in refused.stderr
 

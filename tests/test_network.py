@@ -67,14 +67,29 @@ def test_mse_is_nielsens_quadratic_cost(strict_numpy):
     assert loss == pytest.approx(np.sum((a - t) ** 2) / (2 * 5), rel=1e-13)
 
 
-def test_labels_and_one_hot_targets_give_the_same_loss_and_gradient(strict_numpy):
-    net = Network([4, 5, 3], activation="relu", dtype="float64", seed=1)
+@pytest.mark.parametrize("dtype", ["<i8", ">i4", "i1", "u1", "<u8", ">u2", "bool"])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_labels_and_one_hot_targets_give_the_same_loss_and_gradient(strict_numpy, dtype, rows):
+    # integer labels take their own path (no one-hot T): any integer dtype, either byte order,
+    # a strided y, one row
+    k = 2 if dtype == "bool" else 3
+    net = Network([4, 5, k], activation="relu", dtype="float64", seed=1)
     rng = np.random.default_rng(3)
-    x, y = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    x, y = rng.standard_normal((rows, 4)), rng.integers(0, k, 2 * rows).astype(dtype)[::2]
     l1, g1 = net.loss_and_grad(x, y)
-    l2, g2 = net.loss_and_grad(x, np.eye(3)[y])
+    l2, g2 = net.loss_and_grad(x, np.eye(k)[y.astype(np.int64)])
     assert l1 == pytest.approx(l2, rel=1e-14)
     np.testing.assert_allclose(g1, g2, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize(("labels", "k"), [([0, -1], 3), ([0, 3], 3), ([0, -1], 300),
+                                           ([0, 127], 100)])
+def test_a_label_out_of_range_is_refused_in_any_integer_dtype(labels, k):
+    net = Network([2, k])
+    x = np.zeros((2, 2), np.float32)
+    for dtype in ("i1", ">i2", "<i8"):
+        with pytest.raises(ValueError, match=f"labels must be in 0..{k - 1}, got"):
+            net.loss_and_grad(x, np.array(labels, dtype))
 
 
 def test_weight_and_bias_views_share_memory_with_params():

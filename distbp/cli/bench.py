@@ -69,8 +69,9 @@ def add_command(sub) -> None:
                    f"as train)")
     p.add_argument("--baseline", action="store_true", help="also time a bare NumPy loop of the "
                    "same shapes (forward, backward, one allreduce, plain SGD), on one batch in "
-                   "cache and reading each step's rows from the same rows in memory, and print "
-                   "distbp's step as a ratio of each")
+                   "cache and reading each step's rows from the same rows in memory, beside "
+                   "distbp's step in 5 alternating rounds of --steps/5 steps each (at least 1), "
+                   "and print distbp's step as a ratio of each")
     p.add_argument("--reproducible", action="store_true", help="also time the step of train "
                    "--reproducible (on one BLAS thread, as train runs it) and print it as a "
                    "ratio of the default step")
@@ -156,9 +157,14 @@ BASELINE_ROUNDS = 5  # --baseline alternates distbp's step and the bare loops th
 BASELINE_WARMUP = 2  # untimed steps of each, every round: caches refilled after the switch
 
 
+def _baseline_round(args: argparse.Namespace) -> int:
+    """Timed steps of each in one of `_baseline`'s rounds: --steps over the rounds, at least 1."""
+    return -(-args.steps // BASELINE_ROUNDS)
+
+
 def _baseline_steps(args: argparse.Namespace) -> int:
     """Trainer steps `_baseline` runs."""
-    return BASELINE_ROUNDS * (BASELINE_WARMUP + -(-args.steps // BASELINE_ROUNDS))
+    return BASELINE_ROUNDS * (BASELINE_WARMUP + _baseline_round(args))
 
 
 def _baseline(args: argparse.Namespace, layers, comm, rows: int, trainer, start: int) -> dict:
@@ -167,9 +173,9 @@ def _baseline(args: argparse.Namespace, layers, comm, rows: int, trainer, start:
     steps of each, so that a drift in the machine's speed meets all three alike. The median
     step of each (the slowest rank's) and distbp's speed as a ratio of each bare loop's."""
     train = trainer.s.train  # the random rows the trainer reads, in memory
-    loops = [BareLoop(layers, args.activation, rows, args.dtype, comm, data=rows_from)
-             for rows_from in (None, (train.x, train.y))]
-    per_round = -(-args.steps // BASELINE_ROUNDS)
+    loops = [BareLoop(layers, args.activation, rows, args.dtype, comm, data=rows_from,
+                      batch=args.batch_size) for rows_from in (None, (train.x, train.y))]
+    per_round = _baseline_round(args)
     times: list[list[np.ndarray]] = [[], [], []]  # distbp, bare, bare reading
     for _ in range(BASELINE_ROUNDS):
         times[0].append(bench.time_steps(trainer, comm, BASELINE_WARMUP, per_round, start)[:, 3])
