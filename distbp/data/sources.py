@@ -67,8 +67,8 @@ def row_buffers(ds: Dataset, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_rows(ds: Dataset, indices: np.ndarray) -> None:
     """IndexError unless every index of read_into's strictly increasing `indices` is a row of
-    `ds`: the first and the last bound them all (O(1): two reductions over the batch cost a
-    small network's step a few per cent)."""
+    `ds`: the first and the last bound them all (O(1): two reductions over the batch took
+    about 2 % of a small network's step)."""
     if len(indices) and (indices[0] < 0 or indices[-1] >= ds.n):
         raise IndexError(f"{ds.source}: row indices must be in [0, {ds.n}), got "
                          f"{indices[0]}..{indices[-1]}")
