@@ -105,6 +105,8 @@ class Network:
         self.dtype = _check_dtype(dtype)
         self.params = np.zeros(n_params(self.layers), self.dtype)
         self.weights, self.biases = param_views(self.params, self.layers)
+        # where W_j begins in the flat parameters (and gradient), j = 1 .. L
+        self.layer_starts = [n_params(self.layers[:j]) for j in range(1, len(self.layers))]
         self._bias_columns = [b[:, None] for b in self.biases]  # b_j as (n_j, 1), for z_jᵀ
         self.use_row_blocks(None)
         self._init_params(seed)
@@ -179,9 +181,10 @@ class Network:
         reported one by one to backward_layer's `gradient_ready`."""
         # ΔW_j's row blocks, in the order backward writes them (last first), with the offset
         # in the flat gradient where each block begins
-        self._dw_blocks = [[(lo, hi, n_params(self.layers[:k + 1]) + lo * n_in)
+        self._dw_blocks = [[(lo, hi, start + lo * n_in)
                             for lo, hi in reversed(_row_blocks(n_out, n_in, block_elems))]
-                           for k, (n_out, n_in) in enumerate(w.shape for w in self.weights)]
+                           for start, (n_out, n_in) in zip(self.layer_starts,
+                                                           (w.shape for w in self.weights))]
 
     def ready_offsets(self) -> list[int]:
         """The offsets into the flat gradient that `backward_layer(j, grad, gradient_ready)`

@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 
-from distbp.network import n_params
 from distbp.trace import ALLREDUCE, Tracer
 
 __all__ = ["Buckets", "bucket_bounds", "bucket_bytes", "bucket_name"]
@@ -74,8 +73,8 @@ def bucket_bounds(offsets, itemsize: int, bucket_bytes: int, size: int) -> dict[
 
 
 def bucket_name(bucket: slice, starts: list[int], grad_size: int) -> str:
-    """"allreduce of layers 2-3" for a bucket, from the layers' start offsets in the gradient;
-    "(part)" when it begins inside its lowest layer's ΔW."""
+    """"allreduce of layers 2-3" for a bucket, from the layers' start offsets in the gradient
+    (Network.layer_starts); "(part)" when it begins inside its lowest layer's ΔW."""
     low = max(j for j, at in enumerate(starts, 1) if at <= bucket.start)
     top = max(j for j, at in enumerate(starts, 1) if at < min(bucket.stop, grad_size))
     name = f"allreduce of layer {low}" if low == top else f"allreduce of layers {low}-{top}"
@@ -100,8 +99,8 @@ class Buckets:
                       if trial and self.overlap else [])
         self._trial_s: dict[bool, list[float]] = {True: [], False: []}
         self._log = log or (lambda _: None)
-        starts = [n_params(net.layers[:j]) for j in range(1, net.depth + 1)]
-        self.names = {at: bucket_name(b, starts, net.params.size) for at, b in self.bounds.items()}
+        self.names = {at: bucket_name(b, net.layer_starts, net.params.size)
+                      for at, b in self.bounds.items()}
         self._views = {at: buf[b] for at, b in self.bounds.items()}  # made once, not per step
         self.pending: list = []  # [request, name, started, completed or None]
 

@@ -59,7 +59,8 @@ def test_a_large_layers_gradient_is_reported_and_cut_in_blocks_of_rows():
                                rtol=1e-12)  # the same gradient as computed whole
     bounds = bucket_bounds(offsets, 8, 8 * 500, 871)
     assert {at: (b.start, b.stop) for at, b in bounds.items()} == {352: (352, 871), 0: (0, 352)}
-    starts = [0, 288, 816]
+    starts = net.layer_starts
+    assert starts == [0, 288, 816]
     assert bucket_name(bounds[352], starts, 867) == "allreduce of layers 2-3 (part)"
     assert bucket_name(bounds[0], starts, 867) == "allreduce of layers 1-2"
     assert bucket_name(slice(816, 871), starts, 867) == "allreduce of layer 3"
